@@ -1,0 +1,88 @@
+"""Activation functions of the crosscoder, by name (the architecture registry).
+
+Each maps pre-activations [B, F] and a per-latent weight w_i = sum_s ||W_dec[i, s]|| to codes [B, F].
+TopK variants rank latents by f_i * w_i (a latent with a large decoder contributes more to the
+reconstruction) but keep the ReLU'd pre-activation as the code value, so the gradient reaches the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Activation(nn.Module):
+    penalised: bool = False
+    """True when the loss adds lambda * sum_i f_i w_i (ReLU); TopK controls sparsity by construction."""
+    uses_aux_loss: bool = False
+    """True when dead latents get the AuxK loss."""
+
+    def __init__(self, k: int, dict_size: int) -> None:
+        super().__init__()
+        if dict_size <= 0:
+            raise ValueError(f"dict_size={dict_size} must be > 0")
+        self.k = k
+        self.dict_size = dict_size
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ReLU(Activation):
+    penalised = True
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        return pre.relu()
+
+
+class TopK(Activation):
+    """Keep the k largest f_i * w_i per token."""
+
+    uses_aux_loss = True
+
+    def __init__(self, k: int, dict_size: int) -> None:
+        super().__init__(k, dict_size)
+        if not 0 < k <= dict_size:
+            raise ValueError(f"k={k} must be in [1, dict_size={dict_size}]")
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        values = pre.relu()
+        score = values * latent_weight.detach()
+        indices = score.topk(self.k, dim=-1).indices
+        return torch.zeros_like(values).scatter(-1, indices, values.gather(-1, indices))
+
+
+class BatchTopK(TopK):
+    """Keep the k * B largest f_i * w_i over the whole batch (Bussmann et al. 2024).
+
+    In training the selection is per batch; in eval mode a fixed score threshold (a running mean of the smallest
+    selected score) replaces it, so one token's code does not depend on the rest of its batch.
+    """
+
+    def __init__(self, k: int, dict_size: int, threshold_momentum: float = 0.01) -> None:
+        super().__init__(k, dict_size)
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("threshold", torch.full((), -1.0))
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        values = pre.relu()
+        score = values * latent_weight.detach()
+        if not self.training and self.threshold >= 0:
+            return values * (score > self.threshold)
+        flat_score = score.flatten()
+        n_keep = min(self.k * pre.shape[0], flat_score.numel())
+        top_scores, indices = flat_score.topk(n_keep)
+        mask = torch.zeros_like(flat_score, dtype=torch.bool).scatter(0, indices, True).view_as(values)
+        if self.training:
+            with torch.no_grad():
+                positive = top_scores[top_scores > 0]
+                if positive.numel():
+                    smallest = positive.min()
+                    if self.threshold < 0:
+                        self.threshold.copy_(smallest)
+                    else:
+                        self.threshold.lerp_(smallest, self.threshold_momentum)
+        return values * mask
+
+
+ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK}

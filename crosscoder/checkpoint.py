@@ -1,0 +1,119 @@
+"""Exported dictionaries: safetensors weights (normalisation folded out) + JSON metadata + decoder norms.
+
+A dictionary folder is written under a temporary name and renamed into place, so a folder with the final
+name is always complete. `load_dictionary` needs nothing from the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, FORMAT_VERSION, WEIGHTS_FILE
+from crosscoder.model import Crosscoder
+
+
+@dataclass
+class DictionaryMeta:
+    """What a researcher needs to use an exported dictionary and to read its decoder norms."""
+
+    sources: list[dict[str, Any]]
+    """One entry per snapshot: name, path, revision, step (training step of the snapshot)."""
+    hook: str
+    d_model: int
+    dict_size: int
+    activation: str
+    k: int
+    aux_k: int
+    tokens_seen: int
+    train_step: int
+    input_scale: list[float]
+    """Per-snapshot c_s with x_s * c_s normalised; already folded into the saved weights."""
+    normalization_folded: bool = True
+    decoder_norms_space: str = "normalised activations (each snapshot scaled to E||x_s||^2 = d)"
+    decoder_norm_mean: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    """The run's configuration, for provenance."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def source_names(self) -> list[str]:
+        return [source["name"] for source in self.sources]
+
+
+def build_model(meta: DictionaryMeta) -> Crosscoder:
+    return Crosscoder(
+        n_sources=len(meta.sources), d_model=meta.d_model, dict_size=meta.dict_size,
+        activation=meta.activation, k=meta.k, aux_k=meta.aux_k,
+    )
+
+
+def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta, out_dir: Path) -> Path:
+    """Write a complete dictionary folder at `out_dir` (replacing an older one) from a full state dict."""
+    model = build_model(meta)
+    model.load_state_dict({name: tensor.detach().float().cpu() for name, tensor in state_dict.items()})
+    decoder_norms = model.decoder_norms().detach().contiguous()
+    model.fold_normalization()
+    meta.input_scale = model.input_scale.tolist()
+    meta.normalization_folded = True
+    means = decoder_norms.mean(dim=0)
+    meta.decoder_norm_mean = {name: means[i].item() for i, name in enumerate(meta.source_names)}
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_file({"decoder_norms": decoder_norms}, str(tmp / DECODER_NORMS_FILE),
+                  metadata={"sources": json.dumps(meta.source_names)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first (directories cannot be replaced in one step)."""
+    if dst.exists():
+        trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_meta(path: Path) -> DictionaryMeta:
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not an exported dictionary: {CONFIG_FILE} is missing")
+    raw = json.loads(config_path.read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: format_version={raw.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return DictionaryMeta(**raw)
+
+
+def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> tuple[Crosscoder, DictionaryMeta]:
+    """The exported crosscoder (eval mode, folded: it takes raw activations) and its metadata."""
+    path = Path(path)
+    meta = read_meta(path)
+    model = build_model(meta)
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return model.to(device).eval(), meta
+
+
+def load_decoder_norms(path: str | Path) -> torch.Tensor:
+    """[F, S] per-latent, per-snapshot decoder norms of an exported dictionary."""
+    return load_file(str(Path(path) / DECODER_NORMS_FILE))["decoder_norms"]

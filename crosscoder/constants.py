@@ -1,0 +1,17 @@
+"""File and folder names, in one place."""
+
+WEIGHTS_FILE = "weights.safetensors"
+"""Dictionary weights, normalisation folded out."""
+DECODER_NORMS_FILE = "decoder_norms.safetensors"
+"""Per-latent, per-snapshot decoder norms [F, S] (normalised activation space)."""
+CONFIG_FILE = "config.json"
+"""Dictionary metadata: sources, hook, sizes, activation, tokens seen, input scales."""
+DICTIONARY_DIR = "dictionary"
+"""The final exported dictionary inside a run directory."""
+CHECKPOINTS_DIR = "checkpoints"
+"""Exported dictionaries at intermediate steps, one `step_XXXXXXX` folder each."""
+WANDB_DATA_DIR = "wandb-data"
+"""W&B artifact staging inside the run directory, so `wandb sync` finds artifact files later."""
+RUN_SUMMARY_FILE = "summary.json"
+"""Final metrics of a run."""
+FORMAT_VERSION = 1

@@ -1,0 +1,1 @@
+"""Data flow from text to paired activations: documents -> packed token batches -> activations [n, S, d]."""

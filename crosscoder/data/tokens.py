@@ -1,0 +1,104 @@
+"""Token streams: documents packed into fixed-length sequences that each start with BOS.
+
+The order is deterministic (seeded), so every snapshot, every rank and every rerun sees the same tokens.
+Under N ranks, rank r takes every N-th batch, so ranks read disjoint tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crosscoder.config import ConfigError, DataConfig
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor
+    """[B, T] token ids; position 0 of every row is BOS."""
+    attention_mask: torch.Tensor
+    """[B, T] 1 for real tokens, 0 for padding."""
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Documents forever: finite corpora are re-read in a new seeded order each epoch."""
+    if cfg.kind == "hf_dataset":
+        yield from _iter_hf_dataset(cfg)
+        return
+    documents = _load_documents(cfg)
+    if not documents:
+        raise ConfigError(f"data.kind={cfg.kind!r} produced no documents")
+    epoch = 0
+    while True:
+        order = list(range(len(documents)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        for index in order:
+            yield documents[index]
+        epoch += 1
+
+
+def _load_documents(cfg: DataConfig) -> list[str]:
+    if cfg.kind == "toy":
+        from crosscoder.toy import generate_corpus
+
+        # A seed distinct from the tiny LM's training corpus: the crosscoder reads held-out text.
+        return generate_corpus(cfg.toy_documents, seed=cfg.seed)
+    if not cfg.paths:
+        raise ConfigError("data.paths must list at least one file for data.kind=text_files")
+    documents: list[str] = []
+    for raw in cfg.paths:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.paths entry {raw!r} does not exist")
+        if path.suffix == ".jsonl":
+            with path.open() as lines:
+                documents += [json.loads(line)[cfg.text_field] for line in lines if line.strip()]
+        else:
+            documents += [block.strip() for block in path.read_text().split("\n\n") if block.strip()]
+    return documents
+
+
+def _iter_hf_dataset(cfg: DataConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ConfigError("data.kind=hf_dataset needs the `datasets` package: pip install -e '.[hub]'") from error
+    stream = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
+    for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
+        yield row[cfg.text_field]
+
+
+def special_token_ids(tokenizer) -> tuple[int, int | None]:  # noqa: ANN001
+    """(BOS id, pad id); models without a BOS token (e.g. Pythia) use EOS as BOS."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} has neither a BOS nor an EOS token")
+    return bos, tokenizer.pad_token_id
+
+
+def iter_token_batches(
+    cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1  # noqa: ANN001
+) -> Iterator[TokenBatch]:
+    """Packed [model_batch_size, seq_len] batches; this rank's share of a global sequence of batches."""
+    bos, _ = special_token_ids(tokenizer)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    body = cfg.seq_len - 1
+    pending: list[int] = []
+    rows: list[list[int]] = []
+    batch_index = 0
+    for document in iter_documents(cfg):
+        pending += tokenizer(document, add_special_tokens=False)["input_ids"] + [eos]
+        while len(pending) >= body:
+            rows.append([bos] + pending[:body])
+            pending = pending[body:]
+            if len(rows) == cfg.model_batch_size:
+                if batch_index % world_size == rank:
+                    input_ids = torch.tensor(rows, dtype=torch.long)
+                    yield TokenBatch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+                rows = []
+                batch_index += 1

@@ -1,0 +1,190 @@
+"""The crosscoder: one latent code shared by S sources, a decoder vector per latent and source.
+
+Shapes: input x [B, S, d]; encoder W_enc [S, d, F]; decoder W_dec [F, S, d]; codes f [B, F].
+
+Input normalisation: each source is scaled by c_s = sqrt(d) / sqrt(E||x_s||^2), a buffer estimated once per
+dataset. The module always takes *raw* activations and returns raw reconstructions; losses are computed in the
+normalised space. `fold_normalization()` moves c into the weights (W_enc[s] * c_s, W_dec[:, s] / c_s,
+b_dec[s] / c_s) and sets `is_folded`, after which the forward pass gives the same result without scaling,
+so exported weights work on raw activations and nothing is folded twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crosscoder.activations import ACTIVATIONS, Activation
+
+
+@dataclass
+class CrosscoderOutput:
+    """What one forward pass produces; losses are scalars, tensors are per token."""
+
+    loss: torch.Tensor
+    mse_loss: torch.Tensor
+    sparsity_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    codes: torch.Tensor
+    """[B, F] latent activations."""
+    normalized_input: torch.Tensor
+    """[B, S, d] the input in normalised space (what the loss compares against)."""
+    normalized_reconstruction: torch.Tensor
+    """[B, S, d] the reconstruction in normalised space."""
+
+
+class Crosscoder(nn.Module):
+    def __init__(
+        self,
+        n_sources: int,
+        d_model: int,
+        dict_size: int,
+        activation: str | Activation = "relu",
+        *,
+        k: int = 16,
+        aux_k: int = 0,
+        aux_coeff: float = 1 / 32,
+        init_decoder_norm: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if n_sources <= 0 or d_model <= 0 or dict_size <= 0:
+            raise ValueError(
+                f"n_sources={n_sources}, d_model={d_model}, dict_size={dict_size} must all be > 0"
+            )
+        self.n_sources, self.d_model, self.dict_size = n_sources, d_model, dict_size
+        if isinstance(activation, str):
+            if activation not in ACTIVATIONS:
+                raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+            activation = ACTIVATIONS[activation](k=k, dict_size=dict_size)
+        self.activation = activation
+        self.aux_k = aux_k or max(1, d_model // 2)
+        self.aux_coeff = aux_coeff
+
+        # Random decoder rows with a small fixed norm per source; encoder = decoder transpose, so every latent
+        # starts as a matched filter of its own decoder direction.
+        decoder = torch.randn(dict_size, n_sources, d_model)
+        decoder = decoder / decoder.norm(dim=-1, keepdim=True) * init_decoder_norm
+        self.W_dec = nn.Parameter(decoder)
+        self.W_enc = nn.Parameter(decoder.permute(1, 2, 0).contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
+        self.register_buffer("input_scale", torch.ones(n_sources))
+        self.register_buffer("folded", torch.zeros((), dtype=torch.bool))
+
+    # ---- normalisation -------------------------------------------------------------------------------
+    @property
+    def is_folded(self) -> bool:
+        return bool(self.folded)
+
+    def set_input_scale(self, scale: torch.Tensor) -> None:
+        if self.is_folded:
+            raise RuntimeError("cannot change the input scale of a folded crosscoder")
+        if scale.shape != (self.n_sources,) or not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(f"input scale must be {self.n_sources} finite positive numbers, got {scale}")
+        self.input_scale.copy_(scale)
+
+    @torch.no_grad()
+    def fold_normalization(self) -> None:
+        """Move the input scale into the weights (idempotent via the `folded` flag)."""
+        if self.is_folded:
+            return
+        scale = self.input_scale.to(self.W_enc.dtype)
+        self.W_enc.mul_(scale[:, None, None])
+        self.W_dec.div_(scale[None, :, None])
+        self.b_dec.div_(scale[:, None])
+        self.folded.fill_(True)
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale applied to the input before encoding, scale from model output space to normalised space)."""
+        ones = torch.ones_like(self.input_scale)
+        return (ones, self.input_scale) if self.is_folded else (self.input_scale, ones)
+
+    # ---- maths ------------------------------------------------------------------------------------------
+    def decoder_norms(self) -> torch.Tensor:
+        """[F, S] per-source decoder norms in normalised space: n_{i,s} = ||W_dec[i, s]||."""
+        _, out_scale = self._scales()
+        return self.W_dec.norm(dim=-1) * out_scale[None, :]
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        in_scale, _ = self._scales()
+        x_in = x * in_scale[None, :, None].to(x.dtype)
+        return torch.einsum("bsd,sdf->bf", x_in, self.W_enc) + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes [B, F] of raw activations [B, S, d]."""
+        return self.activation(self.encode_pre(x), self.decoder_norms().sum(dim=1))
+
+    def decode_normalized(self, codes: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """Normalised-space reconstruction [B, S, d] from codes [B, F]."""
+        _, out_scale = self._scales()
+        model_space = torch.einsum("bf,fsd->bsd", codes, self.W_dec)
+        if with_bias:
+            model_space = model_space + self.b_dec
+        return model_space * out_scale[None, :, None].to(model_space.dtype)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Raw-space reconstruction [B, S, d] from codes [B, F]."""
+        return self.decode_normalized(codes) / self.input_scale[None, :, None]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        l1_coeff: float = 0.0,
+        dead_mask: torch.Tensor | None = None,
+    ) -> CrosscoderOutput:
+        """x: raw activations [B, S, d]. dead_mask: [F] bool, latents the AuxK loss may revive."""
+        if x.dim() != 3 or x.shape[1:] != (self.n_sources, self.d_model):
+            raise ValueError(f"expected input [batch, {self.n_sources}, {self.d_model}], got {list(x.shape)}")
+        pre = self.encode_pre(x)
+        latent_weight = self.decoder_norms().sum(dim=1)
+        codes = self.activation(pre, latent_weight)
+        normalized_reconstruction = self.decode_normalized(codes)
+        normalized_input = x * self.input_scale[None, :, None].to(x.dtype)
+
+        error = normalized_input - normalized_reconstruction
+        mse_loss = error.pow(2).sum(dim=(1, 2)).mean()
+        zero = mse_loss.new_zeros(())
+        sparsity_loss = (codes * latent_weight).sum(dim=1).mean() if self.activation.penalised else zero
+        aux_loss = zero
+        if dead_mask is not None and self.activation.uses_aux_loss and bool(dead_mask.any()):
+            aux_loss = self._aux_loss(pre, dead_mask, error.detach())
+        loss = mse_loss + l1_coeff * sparsity_loss + self.aux_coeff * aux_loss
+        return CrosscoderOutput(
+            loss=loss,
+            mse_loss=mse_loss,
+            sparsity_loss=sparsity_loss,
+            aux_loss=aux_loss,
+            codes=codes,
+            normalized_input=normalized_input,
+            normalized_reconstruction=normalized_reconstruction,
+        )
+
+    def _aux_loss(self, pre: torch.Tensor, dead_mask: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the top dead latents must explain the residual error, so they get gradient."""
+        k_aux = min(self.aux_k, int(dead_mask.sum()))
+        dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
+        values, indices = dead_pre.topk(k_aux, dim=1)
+        aux_codes = torch.zeros_like(pre).scatter(1, indices, values)
+        # No decoder bias: the dead latents must explain the error by their directions alone.
+        aux_reconstruction = self.decode_normalized(aux_codes, with_bias=False)
+        residual_variance = (error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
+        aux_mse = (aux_reconstruction - error).pow(2).sum(dim=(1, 2)).mean()
+        return aux_mse / residual_variance.clamp_min(1e-8)
+
+
+@torch.no_grad()
+def estimate_input_scale(batches: list[torch.Tensor]) -> torch.Tensor:
+    """c_s = sqrt(d) / sqrt(E||x_s||^2) over the given [B, S, d] batches."""
+    if not batches:
+        raise ValueError("no batches to estimate the input scale from")
+    d_model = batches[0].shape[-1]
+    total = sum(b.double().pow(2).sum(dim=(0, 2)) for b in batches)
+    count = sum(b.shape[0] for b in batches)
+    mean_sq_norm = total / count
+    if (mean_sq_norm <= 0).any():
+        bad = (mean_sq_norm <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"sources {bad} have all-zero activations; cannot normalise them")
+    return (math.sqrt(d_model) / mean_sq_norm.sqrt()).float()

@@ -1,0 +1,120 @@
+"""The parallelism plan: accelerate + DeepSpeed set-up, kept apart from the model and from the loop.
+
+Under `accelerate launch` the launcher provides the process group; started as a plain script (the embedded
+default) we make a one-rank group ourselves, so the same DeepSpeed engine path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from crosscoder.config import ConfigError, RunConfig
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """Started without a launcher: describe a one-process group so DeepSpeed can initialise."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+
+
+def resolve_zero_stage(configured: int | None) -> int:
+    """Hydra's `deepspeed.zero_stage` if set, else the accelerate launch config's, else 2; both set must agree."""
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    launcher_stage = int(launcher) if launcher is not None else None
+    if configured is not None and launcher_stage is not None and configured != launcher_stage:
+        raise ConfigError(
+            f"deepspeed.zero_stage={configured} but the accelerate launch config sets zero_stage={launcher_stage}; "
+            "drop one of them"
+        )
+    for stage in (configured, launcher_stage):
+        if stage is not None:
+            return stage
+    return 2
+
+
+def deepspeed_config(cfg: RunConfig, micro_batch_size: int, zero_stage: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run. The optimizer stays a torch one (no fused-Adam JIT build)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if cfg.deepspeed.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        "fp16": {"enabled": cfg.trainer.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.trainer.grad_clip > 0:
+        config["gradient_clipping"] = cfg.trainer.grad_clip
+    config.update(cfg.deepspeed.extra)
+    return config
+
+
+def build_accelerator(cfg: RunConfig, micro_batch_size: int):  # noqa: ANN201 (accelerate.Accelerator)
+    """An Accelerator whose engine is DeepSpeed with the configured ZeRO stage."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    ensure_process_group_env()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    zero_stage = resolve_zero_stage(cfg.deepspeed.zero_stage)
+    # The launcher's DeepSpeed fields are merged above; accelerate refuses a dict config while they are set.
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, micro_batch_size, zero_stage), zero_stage=zero_stage)
+    # Without CUDA, accelerate must be told to use gloo, or it believes it has one process while DeepSpeed
+    # sees all of them.
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(
+        deepspeed_plugin=plugin,
+        mixed_precision=MIXED_PRECISION[cfg.trainer.precision],
+        kwargs_handlers=handlers,
+    )
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """The unwrapped module with whole (un-partitioned) parameters, for reading weights outside forward."""
+    module = getattr(model, "module", model)
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield module
+
+
+def teardown(accelerator) -> None:  # noqa: ANN001
+    """Leave the process clean for the next job of a Hydra multirun in the same process."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    accelerator.free_memory()  # destroys the DeepSpeed engine, which still needs the process group
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    GradientState._reset_state()

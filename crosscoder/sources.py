@@ -1,0 +1,226 @@
+"""Sources: one hook point in each of several snapshots of one model, read with forward hooks.
+
+A snapshot is an HF checkpoint: a local directory, or a hub id plus a revision (`EleutherAI/pythia-160m` at
+`step1000`). All snapshots must share one tokenizer and one width, so the same token ids mean the same text
+and the crosscoder's per-source blocks line up. The forward pass stops at the last hooked block: no later
+layers, no final norm, no logits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crosscoder.config import ConfigError, SourcesConfig
+
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """Where one snapshot lives and which training step it is."""
+
+    name: str
+    path: str
+    revision: str | None = None
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    layer: int
+    position: str
+    """`pre`: input of block `layer`; `post`: its output (the residual stream after it)."""
+
+    @classmethod
+    def parse(cls, hook: str) -> HookPoint:
+        match = HOOK_PATTERN.match(hook)
+        if match is None:
+            raise ConfigError(
+                f"sources.hook={hook!r} is not a known hook; use blocks.L.hook_resid_post or blocks.L.hook_resid_pre"
+            )
+        return cls(layer=int(match.group(1)), position=match.group(2))
+
+
+def _step_from_name(name: str) -> int | None:
+    match = STEP_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_snapshots(cfg: SourcesConfig, log: Callable[[str], None] = print) -> list[SnapshotSpec]:
+    """Turn the sources config into snapshot specs, building the embedded toy snapshots if asked and missing."""
+    if cfg.kind == "toy":
+        from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
+
+        toy = ToyLMConfig(
+            hidden_size=cfg.toy.hidden_size,
+            num_layers=cfg.toy.num_layers,
+            train_steps=cfg.toy.train_steps,
+            snapshot_steps=tuple(cfg.toy.snapshot_steps),
+        )
+        built = ensure_toy_snapshots(Path(cfg.toy.cache_dir).expanduser(), toy, log=log)
+        return [SnapshotSpec(name=f"step{s.step}", path=str(s.path), step=s.step) for s in built]
+    if cfg.paths:
+        specs = []
+        for i, raw in enumerate(cfg.paths):
+            path = Path(raw).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"sources.paths[{i}]={raw!r}: snapshot directory does not exist")
+            step = cfg.steps[i] if cfg.steps else _step_from_name(path.name)
+            specs.append(SnapshotSpec(name=path.name, path=str(path), step=step))
+        return specs
+    local = Path(cfg.model).expanduser()
+    if (cfg.model.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise ConfigError(f"sources.model={cfg.model!r}: snapshot directory does not exist")
+    revisions: list[str | None] = list(cfg.revisions) or [None]
+    return [
+        SnapshotSpec(
+            name=revision or "main",
+            path=str(local) if local.is_dir() else cfg.model,
+            revision=revision,
+            step=cfg.steps[i] if cfg.steps else (_step_from_name(revision) if revision else None),
+        )
+        for i, revision in enumerate(revisions)
+    ]
+
+
+def load_tokenizer(spec: SnapshotSpec, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer type)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ConfigError(f"cannot load the tokenizer of snapshot {_describe(spec)}: {error}") from error
+
+
+def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """The base model (no LM head) of one snapshot, in eval mode with gradients off."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    # The base model is loaded from a causal-LM checkpoint: its unused LM head is expected, not news.
+    hf_logging.set_verbosity_error()
+    if dtype not in DTYPES:
+        raise ConfigError(f"sources.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        model = AutoModel.from_pretrained(
+            spec.path, revision=spec.revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _describe(spec: SnapshotSpec) -> str:
+    return f"{spec.path!r}" + (f" at revision {spec.revision!r}" if spec.revision else "")
+
+
+def check_same_tokenizer(tokenizers: list, specs: list[SnapshotSpec]) -> None:
+    """Raise unless every snapshot tokenizes identically (same vocabulary and special tokens)."""
+    def signature(tok) -> tuple:  # noqa: ANN001
+        return (tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+    reference = signature(tokenizers[0])
+    for tok, spec in zip(tokenizers[1:], specs[1:], strict=True):
+        if signature(tok) != reference:
+            raise ConfigError(
+                f"snapshot {_describe(spec)} has a different tokenizer from {_describe(specs[0])}; "
+                "all snapshots must share one tokenizer so they read the same tokens"
+            )
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (gpt_neox.layers, model.layers, transformer.h, ...)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
+            return module
+    raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+class _StopForward(Exception):
+    """Raised by the hook once the activation is captured, so later blocks never run."""
+
+
+class SnapshotRunner:
+    """Runs one snapshot up to the hook point and returns the hooked activations [B, T, d]."""
+
+    def __init__(self, model: nn.Module, hook: HookPoint, name: str = "") -> None:
+        blocks = find_blocks(model)
+        if hook.layer >= len(blocks):
+            raise ConfigError(
+                f"sources.hook=blocks.{hook.layer}.hook_resid_{hook.position}: snapshot {name!r} has only "
+                f"{len(blocks)} blocks (0..{len(blocks) - 1})"
+            )
+        self.model, self.hook, self.name = model, hook, name
+        self.block = blocks[hook.layer]
+        self.d_model = int(model.config.hidden_size)
+        self._captured: torch.Tensor | None = None
+
+    def _capture_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._captured = hidden
+        raise _StopForward
+
+    def _capture_post(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._captured = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.hook.position == "pre":
+            handle = self.block.register_forward_pre_hook(self._capture_pre, with_kwargs=True)
+        else:
+            handle = self.block.register_forward_hook(self._capture_post)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError(f"hook on snapshot {self.name!r} did not fire")
+        return captured
+
+
+@dataclass
+class LoadedSources:
+    """Everything the activation stream needs from the snapshots."""
+
+    specs: list[SnapshotSpec]
+    runners: list[SnapshotRunner]
+    tokenizer: object
+    d_model: int
+    hook: str
+
+
+def load_sources(
+    cfg: SourcesConfig, device: torch.device, log: Callable[[str], None] = print
+) -> LoadedSources:
+    """Resolve, load and check all snapshots; raise a ConfigError naming the offending snapshot."""
+    hook = HookPoint.parse(cfg.hook)
+    specs = resolve_snapshots(cfg, log=log)
+    tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
+    check_same_tokenizer(tokenizers, specs)
+    runners = []
+    for spec in specs:
+        model = load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code).to(device)
+        runner = SnapshotRunner(model, hook, spec.name)
+        if runners and runner.d_model != runners[0].d_model:
+            raise ConfigError(
+                f"snapshot {_describe(spec)} has width {runner.d_model}, but {_describe(specs[0])} has "
+                f"{runners[0].d_model}; all snapshots must share one width"
+            )
+        runners.append(runner)
+    log(f"loaded {len(specs)} snapshots ({', '.join(s.name for s in specs)}) at {cfg.hook}, d={runners[0].d_model}")
+    return LoadedSources(specs=specs, runners=runners, tokenizer=tokenizers[0], d_model=runners[0].d_model,
+                         hook=cfg.hook)

@@ -1,0 +1,118 @@
+"""Where the run is watched: W&B (online / offline / disabled) and a console progress line.
+
+Only the main process talks to W&B; the other ranks get a tracker that does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosscoder.config import TrackingConfig
+from crosscoder.constants import WANDB_DATA_DIR
+
+
+class Tracker:
+    def __init__(
+        self, cfg: TrackingConfig, run_config: dict[str, Any], output_dir: Path, is_main: bool
+    ) -> None:
+        self.run = None
+        if not is_main or cfg.mode == "disabled":
+            return
+        # Artifact files are staged here rather than in ~/.local/share, so they stay with the run and a later
+        # `wandb sync` of an offline run can upload them.
+        os.environ.setdefault("WANDB_DATA_DIR", str(output_dir / WANDB_DATA_DIR))
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, tags=list(cfg.tags) or None,
+            config=run_config, dir=str(output_dir), mode=cfg.mode,
+        )
+        self.log_artifacts = cfg.log_artifacts
+
+    @property
+    def run_dir(self) -> str | None:
+        return None if self.run is None else self.run.dir
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_decoder_norms(self, decoder_norms: torch.Tensor, source_names: list[str], step: int) -> None:
+        """Per-snapshot mean decoder norm (a trajectory over the dashboard) and a histogram per snapshot."""
+        if self.run is None:
+            return
+        import wandb
+
+        norms = decoder_norms.detach().float().cpu()
+        metrics: dict[str, Any] = {}
+        for index, name in enumerate(source_names):
+            metrics[f"decoder_norm/mean/{name}"] = norms[:, index].mean().item()
+            metrics[f"decoder_norm/hist/{name}"] = wandb.Histogram(norms[:, index].numpy())
+        # Share of each latent's total decoder norm per snapshot: where in training the latents live.
+        share = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        metrics["decoder_norm/peak_snapshot_hist"] = wandb.Histogram(share.argmax(dim=1).numpy())
+        self.run.log(metrics, step=step)
+
+    def log_dictionary(self, path: Path, step: int, metadata: dict[str, Any], aliases: list[str]) -> None:
+        if self.run is None or not self.log_artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name=f"crosscoder-{self.run.id}", type="crosscoder", metadata=metadata)
+        artifact.add_dir(str(path))
+        self.run.log_artifact(artifact, aliases=aliases + [f"step-{step}"])
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if self.run is None:
+            return
+        if summary:
+            self.run.summary.update(summary)
+        self.run.finish()
+        self.run = None
+
+
+class ProgressBar:
+    """A console line with throughput and ETA, printed at most every `interval` seconds (main process only)."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, enabled: bool, interval: float = 2.0) -> None:
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.enabled, self.interval = enabled, interval
+        self.start = self.last_print = time.perf_counter()
+
+    def tokens_per_second(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.start
+        return step * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+
+    def update(self, step: int, extra: dict[str, float], force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last_print < self.interval):
+            return
+        self.last_print = now
+        rate = self.tokens_per_second(step)
+        remaining = (self.total_steps - step) * self.tokens_per_step / rate if rate > 0 else float("inf")
+        fields = " | ".join(f"{key} {value:.4g}" for key, value in extra.items())
+        print(
+            f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
+            f"{_si(step * self.tokens_per_step)} tok | {_si(rate)} tok/s | ETA {_duration(remaining)} | {fields}",
+            file=sys.stderr, flush=True,
+        )
+
+
+def _si(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -1,0 +1,55 @@
+"""Hydra entry point: `crosscoder-train [overrides]`, `python -m crosscoder.train`, or under `accelerate launch`.
+
+With no arguments it runs the embedded default: a tiny GPT-NeoX trained locally (snapshots cached), then a
+crosscoder across its snapshots, offline, on CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from crosscoder.config import ConfigError, RunConfig, register_configs
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+register_configs()
+
+
+def _quiet_non_main_ranks() -> None:
+    """Only rank 0 writes Hydra's .hydra/ folder and log file; the others would race on the same files."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from crosscoder.trainer import train
+
+    try:
+        run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        result = train(run_cfg)
+    except ConfigError as error:
+        print(f"crosscoder: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ev = result.final_metrics.get("explained_variance/mean", float("nan"))
+        print(f"crosscoder: {result.steps} steps, {result.tokens_seen} tokens in {result.wall_seconds:.1f}s; "
+              f"mean explained variance {ev:.3f}, L0 {result.final_metrics.get('l0', float('nan')):.1f}")
+        print(f"crosscoder: dictionary: {result.dictionary_dir}")
+        print(f"crosscoder: run dir:    {result.output_dir}")
+
+
+def main() -> None:
+    if not CONF_DIR.is_dir():
+        sys.exit(f"crosscoder: config folder {CONF_DIR} not found; install the package editable (pip install -e .)")
+    _quiet_non_main_ranks()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The training loop: paired activations in, a DeepSpeed-engine crosscoder step, metrics and exports out.
+
+The loop reads a plain iterator of [batch, S, d] tensors; where they come from is the data package's concern,
+how the model is sharded is `parallel`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from omegaconf import OmegaConf
+
+from crosscoder.checkpoint import DictionaryMeta, export_dictionary
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
+from crosscoder.data.activations import fixed_size_batches, iter_paired_activations
+from crosscoder.data.tokens import iter_token_batches, special_token_ids
+from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
+from crosscoder.model import Crosscoder, estimate_input_scale
+from crosscoder.parallel import build_accelerator, ensure_process_group_env, full_parameters, teardown
+from crosscoder.sources import LoadedSources, load_sources
+from crosscoder.tracking import ProgressBar, Tracker
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    dictionary_dir: Path
+    steps: int
+    tokens_seen: int
+    wall_seconds: float
+    final_metrics: dict[str, Any]
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last `decay_fraction` of training."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_start = int(total_steps * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0
+
+
+def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
+    """lambda rises linearly from 0 so early training can find directions before being pushed to be sparse."""
+    return l1_coeff * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else l1_coeff
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    cfg.validate()
+    started = time.perf_counter()
+    trainer_cfg, crosscoder_cfg = cfg.trainer, cfg.crosscoder
+
+    # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
+    # world size from the launcher's environment.
+    ensure_process_group_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer_cfg.batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={trainer_cfg.batch_size} is not divisible by {world_size} ranks")
+    micro_batch = trainer_cfg.batch_size // world_size
+    accelerator = build_accelerator(cfg, micro_batch)
+    state = PartialState()
+    is_main = accelerator.is_main_process
+    log = print if is_main else (lambda *_: None)
+    try:
+        torch.manual_seed(trainer_cfg.seed)
+        output_dir = _shared_output_dir(cfg.output_dir)
+        sources = load_sources(cfg.sources, _source_device(trainer_cfg.device, accelerator.device), log=log)
+        batches = _activation_batches(cfg, sources, state.process_index, state.num_processes, micro_batch)
+
+        model = Crosscoder(
+            n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
+            activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
+            aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
+        )
+        if crosscoder_cfg.normalize_inputs:
+            first = [next(batches) for _ in range(crosscoder_cfg.norm_estimation_batches)]
+            scale = accelerator.reduce(estimate_input_scale(first).to(accelerator.device), "mean").cpu()
+            model.set_input_scale(scale)
+            log("input scales: " + ", ".join(f"{s.name}={c:.3g}" for s, c in zip(sources.specs, scale.tolist())))
+            batches = itertools.chain(first, batches)
+
+        total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
+        optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(step, total_steps, trainer_cfg.lr_warmup_steps, trainer_cfg.lr_decay_fraction),
+        )
+        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        param_dtype = next(engine.parameters()).dtype
+
+        run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        tracker = Tracker(cfg.tracking, run_config, output_dir, is_main)
+        dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens, accelerator.device)
+        progress = ProgressBar(total_steps, trainer_cfg.batch_size, enabled=is_main)
+        source_names = [spec.name for spec in sources.specs]
+        log(f"training {total_steps} steps of {trainer_cfg.batch_size} tokens on {state.num_processes} rank(s), "
+            f"ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, output in {output_dir}")
+
+        def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
+            meta = DictionaryMeta(
+                sources=[asdict(spec) for spec in sources.specs], hook=sources.hook, d_model=sources.d_model,
+                dict_size=crosscoder_cfg.dict_size, activation=crosscoder_cfg.activation, k=crosscoder_cfg.k,
+                aux_k=model.aux_k, tokens_seen=step * trainer_cfg.batch_size, train_step=step,
+                input_scale=[], training=run_config,
+            )
+            state_dict = accelerator.get_state_dict(engine)  # collective under ZeRO-3: every rank calls it
+            if is_main:
+                export_dictionary(state_dict, meta, out_dir)
+                tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen},
+                                       aliases)
+                log(f"exported dictionary at step {step} to {out_dir}")
+            accelerator.wait_for_everyone()
+            return out_dir
+
+        metrics: dict[str, Any] = {}
+        for step in range(total_steps):
+            x = next(batches).to(accelerator.device, dtype=param_dtype)
+            l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
+            output = engine(x, l1_coeff, dead.dead_mask)
+            accelerator.backward(output.loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+            fired = accelerator.reduce((output.codes > 0).any(dim=0).float(), "sum") > 0
+            dead.update(fired, trainer_cfg.batch_size)
+            done = step + 1
+            if done % trainer_cfg.log_every == 0 or done == total_steps:
+                metrics = _step_metrics(accelerator, output, l1_coeff, scheduler, dead, source_names,
+                                        progress.tokens_per_second(done))
+                with full_parameters(engine) as module:
+                    decoder_norms = module.decoder_norms().detach()
+                tracker.log(metrics, step=done)
+                tracker.log_decoder_norms(decoder_norms, source_names, step=done)
+            progress.update(done, {"loss": output.loss.item(), "ev": metrics.get("explained_variance/mean", 0.0),
+                                   "l0": metrics.get("l0", 0.0)}, force=done == total_steps)
+            if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and done < total_steps:
+                export(done, output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
+
+        dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
+        wall = time.perf_counter() - started
+        summary = {**metrics, "wall_seconds": wall, "steps": total_steps,
+                   "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
+                   "wandb_run_dir": tracker.run_dir}
+        if is_main:
+            (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        tracker.finish(summary)
+        log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
+        return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
+    finally:
+        teardown(accelerator)
+
+
+def _activation_batches(
+    cfg: RunConfig, sources: LoadedSources, rank: int, world_size: int, micro_batch: int
+) -> Iterator[torch.Tensor]:
+    bos, pad = special_token_ids(sources.tokenizer)
+    device = sources.runners[0].model.device
+    tokens = iter_token_batches(cfg.data, sources.tokenizer, rank=rank, world_size=world_size)
+    return fixed_size_batches(iter_paired_activations(tokens, sources.runners, bos, pad, device), micro_batch)
+
+
+def _source_device(configured: str, accelerator_device: torch.device) -> torch.device:
+    return accelerator_device if configured == "auto" else torch.device(configured)
+
+
+def _shared_output_dir(configured: str) -> Path:
+    """Rank 0's output directory, for every rank (ranks can compose different timestamped Hydra dirs)."""
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(Path(configured).resolve())]
+    broadcast_object_list(chosen, from_process=0)
+    path = Path(chosen[0])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _step_metrics(
+    accelerator, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
+    source_names: list[str], tokens_per_second: float,
+) -> dict[str, float]:
+    """Loss parts and per-source quality, averaged over ranks."""
+    recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
+    local = torch.cat([
+        torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
+                     output.aux_loss.detach(), recon["l0"]]).float(),
+        recon["mse"].float(), recon["explained_variance"].float(),
+    ])
+    values = accelerator.reduce(local, "mean").tolist()
+    n = len(source_names)
+    loss, mse_loss, sparsity_loss, aux_loss, l0 = values[:5]
+    mse, ev = values[5 : 5 + n], values[5 + n :]
+    metrics = {
+        "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,
+        "l0": l0, "dead_fraction": dead.dead_fraction, "lr": scheduler.get_last_lr()[0], "l1_coeff": l1_coeff,
+        "tokens_per_second": tokens_per_second, "explained_variance/mean": sum(ev) / n,
+    }
+    for name, source_mse, source_ev in zip(source_names, mse, ev, strict=True):
+        metrics[f"mse/{name}"] = source_mse
+        metrics[f"explained_variance/{name}"] = source_ev
+    return metrics

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny GPT-NeoX snapshots trained here in seconds, and an offline environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+TINY_TOY = dict(hidden_size=32, num_layers=2, train_steps=12, snapshot_steps=(0, 4, 12))
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshots(toy_cache: Path) -> list:
+    """Three snapshots (steps 0, 4, 12) of a 2-block, d=32 GPT-NeoX."""
+    from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
+
+    return ensure_toy_snapshots(toy_cache, ToyLMConfig(**TINY_TOY), log=lambda _: None)
