@@ -108,13 +108,15 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 def teardown(accelerator) -> None:  # noqa: ANN001
     """Leave the process clean for the next job of a Hydra multirun in the same process."""
+    import deepspeed.comm
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     accelerator.free_memory()  # destroys the DeepSpeed engine, which still needs the process group
-    accelerator.end_training()
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        # Through DeepSpeed, so it also forgets its cached groups (the next job makes new ones).
+        deepspeed.comm.destroy_process_group()
+    accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
     GradientState._reset_state()

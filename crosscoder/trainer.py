@@ -75,7 +75,9 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         torch.manual_seed(trainer_cfg.seed)
         output_dir = _shared_output_dir(cfg.output_dir)
-        sources = load_sources(cfg.sources, _source_device(trainer_cfg.device, accelerator.device), log=log)
+        # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
+        with accelerator.main_process_first():
+            sources = load_sources(cfg.sources, _source_device(trainer_cfg.device, accelerator.device), log=log)
         batches = _activation_batches(cfg, sources, state.process_index, state.num_processes, micro_batch)
 
         model = Crosscoder(

@@ -1,0 +1,111 @@
+"""End to end on the real stack: `accelerate launch` with 2 processes and DeepSpeed ZeRO-2 on CPU (gloo),
+offline W&B, and a Hydra multirun. These launch subprocesses, so they are few and small."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosscoder.checkpoint import load_decoder_norms, load_dictionary
+from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
+from tests.conftest import TINY_TOY
+from tests.wandb_records import artifacts, history_keys
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(toy_cache: Path) -> list[str]:
+    steps = ",".join(str(s) for s in TINY_TOY["snapshot_steps"])
+    return [
+        f"sources.toy.cache_dir={toy_cache}",
+        f"sources.toy.hidden_size={TINY_TOY['hidden_size']}",
+        f"sources.toy.num_layers={TINY_TOY['num_layers']}",
+        f"sources.toy.train_steps={TINY_TOY['train_steps']}",
+        f"sources.toy.snapshot_steps=[{steps}]",
+        "data.seq_len=16", "data.model_batch_size=8", "data.toy_documents=200",
+        "crosscoder.dict_size=64", "crosscoder.norm_estimation_batches=2", "crosscoder.l1_warmup_steps=2",
+        "trainer.batch_size=128", "trainer.total_tokens=1024", "trainer.log_every=2",
+        "trainer.lr_warmup_steps=2", "tracking=offline",
+    ]
+
+
+def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_wandb_run_file(run_dir: Path) -> Path:
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
+    return runs[0]
+
+
+def test_accelerate_launch_two_processes_deepspeed_zero2(tiny_snapshots: list, toy_cache: Path,
+                                                         tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run([
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
+        "-m", "crosscoder.train", *tiny_overrides(toy_cache),
+        "trainer.checkpoint_every=4", f"hydra.run.dir={run_dir}",
+    ], tmp_path)
+    log = result.stdout + result.stderr
+    assert "2 rank(s), ZeRO-2" in log
+
+    model, meta = load_dictionary(run_dir / DICTIONARY_DIR)
+    assert [s["step"] for s in meta.sources] == list(TINY_TOY["snapshot_steps"])
+    assert meta.train_step == 8 and meta.tokens_seen == 1024
+    assert model.is_folded and model.W_dec.shape == (64, 3, 32)
+    norms = load_decoder_norms(run_dir / DICTIONARY_DIR)
+    assert norms.shape == (64, 3) and torch.isfinite(norms).all()
+    assert (run_dir / CHECKPOINTS_DIR / "step_0000004" / "weights.safetensors").is_file()
+    assert not list(run_dir.rglob(".*tmp-*")), "a temporary export was left behind"
+    summary = json.loads((run_dir / RUN_SUMMARY_FILE).read_text())
+    assert summary["steps"] == 8 and -1 < summary["explained_variance/mean"] <= 1
+
+    wandb_file = single_wandb_run_file(run_dir)
+    keys = history_keys(wandb_file)
+    for name in ("step0", "step4", "step12"):
+        assert f"decoder_norm/mean/{name}" in keys
+        assert f"decoder_norm/hist/{name}/values" in keys
+        assert f"explained_variance/{name}" in keys
+    for key in ("loss/mse", "loss/sparsity", "l0", "dead_fraction", "lr", "tokens_per_second"):
+        assert key in keys
+    logged = artifacts(wandb_file)
+    assert len(logged) == 2 and all(a.type == "crosscoder" for a in logged)
+    assert {c.path for c in logged[-1].manifest.contents} == {"config.json", "weights.safetensors",
+                                                              "decoder_norms.safetensors"}
+
+
+def test_hydra_multirun_over_l1_coeff(tiny_snapshots: list, toy_cache: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    run([
+        sys.executable, "-m", "crosscoder.train", "--multirun", *tiny_overrides(toy_cache),
+        "crosscoder.l1_coeff=0.5,5", "deepspeed=zero0", f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ], tmp_path)
+    sparsity = {}
+    for job, coeff in (("0", 0.5), ("1", 5.0)):
+        _, meta = load_dictionary(sweep_dir / job / DICTIONARY_DIR)
+        assert meta.training["crosscoder"]["l1_coeff"] == coeff
+        summary = json.loads((sweep_dir / job / RUN_SUMMARY_FILE).read_text())
+        sparsity[coeff] = summary["l0"]
+        single_wandb_run_file(sweep_dir / job)
+    assert sparsity[5.0] < sparsity[0.5], f"a 10x larger lambda should give a sparser code: {sparsity}"
