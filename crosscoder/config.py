@@ -117,7 +117,7 @@ class CrosscoderConfig:
 class TrainerConfig:
     """The optimisation loop."""
 
-    total_tokens: int = 1_000_000
+    total_tokens: int = 600_000
     """Training tokens (all ranks together)."""
     batch_size: int = 1024
     """Tokens per optimiser step, all ranks together."""

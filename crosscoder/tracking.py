@@ -16,6 +16,8 @@ import torch
 from crosscoder.config import TrackingConfig
 from crosscoder.constants import WANDB_DATA_DIR
 
+_DATA_DIR_OWNED = "CROSSCODER_OWNS_WANDB_DATA_DIR"
+
 
 class Tracker:
     def __init__(
@@ -26,7 +28,9 @@ class Tracker:
             return
         # Artifact files are staged here rather than in ~/.local/share, so they stay with the run and a later
         # `wandb sync` of an offline run can upload them.
-        os.environ.setdefault("WANDB_DATA_DIR", str(output_dir / WANDB_DATA_DIR))
+        # A user's own WANDB_DATA_DIR wins; ours is re-pointed for every run (multirun jobs share the process).
+        if "WANDB_DATA_DIR" not in os.environ or os.environ.get(_DATA_DIR_OWNED):
+            os.environ.update({"WANDB_DATA_DIR": str(output_dir / WANDB_DATA_DIR), _DATA_DIR_OWNED: "1"})
         import wandb
 
         self.run = wandb.init(

@@ -89,7 +89,8 @@ def train(cfg: RunConfig) -> TrainResult:
             first = [next(batches) for _ in range(crosscoder_cfg.norm_estimation_batches)]
             scale = accelerator.reduce(estimate_input_scale(first).to(accelerator.device), "mean").cpu()
             model.set_input_scale(scale)
-            log("input scales: " + ", ".join(f"{s.name}={c:.3g}" for s, c in zip(sources.specs, scale.tolist())))
+            scales = zip(sources.specs, scale.tolist(), strict=True)
+            log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
             batches = itertools.chain(first, batches)
 
         total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size

@@ -44,8 +44,8 @@ def test_gradients_match_finite_differences() -> None:
     params = tuple(model.parameters())
 
     def loss_of(*values: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], values)),
-                                          (x, 0.3)).loss
+        names = [name for name, _ in model.named_parameters()]
+        return torch.func.functional_call(model, dict(zip(names, values, strict=True)), (x, 0.3)).loss
 
     assert torch.autograd.gradcheck(loss_of, params, eps=1e-6, atol=1e-5)
 

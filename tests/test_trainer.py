@@ -1,0 +1,75 @@
+"""The training loop in-process (one rank, DeepSpeed ZeRO-0), and its schedules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosscoder.checkpoint import load_dictionary
+from crosscoder.config import RunConfig
+from crosscoder.constants import RUN_SUMMARY_FILE
+from crosscoder.trainer import l1_coefficient, lr_multiplier, train
+from tests.conftest import TINY_TOY
+
+PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_DATA_DIR",
+               "CROSSCODER_OWNS_WANDB_DATA_DIR")
+
+
+@pytest.fixture
+def clean_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() describes a one-rank process group in os.environ; undo it so later subprocesses start clean."""
+    for key in PROCESS_ENV:
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+
+
+def tiny_run_config(toy_cache: Path, output_dir: Path) -> RunConfig:
+    cfg = RunConfig(output_dir=str(output_dir))
+    cfg.sources.kind = "toy"
+    cfg.sources.hook = "blocks.1.hook_resid_pre"
+    cfg.sources.toy.cache_dir = str(toy_cache)
+    for key, value in TINY_TOY.items():
+        setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
+    cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, 8, 200
+    cfg.crosscoder.dict_size, cfg.crosscoder.norm_estimation_batches = 128, 2
+    cfg.crosscoder.l1_coeff, cfg.crosscoder.l1_warmup_steps = 0.5, 5
+    cfg.trainer.batch_size, cfg.trainer.total_tokens, cfg.trainer.log_every = 128, 128 * 40, 10
+    cfg.trainer.lr, cfg.trainer.lr_warmup_steps = 3e-3, 5
+    cfg.deepspeed.zero_stage = 0
+    cfg.tracking.mode = "disabled"
+    return cfg
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero() -> None:
+    values = [lr_multiplier(step, 100, warmup_steps=10, decay_fraction=0.2) for step in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == 1.0
+    assert all(v == 1.0 for v in values[10:80])
+    assert values[80] == 1.0 and values[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(values[80:], values[81:], strict=False))
+
+
+def test_l1_warmup_is_linear_then_constant() -> None:
+    assert l1_coefficient(0, 4.0, 4) == 1.0
+    assert l1_coefficient(3, 4.0, 4) == 4.0
+    assert l1_coefficient(50, 4.0, 4) == 4.0
+    assert l1_coefficient(0, 4.0, 0) == 4.0
+
+
+def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,
+                                     clean_process_env: None) -> None:
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    result = train(cfg)
+    assert result.steps == 40 and result.tokens_seen == 40 * 128
+    ev = result.final_metrics["explained_variance/mean"]
+    assert ev > 0.3, f"40 steps on a 3-snapshot d=32 toy should explain a good part of the variance, got {ev}"
+    assert 0 < result.final_metrics["l0"] < 128
+    model, meta = load_dictionary(result.dictionary_dir)
+    assert meta.tokens_seen == 40 * 128 and meta.hook == "blocks.1.hook_resid_pre"
+    assert [s["step"] for s in meta.sources] == list(TINY_TOY["snapshot_steps"])
+    assert len(meta.input_scale) == 3 and all(scale > 0 for scale in meta.input_scale)
+    summary = json.loads((result.output_dir / RUN_SUMMARY_FILE).read_text())
+    assert summary["explained_variance/mean"] == pytest.approx(ev)
+    assert torch.isfinite(model.W_dec).all()
