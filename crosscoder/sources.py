@@ -96,7 +96,7 @@ def load_tokenizer(spec: SnapshotSpec, trust_remote_code: bool = False):  # noqa
 
     try:
         return AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a directory without (usable) tokenizer files
         raise ConfigError(f"cannot load the tokenizer of snapshot {_describe(spec)}: {error}") from error
 
 
@@ -113,7 +113,7 @@ def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote
         model = AutoModel.from_pretrained(
             spec.path, revision=spec.revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
         raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
     model.eval().requires_grad_(False)
     return model

@@ -15,7 +15,7 @@ import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
-from tests.conftest import TINY_TOY
+from tests.conftest import PROCESS_ENV, TINY_TOY
 from tests.wandb_records import artifacts, history_keys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,8 @@ def tiny_overrides(toy_cache: Path) -> list[str]:
 
 
 def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
+    env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
@@ -98,7 +99,7 @@ def test_hydra_multirun_over_l1_coeff(tiny_snapshots: list, toy_cache: Path, tmp
     sweep_dir = tmp_path / "sweep"
     run([
         sys.executable, "-m", "crosscoder.train", "--multirun", *tiny_overrides(toy_cache),
-        "crosscoder.l1_coeff=0.5,5", "deepspeed=zero0", f"hydra.sweep.dir={sweep_dir}",
+        "crosscoder.l1_coeff=0.5,5", "deepspeed=zero1", f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweep.subdir=${hydra.job.num}",
     ], tmp_path)
     sparsity = {}

@@ -12,10 +12,7 @@ from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import RunConfig
 from crosscoder.constants import RUN_SUMMARY_FILE
 from crosscoder.trainer import l1_coefficient, lr_multiplier, train
-from tests.conftest import TINY_TOY
-
-PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_DATA_DIR",
-               "CROSSCODER_OWNS_WANDB_DATA_DIR")
+from tests.conftest import PROCESS_ENV, TINY_TOY
 
 
 @pytest.fixture

@@ -1,0 +1,151 @@
+"""Token streams: BOS-led packed sequences, seeded order, rank-disjoint batches, local text files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from crosscoder.config import ConfigError, DataConfig
+from crosscoder.data.tokens import TokenBatch, iter_documents, iter_token_batches, special_token_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_snapshots: list) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(tiny_snapshots[0].path)
+
+
+def _toy(**overrides: object) -> DataConfig:
+    """A small toy stream: short rows, few documents."""
+    defaults: dict[str, object] = {"kind": "toy", "seq_len": 16, "model_batch_size": 4, "toy_documents": 150}
+    return DataConfig(**{**defaults, **overrides})
+
+
+def _take(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, n: int, rank: int = 0,
+          world_size: int = 1) -> list[TokenBatch]:
+    return list(itertools.islice(iter_token_batches(cfg, tokenizer, rank=rank, world_size=world_size), n))
+
+
+def _write_corpus(folder: Path) -> tuple[list[Path], list[str]]:
+    """A .txt file (blank-line separated documents) and a .jsonl file; returns the paths and all documents."""
+    txt_docs = [f"Plain document number {i} talks about apples and rivers." for i in range(6)]
+    json_docs = [f"Json document {i} says the dogs run home." for i in range(5)]
+    txt = folder / "a.txt"
+    txt.write_text("\n\n".join(txt_docs[:3]) + "\n\n\n" + "\n\n".join(txt_docs[3:]) + "\n")
+    jsonl = folder / "b.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(json_docs)) + "\n")
+    return [txt, jsonl], txt_docs + json_docs
+
+
+def test_rows_start_with_bos_and_have_seq_len_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every row is BOS + seq_len - 1 tokens, fully attended, in [model_batch_size, seq_len] batches."""
+    bos, _ = special_token_ids(tokenizer)
+    batches = _take(_toy(), tokenizer, 5)
+    assert len(batches) == 5
+    for batch in batches:
+        assert batch.input_ids.shape == (4, 16) and batch.input_ids.dtype == torch.long
+        assert torch.all(batch.input_ids[:, 0] == bos)
+        assert torch.equal(batch.attention_mask, torch.ones_like(batch.input_ids))
+    # Packed: rows continue the token stream, so BOS is not the only token and documents are concatenated.
+    body = torch.cat([b.input_ids[:, 1:] for b in batches]).flatten()
+    assert (body != bos).sum() > 0.8 * body.numel()
+
+
+def test_packing_continues_the_document_stream(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """Row bodies, concatenated, are the documents' tokens each followed by EOS, in the seeded order."""
+    paths, _ = _write_corpus(tmp_path)
+    cfg = DataConfig(kind="text_files", paths=[str(p) for p in paths], seq_len=9, model_batch_size=3)
+    documents = list(itertools.islice(iter_documents(cfg), 11))
+    expected: list[int] = []
+    for document in documents:
+        expected += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    batches = _take(cfg, tokenizer, 3)
+    stream = torch.cat([b.input_ids[:, 1:] for b in batches]).flatten().tolist()
+    assert len(stream) == 3 * 3 * 8
+    assert stream == expected[: len(stream)]
+
+
+def test_same_seed_same_batches_different_seed_different(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Two iterators with one seed yield identical batches; another seed changes them."""
+    first = _take(_toy(seed=7), tokenizer, 4)
+    second = _take(_toy(seed=7), tokenizer, 4)
+    other = _take(_toy(seed=8), tokenizer, 4)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(torch.stack([b.input_ids for b in first]),
+                           torch.stack([b.input_ids for b in other]))
+
+
+def test_seed_changes_only_the_order_of_a_fixed_corpus(tmp_path: Path) -> None:
+    """For local files the seed shuffles the document order; each epoch holds every document once."""
+    paths, documents = _write_corpus(tmp_path)
+    n = len(documents)
+
+    def epochs(seed: int) -> list[str]:
+        cfg = DataConfig(kind="text_files", paths=[str(p) for p in paths], seed=seed)
+        return list(itertools.islice(iter_documents(cfg), 2 * n))
+
+    a, b = epochs(1), epochs(2)
+    assert a == epochs(1)
+    assert sorted(a[:n]) == sorted(a[n:]) == sorted(b[:n]) == sorted(documents)
+    assert a[:n] != b[:n]
+    assert a[:n] != a[n:]  # each epoch is reshuffled
+
+
+def test_ranks_read_disjoint_interleaved_batches(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Under world_size=2 rank r gets global batches r, r+2, ...: disjoint, together the 1-rank stream."""
+    cfg = _toy(seed=3)
+    single = _take(cfg, tokenizer, 6)
+    rank0 = _take(cfg, tokenizer, 3, rank=0, world_size=2)
+    rank1 = _take(cfg, tokenizer, 3, rank=1, world_size=2)
+    for i in range(3):
+        assert torch.equal(rank0[i].input_ids, single[2 * i].input_ids)
+        assert torch.equal(rank1[i].input_ids, single[2 * i + 1].input_ids)
+    rows0 = {tuple(row.tolist()) for b in rank0 for row in b.input_ids}
+    rows1 = {tuple(row.tolist()) for b in rank1 for row in b.input_ids}
+    assert rows0.isdisjoint(rows1)
+
+
+def test_text_files_txt_and_jsonl(tmp_path: Path) -> None:
+    """.txt splits on blank lines, .jsonl reads `text_field`; blank lines and other fields are ignored."""
+    paths, documents = _write_corpus(tmp_path)
+    cfg = DataConfig(kind="text_files", paths=[str(p) for p in paths])
+    first_epoch = list(itertools.islice(iter_documents(cfg), len(documents)))
+    assert sorted(first_epoch) == sorted(documents)
+
+    other_field = tmp_path / "c.jsonl"
+    other_field.write_text(json.dumps({"body": "only body", "text": "not this"}) + "\n")
+    cfg = DataConfig(kind="text_files", paths=[str(other_field)], text_field="body")
+    assert next(iter_documents(cfg)) == "only body"
+
+
+def test_text_files_token_batches(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """A text_files stream yields BOS-led batches of the configured shape."""
+    paths, _ = _write_corpus(tmp_path)
+    cfg = DataConfig(kind="text_files", paths=[str(p) for p in paths], seq_len=12, model_batch_size=2)
+    batches = _take(cfg, tokenizer, 3)
+    assert [tuple(b.input_ids.shape) for b in batches] == [(2, 12)] * 3
+    assert all(torch.all(b.input_ids[:, 0] == tokenizer.bos_token_id) for b in batches)
+
+
+def test_missing_text_file_is_named(tmp_path: Path) -> None:
+    """A data.paths entry that does not exist is a ConfigError naming it; no paths at all is one too."""
+    paths, _ = _write_corpus(tmp_path)
+    missing = str(tmp_path / "nope.txt")
+    cfg = DataConfig(kind="text_files", paths=[str(paths[0]), missing])
+    with pytest.raises(ConfigError, match=re.escape(repr(missing))):
+        next(iter_documents(cfg))
+    with pytest.raises(ConfigError, match=r"data\.paths"):
+        next(iter_documents(DataConfig(kind="text_files", paths=[])))
+
+
+def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
+    """Files with no documents are a ConfigError rather than an endless loop."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(ConfigError, match="no documents"):
+        next(iter_documents(DataConfig(kind="text_files", paths=[str(empty)])))

@@ -1,0 +1,175 @@
+"""Exported dictionaries: raw-space round trip, metadata, decoder norms, atomic replace, safetensors only."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import crosscoder.checkpoint as checkpoint
+from crosscoder.checkpoint import (
+    DictionaryMeta,
+    export_dictionary,
+    load_decoder_norms,
+    load_dictionary,
+    read_meta,
+)
+from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
+from crosscoder.model import Crosscoder
+
+N_SOURCES, D_MODEL, DICT_SIZE, K = 3, 8, 32, 4
+SCALE = torch.tensor([0.5, 2.0, 3.5])
+SOURCES = [
+    {"name": "step0", "path": "EleutherAI/pythia-70m", "revision": "step0", "step": 0},
+    {"name": "step1000", "path": "EleutherAI/pythia-70m", "revision": "step1000", "step": 1000},
+    {"name": "local-final", "path": "/models/final", "revision": None, "step": None},
+]
+
+
+def _model(activation: str) -> Crosscoder:
+    """A crosscoder with a non-trivial input scale, random biases and (BatchTopK) a learnt threshold."""
+    torch.manual_seed(0)
+    model = Crosscoder(N_SOURCES, D_MODEL, DICT_SIZE, activation, k=K)
+    model.set_input_scale(SCALE)
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.1)
+        model.b_dec.normal_()
+        model.W_dec.mul_(1 + torch.rand(DICT_SIZE, N_SOURCES, 1))  # per-latent, per-source norms differ
+    if activation == "batchtopk":
+        for _ in range(3):
+            model(torch.randn(64, N_SOURCES, D_MODEL))  # training mode: the eval threshold is estimated
+        assert float(model.activation.threshold) > 0
+    return model.eval()
+
+
+def _meta(activation: str, tokens_seen: int = 123_456) -> DictionaryMeta:
+    return DictionaryMeta(
+        sources=[dict(s) for s in SOURCES], hook="blocks.4.hook_resid_pre", d_model=D_MODEL,
+        dict_size=DICT_SIZE, activation=activation, k=K, aux_k=0, tokens_seen=tokens_seen, train_step=42,
+        input_scale=[1.0] * N_SOURCES, training={"trainer": {"lr": 1e-3}},
+    )
+
+
+def _raw_input() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.tensor([2.0, 0.5, 0.3])[None, :, None]  # raw snapshots of different magnitudes
+    return torch.randn(16, N_SOURCES, D_MODEL, generator=generator) * scale
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk"])
+def test_export_round_trip(activation: str, tmp_path: Path) -> None:
+    """The loaded dictionary is folded and gives the original model's raw-space reconstructions."""
+    model = _model(activation)
+    out = export_dictionary(model.state_dict(), _meta(activation), tmp_path / "dictionary")
+    assert out == tmp_path / "dictionary"
+    assert {p.name for p in out.iterdir()} == {WEIGHTS_FILE, DECODER_NORMS_FILE, CONFIG_FILE}
+
+    loaded, meta = load_dictionary(out)
+    assert loaded.is_folded and not model.is_folded
+    assert not loaded.training
+    x = _raw_input()
+    with torch.no_grad():
+        expected = model.decode(model.encode(x))
+        actual = loaded.decode(loaded.encode(x))
+        assert (model.encode(x) > 0).any()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    # The scale matters: ignoring it (a plain unscaled model) would not reproduce the reconstruction.
+    assert not torch.allclose(expected, x, atol=1e-2)
+
+    assert meta.sources == SOURCES
+    assert meta.hook == "blocks.4.hook_resid_pre"
+    assert (meta.tokens_seen, meta.train_step, meta.activation, meta.k) == (123_456, 42, activation, K)
+    assert meta.input_scale == pytest.approx(SCALE.tolist())
+    assert meta.normalization_folded is True
+    assert meta.training == {"trainer": {"lr": 1e-3}}
+    torch.testing.assert_close(loaded.input_scale, SCALE)
+
+    norms = load_decoder_norms(out)
+    assert norms.shape == (DICT_SIZE, N_SOURCES)
+    torch.testing.assert_close(norms, model.decoder_norms().detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loaded.decoder_norms().detach(), norms, rtol=1e-5, atol=1e-6)
+    expected_means = model.decoder_norms().detach().mean(dim=0).tolist()
+    assert list(meta.decoder_norm_mean) == [s["name"] for s in SOURCES]
+    assert list(meta.decoder_norm_mean.values()) == pytest.approx(expected_means)
+
+
+def test_export_of_a_folded_state_is_not_folded_twice(tmp_path: Path) -> None:
+    """Exporting an already folded model's state gives the same reconstructions again."""
+    model = _model("relu")
+    x = _raw_input()
+    with torch.no_grad():
+        expected = model.decode(model.encode(x))
+    model.fold_normalization()
+    loaded, _ = load_dictionary(export_dictionary(model.state_dict(), _meta("relu"), tmp_path / "d"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(loaded.encode(x)), expected, rtol=0, atol=1e-5)
+
+
+def test_reexport_replaces_and_leaves_no_siblings(tmp_path: Path) -> None:
+    """A second export over the same folder replaces it; no .tmp-/.old- folders remain."""
+    out = tmp_path / "dictionary"
+    export_dictionary(_model("topk").state_dict(), _meta("topk", tokens_seen=1), out)
+    (out / "stale.txt").write_text("from the first export")
+    export_dictionary(_model("relu").state_dict(), _meta("relu", tokens_seen=2), out)
+    meta = read_meta(out)
+    assert (meta.tokens_seen, meta.activation) == (2, "relu")
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["dictionary"]
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure midway leaves neither the final folder nor a temporary one; an older export survives."""
+    real_save = checkpoint.save_file
+    calls: list[str] = []
+
+    def failing_save(tensors: dict[str, torch.Tensor], filename: str, **kwargs: Any) -> None:  # noqa: ANN401
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_dictionary(_model("relu").state_dict(), _meta("relu"), tmp_path / "dictionary")
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    export_dictionary(_model("relu").state_dict(), _meta("relu", tokens_seen=7), tmp_path / "dictionary")
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_dictionary(_model("topk").state_dict(), _meta("topk", tokens_seen=8), tmp_path / "dictionary")
+    assert [p.name for p in tmp_path.iterdir()] == ["dictionary"]
+    assert read_meta(tmp_path / "dictionary").tokens_seen == 7
+    load_dictionary(tmp_path / "dictionary")
+
+
+def test_loading_a_folder_without_config_names_it(tmp_path: Path) -> None:
+    """A folder that is not an exported dictionary raises FileNotFoundError naming the folder."""
+    folder = tmp_path / "not-a-dictionary"
+    folder.mkdir()
+    (folder / WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder))):
+        load_dictionary(folder)
+
+
+def test_load_uses_safetensors_not_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading works with torch.load and pickle disabled: the weights are safetensors, the metadata JSON."""
+    model = _model("topk")
+    out = export_dictionary(model.state_dict(), _meta("topk"), tmp_path / "dictionary")
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        raise AssertionError("unpickling is not allowed when loading a dictionary")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    loaded, _ = load_dictionary(out)
+    norms = load_decoder_norms(out)
+    torch.testing.assert_close(loaded.W_enc.detach(), model.W_enc.detach() * SCALE[:, None, None])
+    assert norms.shape == (DICT_SIZE, N_SOURCES)
