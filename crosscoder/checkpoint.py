@@ -76,12 +76,19 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         save_file({"decoder_norms": decoder_norms}, str(tmp / DECODER_NORMS_FILE),
                   metadata={"sources": json.dumps(meta.source_names)})
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 from omegaconf import OmegaConf
 
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary
+from crosscoder.checkpoint import DictionaryMeta, export_dictionary, write_text_atomic
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
 from crosscoder.data.activations import fixed_size_batches, iter_paired_activations
@@ -72,6 +72,7 @@ def train(cfg: RunConfig) -> TrainResult:
     state = PartialState()
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *_: None)
+    tracker: Tracker | None = None
     try:
         torch.manual_seed(trainer_cfg.seed)
         output_dir = _shared_output_dir(cfg.output_dir)
@@ -111,14 +112,9 @@ def train(cfg: RunConfig) -> TrainResult:
             f"ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, output in {output_dir}")
 
         def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
-            meta = DictionaryMeta(
-                sources=[asdict(spec) for spec in sources.specs], hook=sources.hook, d_model=sources.d_model,
-                dict_size=crosscoder_cfg.dict_size, activation=crosscoder_cfg.activation, k=crosscoder_cfg.k,
-                aux_k=model.aux_k, tokens_seen=step * trainer_cfg.batch_size, train_step=step,
-                input_scale=[], training=run_config,
-            )
             state_dict = accelerator.get_state_dict(engine)  # collective under ZeRO-3: every rank calls it
             if is_main:
+                meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
                 export_dictionary(state_dict, meta, out_dir)
                 tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen},
                                        aliases)
@@ -146,8 +142,10 @@ def train(cfg: RunConfig) -> TrainResult:
                     decoder_norms = module.decoder_norms().detach()
                 tracker.log(metrics, step=done)
                 tracker.log_decoder_norms(decoder_norms, source_names, step=done)
-            progress.update(done, {"loss": output.loss.item(), "ev": metrics.get("explained_variance/mean", 0.0),
-                                   "l0": metrics.get("l0", 0.0)}, force=done == total_steps)
+            shown = {"loss": output.loss.item()}
+            if metrics:  # quality figures from the last log step
+                shown.update(ev=metrics["explained_variance/mean"], l0=metrics["l0"])
+            progress.update(done, shown, force=done == total_steps)
             if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and done < total_steps:
                 export(done, output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
 
@@ -157,12 +155,27 @@ def train(cfg: RunConfig) -> TrainResult:
                    "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
                    "wandb_run_dir": tracker.run_dir}
         if is_main:
-            (output_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
         tracker.finish(summary)
         log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
         return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
     finally:
+        if tracker is not None:
+            tracker.finish()  # no-op after a normal finish; closes the W&B run if training failed
         teardown(accelerator)
+
+
+def _dictionary_meta(
+    sources: LoadedSources, cfg: RunConfig, aux_k: int, step: int, run_config: dict[str, Any]
+) -> DictionaryMeta:
+    crosscoder_cfg = cfg.crosscoder
+    return DictionaryMeta(
+        sources=[asdict(spec) for spec in sources.specs], hook=sources.hook, d_model=sources.d_model,
+        dict_size=crosscoder_cfg.dict_size, activation=crosscoder_cfg.activation, k=crosscoder_cfg.k,
+        aux_k=aux_k, tokens_seen=step * cfg.trainer.batch_size, train_step=step,
+        input_scale=[],  # filled in by export_dictionary from the model's buffer
+        training=run_config,
+    )
 
 
 def _activation_batches(
