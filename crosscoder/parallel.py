@@ -106,6 +106,22 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The whole state dict with full-precision parameters. Collective: every rank must call it.
+
+    Under bf16/fp16 the module holds 16-bit copies; the fp32 master weights live (sharded) in the ZeRO optimizer,
+    and those are what an exported dictionary should carry.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = accelerator.get_state_dict(engine)
+    for name, param in accelerator.unwrap_model(engine).named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            state[name] = master.detach().cpu()
+    return state
+
+
 def teardown(accelerator) -> None:  # noqa: ANN001
     """Leave the process clean for the next job of a Hydra multirun in the same process."""
     import deepspeed.comm

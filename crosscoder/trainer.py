@@ -26,8 +26,14 @@ from crosscoder.data.activations import fixed_size_batches, iter_paired_activati
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
 from crosscoder.model import Crosscoder, estimate_input_scale
-from crosscoder.parallel import build_accelerator, ensure_process_group_env, full_parameters, teardown
-from crosscoder.sources import LoadedSources, load_sources
+from crosscoder.parallel import (
+    build_accelerator,
+    ensure_process_group_env,
+    full_parameters,
+    full_state_dict,
+    teardown,
+)
+from crosscoder.sources import HookPoint, LoadedSources, load_sources
 from crosscoder.tracking import ProgressBar, Tracker
 
 
@@ -58,6 +64,7 @@ def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
 
 def train(cfg: RunConfig) -> TrainResult:
     cfg.validate()
+    HookPoint.parse(cfg.sources.hook)  # a bad hook fails here, before any process group or model load
     started = time.perf_counter()
     trainer_cfg, crosscoder_cfg = cfg.trainer, cfg.crosscoder
 
@@ -112,7 +119,7 @@ def train(cfg: RunConfig) -> TrainResult:
             f"ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, output in {output_dir}")
 
         def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
-            state_dict = accelerator.get_state_dict(engine)  # collective under ZeRO-3: every rank calls it
+            state_dict = full_state_dict(accelerator, engine)  # collective: every rank calls it
             if is_main:
                 meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
                 export_dictionary(state_dict, meta, out_dir)

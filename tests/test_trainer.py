@@ -70,3 +70,23 @@ def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_
     summary = json.loads((result.output_dir / RUN_SUMMARY_FILE).read_text())
     assert summary["explained_variance/mean"] == pytest.approx(ev)
     assert torch.isfinite(model.W_dec).all()
+
+
+def test_bf16_training_exports_the_fp32_master_weights(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,
+                                                        clean_process_env: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 the module holds bf16 copies; the export must carry DeepSpeed's fp32 master weights."""
+    import crosscoder.trainer as trainer_module
+
+    exported: list[dict[str, torch.Tensor]] = []
+    real_export = trainer_module.export_dictionary
+    monkeypatch.setattr(trainer_module, "export_dictionary",
+                        lambda state, meta, out: (exported.append(state), real_export(state, meta, out))[1])
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.trainer.precision, cfg.trainer.total_tokens, cfg.deepspeed.zero_stage = "bf16", 128 * 6, 2
+    train(cfg)
+    (state,) = exported
+    decoder = state["W_dec"]
+    assert decoder.dtype == torch.float32
+    bf16_exact = (decoder.bfloat16().float() == decoder).float().mean().item()
+    assert bf16_exact < 0.5, f"{bf16_exact:.0%} of decoder weights are bf16-rounded: the export lost the fp32 master"
