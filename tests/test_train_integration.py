@@ -100,7 +100,6 @@ def test_hydra_multirun_over_l1_coeff(tiny_snapshots: list, toy_cache: Path, tmp
     run([
         sys.executable, "-m", "crosscoder.train", "--multirun", *tiny_overrides(toy_cache),
         "crosscoder.l1_coeff=0.5,5", "deepspeed=zero1", f"hydra.sweep.dir={sweep_dir}",
-        "hydra.sweep.subdir=${hydra.job.num}",
     ], tmp_path)
     sparsity = {}
     for job, coeff in (("0", 0.5), ("1", 5.0)):
