@@ -69,7 +69,7 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _hidden_sibling(out_dir, "tmp")
     tmp.mkdir()
     try:
         tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
@@ -84,9 +84,14 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
     return out_dir
 
 
+def _hidden_sibling(path: Path, tag: str) -> Path:
+    """A unique dot-name next to `path` (same filesystem, so a rename is atomic; hidden, so never mistaken for it)."""
+    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _hidden_sibling(path, "tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -94,7 +99,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` is moved aside first (directories cannot be replaced in one step)."""
     if dst.exists():
-        trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        trash = _hidden_sibling(dst, "old")
         os.replace(dst, trash)
         os.replace(src, dst)
         shutil.rmtree(trash, ignore_errors=True)

@@ -7,6 +7,7 @@ what types cannot (ranges, cross-field constraints).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +18,27 @@ SOURCE_KINDS = ("hf", "toy")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    layer: int
+    position: str
+    """`pre`: input of block `layer`; `post`: its output (the residual stream after it)."""
+
+    @classmethod
+    def parse(cls, hook: str) -> HookPoint:
+        match = HOOK_PATTERN.match(hook)
+        if match is None:
+            raise ConfigError(
+                f"sources.hook={hook!r} is not a known hook; use blocks.L.hook_resid_post or blocks.L.hook_resid_pre"
+            )
+        return cls(layer=int(match.group(1)), position=match.group(2))
 
 
 @dataclass
@@ -188,6 +206,7 @@ class RunConfig:
         _one_of("trainer.precision", t.precision, PRECISIONS)
         _one_of("tracking.mode", self.tracking.mode, TRACKING_MODES)
         _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
+        HookPoint.parse(s.hook)
         if s.kind == "hf":
             if not s.model and not s.paths:
                 raise ConfigError("sources.model (hub id or dir) or sources.paths must be set for sources.kind=hf")

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crosscoder.config import ConfigError, SourcesConfig
+from crosscoder.config import ConfigError, HookPoint, SourcesConfig
 
-HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,22 +30,6 @@ class SnapshotSpec:
     path: str
     revision: str | None = None
     step: int | None = None
-
-
-@dataclass(frozen=True)
-class HookPoint:
-    layer: int
-    position: str
-    """`pre`: input of block `layer`; `post`: its output (the residual stream after it)."""
-
-    @classmethod
-    def parse(cls, hook: str) -> HookPoint:
-        match = HOOK_PATTERN.match(hook)
-        if match is None:
-            raise ConfigError(
-                f"sources.hook={hook!r} is not a known hook; use blocks.L.hook_resid_post or blocks.L.hook_resid_pre"
-            )
-        return cls(layer=int(match.group(1)), position=match.group(2))
 
 
 def _step_from_name(name: str) -> int | None:

@@ -33,7 +33,7 @@ from crosscoder.parallel import (
     full_state_dict,
     teardown,
 )
-from crosscoder.sources import HookPoint, LoadedSources, load_sources
+from crosscoder.sources import LoadedSources, load_sources
 from crosscoder.tracking import ProgressBar, Tracker
 
 
@@ -64,7 +64,6 @@ def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
 
 def train(cfg: RunConfig) -> TrainResult:
     cfg.validate()
-    HookPoint.parse(cfg.sources.hook)  # a bad hook fails here, before any process group or model load
     started = time.perf_counter()
     trainer_cfg, crosscoder_cfg = cfg.trainer, cfg.crosscoder
 

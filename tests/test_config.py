@@ -52,6 +52,7 @@ def test_valid_config_passes_and_returns_self() -> None:
         (_set("trainer.precision", "fp8"), r"trainer\.precision='fp8'"),
         (_set("data.seq_len", 1), r"data\.seq_len=1"),
         (_set("trainer.lr", 0.0), r"trainer\.lr=0\.0"),
+        (_set("sources.hook", "resid_mid"), r"sources\.hook='resid_mid'"),
     ],
 )
 def test_validate_names_the_bad_value(mutate: Callable[[RunConfig], None], message: str) -> None:
