@@ -56,8 +56,13 @@ def build_model(meta: DictionaryMeta) -> Crosscoder:
     )
 
 
-def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta, out_dir: Path) -> Path:
-    """Write a complete dictionary folder at `out_dir` (replacing an older one) from a full state dict."""
+def export_dictionary(
+    state_dict: dict[str, torch.Tensor], meta: DictionaryMeta, out_dir: Path, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write a complete dictionary folder at `out_dir` (replacing an older one) from a full state dict.
+
+    `extra_files` (name -> text) land in the same folder in the same atomic rename (e.g. stream positions).
+    """
     model = build_model(meta)
     model.load_state_dict({name: tensor.detach().float().cpu() for name, tensor in state_dict.items()})
     decoder_norms = model.decoder_norms().detach().contiguous()
@@ -69,7 +74,7 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _hidden_sibling(out_dir, "tmp")
+    tmp = temporary_sibling(out_dir, "tmp")
     tmp.mkdir()
     try:
         tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
@@ -77,6 +82,8 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
         save_file({"decoder_norms": decoder_norms}, str(tmp / DECODER_NORMS_FILE),
                   metadata={"sources": json.dumps(meta.source_names)})
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,14 +91,14 @@ def export_dictionary(state_dict: dict[str, torch.Tensor], meta: DictionaryMeta,
     return out_dir
 
 
-def _hidden_sibling(path: Path, tag: str) -> Path:
+def temporary_sibling(path: Path, tag: str) -> Path:
     """A unique dot-name next to `path` (same filesystem, so a rename is atomic; hidden, so never mistaken for it)."""
     return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
-    tmp = _hidden_sibling(path, "tmp")
+    tmp = temporary_sibling(path, "tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -99,7 +106,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` is moved aside first (directories cannot be replaced in one step)."""
     if dst.exists():
-        trash = _hidden_sibling(dst, "old")
+        trash = temporary_sibling(dst, "old")
         os.replace(dst, trash)
         os.replace(src, dst)
         shutil.rmtree(trash, ignore_errors=True)

@@ -18,6 +18,7 @@ SOURCE_KINDS = ("hf", "toy")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -81,6 +82,48 @@ class SourcesConfig:
 
 
 @dataclass
+class WorkersConfig:
+    """Processes that run the snapshots on token batches and hand activations to the trainer."""
+
+    num_workers: int = 2
+    """Spawned worker processes per rank; 0 runs the snapshots inline in the trainer process."""
+    device: str = "auto"
+    """Where workers run the snapshots: `auto` (the rank's GPU, else CPU), `cpu`, `cuda:1`, ..."""
+    threads: int = 1
+    """CPU threads per worker (torch.set_num_threads), so workers do not starve the trainer of cores."""
+    slots: int = 4
+    """Shared-memory activation blocks in flight per worker: the back-pressure bound on memory."""
+    start_timeout_s: float = 600.0
+    """Seconds a worker may take to load its snapshots before the trainer gives up."""
+
+
+@dataclass
+class ShuffleConfig:
+    """The buffer in the trainer process that mixes tokens from many sequences into each batch."""
+
+    buffer_tokens: int = 32768
+    """Tokens held; a batch is drawn at random from them (0 disables shuffling: batches in stream order)."""
+    refill_fraction: float = 0.5
+    """Share of the buffer served (then refilled) per round; every token is served once, none dropped."""
+    seed: int = 0
+    """Seed of the draw; the rank is mixed in so ranks draw differently."""
+
+
+@dataclass
+class CacheConfig:
+    """A reusable on-disk copy of the paired activations (`crosscoder-cache` writes it, training reads it)."""
+
+    dir: str | None = None
+    """Cache folder. Training reads activations from it when set; `crosscoder-cache` writes it."""
+    tokens: int = 0
+    """Tokens `crosscoder-cache` writes; 0 means trainer.total_tokens plus one shuffle buffer of slack."""
+    dtype: str = "float32"
+    """Stored dtype (float32, bfloat16, float16); training reads them back as float32."""
+    shard_batches: int = 16
+    """Model batches (data.model_batch_size sequences each) per shard file."""
+
+
+@dataclass
 class DataConfig:
     """The token stream every snapshot reads, identically."""
 
@@ -101,6 +144,9 @@ class DataConfig:
     """Documents of generated text for `toy`."""
     seed: int = 1234
     """Seed of the document order (and of the toy corpus)."""
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass
@@ -153,8 +199,6 @@ class TrainerConfig:
     """Steps between metric logs (decoder norms included)."""
     checkpoint_every: int = 0
     """Steps between exported dictionaries (0: only at the end)."""
-    device: str = "auto"
-    """Where the snapshots run; `auto` uses the rank's accelerator."""
 
 
 @dataclass
@@ -216,6 +260,7 @@ class RunConfig:
             if s.steps and len(s.steps) != n_snapshots:
                 raise ConfigError(f"sources.steps has {len(s.steps)} entries for {n_snapshots} snapshots")
         _positive("crosscoder.dict_size", c.dict_size)
+        _validate_data(d)
         _positive("data.seq_len", d.seq_len)
         _positive("data.model_batch_size", d.model_batch_size)
         _positive("trainer.batch_size", t.batch_size)
@@ -246,6 +291,26 @@ class RunConfig:
         if stage is not None and stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={stage} must be 0, 1, 2 or 3")
         return self
+
+
+def _validate_data(d: DataConfig) -> None:
+    w, sh, ca = d.workers, d.shuffle, d.cache
+    if w.num_workers < 0:
+        raise ConfigError(f"data.workers.num_workers={w.num_workers} must be >= 0 (0 runs the snapshots inline)")
+    _positive("data.workers.threads", w.threads)
+    _positive("data.workers.slots", w.slots)
+    if w.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", w.device):
+        raise ConfigError(f"data.workers.device={w.device!r} is not auto, cpu, cuda or cuda:N")
+    if w.start_timeout_s <= 0:
+        raise ConfigError(f"data.workers.start_timeout_s={w.start_timeout_s} must be > 0")
+    if sh.buffer_tokens < 0:
+        raise ConfigError(f"data.shuffle.buffer_tokens={sh.buffer_tokens} must be >= 0 (0 disables shuffling)")
+    if not 0 < sh.refill_fraction <= 1:
+        raise ConfigError(f"data.shuffle.refill_fraction={sh.refill_fraction} must be in (0, 1]")
+    _one_of("data.cache.dtype", ca.dtype, CACHE_DTYPES)
+    if ca.tokens < 0:
+        raise ConfigError(f"data.cache.tokens={ca.tokens} must be >= 0 (0: trainer.total_tokens plus slack)")
+    _positive("data.cache.shard_batches", ca.shard_batches)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

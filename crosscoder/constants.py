@@ -15,3 +15,13 @@ WANDB_DATA_DIR = "wandb-data"
 RUN_SUMMARY_FILE = "summary.json"
 """Final metrics of a run."""
 FORMAT_VERSION = 1
+CACHE_MANIFEST_FILE = "manifest.json"
+"""Activation cache: written last, so a cache without it is incomplete."""
+CACHE_HEADER_FILE = "build.json"
+"""Activation cache: what is being built (sources, hook, dtype, token stream), written first; a resumed build
+must match it."""
+CACHE_SHARD_PATTERN = "shard_{index:06d}.safetensors"
+"""Activation cache: one file per `data.cache.shard_batches` model batches, in stream order."""
+CACHE_FORMAT_VERSION = 1
+STREAM_POSITION_FILE = "stream_position.json"
+"""Per-rank activation stream positions saved with each checkpoint, so a resumed run sees no token twice."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,7 @@ def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote
 
     # The base model is loaded from a causal-LM checkpoint: its unused LM head is expected, not news.
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # one bar per snapshot per worker is noise
     if dtype not in DTYPES:
         raise ConfigError(f"sources.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     try:
@@ -176,34 +177,71 @@ class SnapshotRunner:
 
 
 @dataclass
-class LoadedSources:
-    """Everything the activation stream needs from the snapshots."""
+class SourceInfo:
+    """What the token stream, the crosscoder and the export need to know of the snapshots (no weights)."""
 
     specs: list[SnapshotSpec]
-    runners: list[SnapshotRunner]
     tokenizer: object
     d_model: int
     hook: str
 
 
-def load_sources(
-    cfg: SourcesConfig, device: torch.device, log: Callable[[str], None] = print
-) -> LoadedSources:
-    """Resolve, load and check all snapshots; raise a ConfigError naming the offending snapshot."""
+@dataclass
+class LoadedSources(SourceInfo):
+    """The snapshots themselves, ready to run: one runner per snapshot, in `specs` order."""
+
+    runners: list[SnapshotRunner] = field(default_factory=list)
+
+
+def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # noqa: ANN201 (HF config type)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
+
+
+def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> SourceInfo:
+    """Resolve the snapshots and check they are compatible, reading only tokenizers and configs (cheap)."""
     hook = HookPoint.parse(cfg.hook)
     specs = resolve_snapshots(cfg, log=log)
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
     check_same_tokenizer(tokenizers, specs)
-    runners = []
+    widths = []
     for spec in specs:
-        model = load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code).to(device)
-        runner = SnapshotRunner(model, hook, spec.name)
-        if runners and runner.d_model != runners[0].d_model:
+        model_config = load_model_config(spec, cfg.trust_remote_code)
+        width = int(model_config.hidden_size)
+        if widths and width != widths[0]:
             raise ConfigError(
-                f"snapshot {_describe(spec)} has width {runner.d_model}, but {_describe(specs[0])} has "
-                f"{runners[0].d_model}; all snapshots must share one width"
+                f"snapshot {_describe(spec)} has width {width}, but {_describe(specs[0])} has "
+                f"{widths[0]}; all snapshots must share one width"
             )
-        runners.append(runner)
-    log(f"loaded {len(specs)} snapshots ({', '.join(s.name for s in specs)}) at {cfg.hook}, d={runners[0].d_model}")
-    return LoadedSources(specs=specs, runners=runners, tokenizer=tokenizers[0], d_model=runners[0].d_model,
-                         hook=cfg.hook)
+        n_layers = getattr(model_config, "num_hidden_layers", None)
+        if n_layers is not None and hook.layer >= n_layers:
+            raise ConfigError(
+                f"sources.hook={cfg.hook}: snapshot {spec.name!r} has only {n_layers} blocks (0..{n_layers - 1})"
+            )
+        widths.append(width)
+    return SourceInfo(specs=specs, tokenizer=tokenizers[0], d_model=widths[0], hook=cfg.hook)
+
+
+def load_runners(cfg: SourcesConfig, specs: list[SnapshotSpec], device: torch.device) -> list[SnapshotRunner]:
+    """Load every snapshot's weights onto `device` (each activation worker calls this once)."""
+    hook = HookPoint.parse(cfg.hook)
+    return [
+        SnapshotRunner(load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code).to(device), hook, spec.name)
+        for spec in specs
+    ]
+
+
+def load_sources(
+    cfg: SourcesConfig, device: torch.device, log: Callable[[str], None] = print
+) -> LoadedSources:
+    """Resolve, check and load all snapshots; raise a ConfigError naming the offending snapshot."""
+    info = describe_sources(cfg, log=log)
+    runners = load_runners(cfg, info.specs, device)
+    log(f"loaded {len(info.specs)} snapshots ({', '.join(s.name for s in info.specs)}) at {cfg.hook}, "
+        f"d={info.d_model}")
+    return LoadedSources(specs=info.specs, tokenizer=info.tokenizer, d_model=info.d_model, hook=info.hook,
+                         runners=runners)

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import OmegaConf
 
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, write_text_atomic
 from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
-from crosscoder.data.activations import fixed_size_batches, iter_paired_activations
-from crosscoder.data.tokens import iter_token_batches, special_token_ids
+from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.data.stream import ActivationStream, build_activation_stream
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
 from crosscoder.model import Crosscoder, estimate_input_scale
 from crosscoder.parallel import (
@@ -33,7 +33,7 @@ from crosscoder.parallel import (
     full_state_dict,
     teardown,
 )
-from crosscoder.sources import LoadedSources, load_sources
+from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.tracking import ProgressBar, Tracker
 
 
@@ -79,13 +79,18 @@ def train(cfg: RunConfig) -> TrainResult:
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *_: None)
     tracker: Tracker | None = None
+    stream: ActivationStream | None = None
     try:
         torch.manual_seed(trainer_cfg.seed)
         output_dir = _shared_output_dir(cfg.output_dir)
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
-            sources = load_sources(cfg.sources, _source_device(trainer_cfg.device, accelerator.device), log=log)
-        batches = _activation_batches(cfg, sources, state.process_index, state.num_processes, micro_batch)
+            sources = describe_sources(cfg.sources, log=log)
+        total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
+        stream = build_activation_stream(cfg, sources, state.process_index, state.num_processes, micro_batch,
+                                         log=log)
+        _check_enough_tokens(stream, cfg, total_steps * micro_batch)
+        batches: Iterator[torch.Tensor] = stream
 
         model = Crosscoder(
             n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
@@ -100,7 +105,6 @@ def train(cfg: RunConfig) -> TrainResult:
             log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
             batches = itertools.chain(first, batches)
 
-        total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
         optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -119,9 +123,11 @@ def train(cfg: RunConfig) -> TrainResult:
 
         def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
             state_dict = full_state_dict(accelerator, engine)  # collective: every rank calls it
+            positions = gather_object([stream.state_dict()])  # collective too: where each rank's stream stands
             if is_main:
                 meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
-                export_dictionary(state_dict, meta, out_dir)
+                export_dictionary(state_dict, meta, out_dir,
+                                  extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
                 tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen},
                                        aliases)
                 log(f"exported dictionary at step {step} to {out_dir}")
@@ -129,6 +135,8 @@ def train(cfg: RunConfig) -> TrainResult:
             return out_dir
 
         metrics: dict[str, Any] = {}
+        loop_started, waited_before = time.perf_counter(), stream.wait_seconds
+        window_started, window_waited = loop_started, waited_before
         for step in range(total_steps):
             x = next(batches).to(accelerator.device, dtype=param_dtype)
             l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
@@ -144,6 +152,10 @@ def train(cfg: RunConfig) -> TrainResult:
             if done % trainer_cfg.log_every == 0 or done == total_steps:
                 metrics = _step_metrics(accelerator, output, l1_coeff, scheduler, dead, source_names,
                                         progress.tokens_per_second(done))
+                now = time.perf_counter()
+                # The share of loop time spent waiting on the activation stream (0 when data is never late).
+                metrics["data_wait_fraction"] = (stream.wait_seconds - window_waited) / max(now - window_started, 1e-9)
+                window_started, window_waited = now, stream.wait_seconds
                 with full_parameters(engine) as module:
                     decoder_norms = module.decoder_norms().detach()
                 tracker.log(metrics, step=done)
@@ -157,7 +169,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
         dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
         wall = time.perf_counter() - started
-        summary = {**metrics, "wall_seconds": wall, "steps": total_steps,
+        loop_seconds = time.perf_counter() - loop_started
+        summary = {**metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
+                   "data_wait_fraction_total": (stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
                    "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
                    "wandb_run_dir": tracker.run_dir}
         if is_main:
@@ -166,13 +180,15 @@ def train(cfg: RunConfig) -> TrainResult:
         log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
         return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
     finally:
+        if stream is not None:
+            stream.close()
         if tracker is not None:
             tracker.finish()  # no-op after a normal finish; closes the W&B run if training failed
         teardown(accelerator)
 
 
 def _dictionary_meta(
-    sources: LoadedSources, cfg: RunConfig, aux_k: int, step: int, run_config: dict[str, Any]
+    sources: SourceInfo, cfg: RunConfig, aux_k: int, step: int, run_config: dict[str, Any]
 ) -> DictionaryMeta:
     crosscoder_cfg = cfg.crosscoder
     return DictionaryMeta(
@@ -184,22 +200,22 @@ def _dictionary_meta(
     )
 
 
-def _activation_batches(
-    cfg: RunConfig, sources: LoadedSources, rank: int, world_size: int, micro_batch: int
-) -> Iterator[torch.Tensor]:
-    bos, pad = special_token_ids(sources.tokenizer)
-    device = sources.runners[0].model.device
-    tokens = iter_token_batches(cfg.data, sources.tokenizer, rank=rank, world_size=world_size)
-    return fixed_size_batches(iter_paired_activations(tokens, sources.runners, bos, pad, device), micro_batch)
-
-
-def _source_device(configured: str, accelerator_device: torch.device) -> torch.device:
-    return accelerator_device if configured == "auto" else torch.device(configured)
+def _check_enough_tokens(stream: ActivationStream, cfg: RunConfig, needed_per_rank: int) -> None:
+    """A cache is finite: refuse up front a run it cannot feed, rather than stop half-way."""
+    available = stream.available_tokens
+    if available is None:
+        return
+    # The shuffle buffer can leave up to one batch unserved at the end of a finite stream.
+    if available - stream.buffer.batch_size < needed_per_rank:
+        raise ConfigError(
+            f"data.cache.dir={cfg.data.cache.dir!r} holds {available} tokens for this rank, but "
+            f"trainer.total_tokens={cfg.trainer.total_tokens} needs {needed_per_rank} per rank (+ one batch); "
+            "build a larger cache (data.cache.tokens) or train on fewer tokens"
+        )
 
 
 def _shared_output_dir(configured: str) -> Path:
     """Rank 0's output directory, for every rank (ranks can compose different timestamped Hydra dirs)."""
-    from accelerate.utils import broadcast_object_list
 
     chosen = [str(Path(configured).resolve())]
     broadcast_object_list(chosen, from_process=0)

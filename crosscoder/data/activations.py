@@ -6,12 +6,24 @@ the same token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from crosscoder.data.tokens import TokenBatch
 from crosscoder.sources import SnapshotRunner
+
+
+@dataclass
+class ActivationBlock:
+    """One unit of the activation stream: the valid tokens of one model batch (or of one cache shard)."""
+
+    index: int
+    """Position of the block in its stream (token batch of this rank, or cache shard); resuming counts these."""
+    activations: torch.Tensor
+    """[n_tokens, S, d] paired activations (row j of every source is the same token)."""
+    token_ids: torch.Tensor
+    """[n_tokens] int64 token id of each row: what alignment and cache hashes are checked against."""
 
 
 def valid_token_mask(batch: TokenBatch, bos_id: int, pad_id: int | None) -> torch.Tensor:
@@ -38,28 +50,10 @@ def paired_activations(
     return torch.stack(per_source, dim=1)
 
 
-def iter_paired_activations(
-    token_batches: Iterable[TokenBatch],
-    runners: list[SnapshotRunner],
-    bos_id: int,
-    pad_id: int | None,
+def paired_block(
+    index: int, batch: TokenBatch, runners: list[SnapshotRunner], bos_id: int, pad_id: int | None,
     device: torch.device,
-) -> Iterator[torch.Tensor]:
-    for batch in token_batches:
-        yield paired_activations(batch, runners, bos_id, pad_id, device)
-
-
-def fixed_size_batches(blocks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Re-cut blocks of any length into batches of exactly `batch_size` rows, in order."""
-    pending: list[torch.Tensor] = []
-    n_pending = 0
-    for block in blocks:
-        pending.append(block)
-        n_pending += block.shape[0]
-        if n_pending < batch_size:
-            continue
-        joined = torch.cat(pending)
-        n_full = joined.shape[0] // batch_size
-        yield from joined[: n_full * batch_size].split(batch_size)
-        rest = joined[n_full * batch_size :]
-        pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+) -> ActivationBlock:
+    """The block of one token batch: its paired activations and the ids of the tokens they belong to."""
+    token_ids = batch.input_ids[valid_token_mask(batch, bos_id, pad_id)]
+    return ActivationBlock(index, paired_activations(batch, runners, bos_id, pad_id, device), token_ids)

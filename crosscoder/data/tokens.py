@@ -82,9 +82,12 @@ def special_token_ids(tokenizer) -> tuple[int, int | None]:  # noqa: ANN001
 
 
 def iter_token_batches(
-    cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1  # noqa: ANN001
+    cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, start: int = 0  # noqa: ANN001
 ) -> Iterator[TokenBatch]:
-    """Packed [model_batch_size, seq_len] batches; this rank's share of a global sequence of batches."""
+    """Packed [model_batch_size, seq_len] batches; this rank's share of a global sequence of batches.
+
+    `start` skips this rank's first `start` batches (a resumed stream): they are tokenized, never yielded.
+    """
     bos, _ = special_token_ids(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     body = cfg.seq_len - 1
@@ -97,7 +100,7 @@ def iter_token_batches(
             rows.append([bos] + pending[:body])
             pending = pending[body:]
             if len(rows) == cfg.model_batch_size:
-                if batch_index % world_size == rank:
+                if batch_index % world_size == rank and batch_index // world_size >= start:
                     input_ids = torch.tensor(rows, dtype=torch.long)
                     yield TokenBatch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
                 rows = []

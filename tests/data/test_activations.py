@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModel
 
 from crosscoder.config import SourcesConfig
-from crosscoder.data.activations import fixed_size_batches, paired_activations, valid_token_mask
+from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import TokenBatch
 from crosscoder.sources import HookPoint, SnapshotRunner, load_sources
 
@@ -88,28 +88,3 @@ def test_one_snapshot_twice_gives_identical_sources(tiny_snapshots: list) -> Non
     assert acts.shape == (len(keep), 2, 32)
     assert torch.equal(acts[:, 0], acts[:, 1])
     assert acts.abs().sum() > 0
-
-
-def test_fixed_size_batches_recut_in_order() -> None:
-    """Uneven blocks become exact batch_size batches, in order, nothing duplicated, remainder dropped."""
-    lengths = [3, 0, 7, 1, 12, 5, 2]  # 30 rows
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    blocks = [torch.arange(start, start + n).repeat_interleave(2).view(n, 2)
-              for start, n in zip(starts, lengths, strict=True)]
-    batches = list(fixed_size_batches(iter(blocks), batch_size=4))
-    assert [b.shape for b in batches] == [torch.Size([4, 2])] * 7  # 28 of 30 rows; 2 left over
-    assert torch.equal(torch.cat(batches)[:, 0], torch.arange(28))
-    assert torch.equal(torch.cat(batches)[:, 1], torch.arange(28))
-
-
-@pytest.mark.parametrize(("lengths", "batch_size", "n_batches"), [([5], 5, 1), ([2, 2], 5, 0), ([11], 3, 3),
-                                                                   ([1] * 9, 3, 3)])
-def test_fixed_size_batches_edge_cases(lengths: list[int], batch_size: int, n_batches: int) -> None:
-    """Exact fits emit everything; too few rows emit nothing; one big block is split."""
-    data = torch.arange(sum(lengths))
-    blocks = list(data.split(lengths))
-    batches = list(fixed_size_batches(blocks, batch_size))
-    assert len(batches) == n_batches
-    assert all(b.shape[0] == batch_size for b in batches)
-    if batches:
-        assert torch.equal(torch.cat(batches), data[: n_batches * batch_size])

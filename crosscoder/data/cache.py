@@ -1,0 +1,286 @@
+"""On-disk activation cache: paired activations written once, read back by any number of training runs.
+
+A hyper-parameter sweep then runs the snapshots once instead of once per run. The folder holds `build.json`
+(what is being built, written first), shard files (each written under a temporary name and renamed, so a shard
+under its final name is complete) and `manifest.json` (written last, so its presence means the cache is
+complete). An interrupted build resumes after its last complete shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from crosscoder.checkpoint import temporary_sibling, write_text_atomic
+from crosscoder.config import CacheConfig, ConfigError, DataConfig
+from crosscoder.constants import CACHE_FORMAT_VERSION, CACHE_HEADER_FILE, CACHE_MANIFEST_FILE, CACHE_SHARD_PATTERN
+from crosscoder.data.activations import ActivationBlock
+from crosscoder.sources import DTYPES, SourceInfo
+
+STREAM_KEYS = ("kind", "paths", "dataset", "dataset_config", "split", "text_field", "seq_len", "model_batch_size",
+               "toy_documents", "seed")
+"""DataConfig fields that decide which tokens the stream yields, in which order."""
+PROGRESS_EVERY_S = 5.0
+
+
+def cache_identity(info: SourceInfo, data_cfg: DataConfig, dtype: str) -> dict[str, Any]:
+    """Everything that decides a cache's contents, so a cache is never silently reused for another stream."""
+    identity = {
+        "format_version": CACHE_FORMAT_VERSION, "sources": [asdict(spec) for spec in info.specs], "hook": info.hook,
+        "d_model": info.d_model, "dtype": dtype, "stream": {key: getattr(data_cfg, key) for key in STREAM_KEYS},
+        "vocab_size": len(info.tokenizer) if info.tokenizer is not None else None,
+    }
+    return json.loads(json.dumps(identity))  # tuples -> lists, as it will read back from JSON
+
+
+def token_hash(token_ids: torch.Tensor) -> str:
+    """sha256 of the int64 token ids: proves a shard holds the tokens the manifest says (cheap to recompute)."""
+    return hashlib.sha256(token_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _first_difference(old: Any, new: Any, where: str) -> str | None:
+    """`key: old vs new` for the first nested value that differs, so an error names what changed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        diffs = (_first_difference(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(old, new, strict=True)))
+        return next((d for d in diffs if d), None)
+    return None if old == new else f"{where}: {old!r} in the folder vs {new!r} now"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read activation cache file {path}: {error}") from error
+
+
+def _shard_entry(path: Path) -> dict[str, Any]:
+    """A complete shard's manifest entry, read back from its own metadata (no tensors loaded)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {"file": path.name, "first_block": int(meta["first_block"]), "n_blocks": int(meta["n_blocks"]),
+                "n_tokens": int(meta["n_tokens"]), "token_hash": meta["token_hash"]}
+    except Exception as error:  # OSError, a missing key, or safetensors' own SafetensorError
+        raise ConfigError(f"activation cache shard {path} is unreadable ({error}); delete it to rebuild it") from error
+
+
+def _shard_path(cache_dir: Path, index: int) -> Path:
+    return cache_dir / CACHE_SHARD_PATTERN.format(index=index)
+
+
+def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[ActivationBlock]) -> dict[str, Any]:
+    """Write one shard under a temporary name, then rename: a shard under its final name is always complete."""
+    activations = torch.cat([b.activations for b in blocks]).contiguous()
+    token_ids = torch.cat([b.token_ids for b in blocks]).to(torch.int64).contiguous()
+    entry = {"file": path.name, "first_block": index * shard_batches, "n_blocks": len(blocks),
+             "n_tokens": int(token_ids.shape[0]), "token_hash": token_hash(token_ids)}
+    tmp = temporary_sibling(path, "tmp")
+    try:
+        save_file({"activations": activations, "token_ids": token_ids}, str(tmp),
+                  metadata={key: str(value) for key, value in entry.items() if key != "file"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return entry
+
+
+def _append_shards(
+    cache_dir: Path, cfg: CacheConfig, shards: list[dict[str, Any]], done: int,
+    blocks_from: Callable[[int], Iterator[ActivationBlock]], total_tokens: int, log: Callable[[str], None],
+) -> int:
+    """Stream blocks from the first missing shard on, writing full shards (appended to `shards`) until
+    `total_tokens` are on disk; returns the tokens on disk. Blocks after the last full shard are dropped."""
+    start_time = last_log = time.monotonic()
+    written, pending = 0, []
+    stream = blocks_from(len(shards) * cfg.shard_batches)
+    try:
+        for block in stream:
+            expected = len(shards) * cfg.shard_batches + len(pending)
+            if block.index != expected:
+                raise RuntimeError(f"activation stream yielded block {block.index}, expected {expected}")
+            pending.append(ActivationBlock(block.index, block.activations.detach().to("cpu", DTYPES[cfg.dtype]),
+                                           block.token_ids.cpu()))
+            if len(pending) < cfg.shard_batches:
+                continue
+            entry = _write_shard(_shard_path(cache_dir, len(shards)), len(shards), cfg.shard_batches, pending)
+            shards.append(entry)
+            pending = []
+            done, written = done + entry["n_tokens"], written + entry["n_tokens"]
+            now = time.monotonic()
+            if done >= total_tokens or now - last_log >= PROGRESS_EVERY_S or len(shards) == 1:
+                rate = written / max(now - start_time, 1e-9)
+                eta = max(total_tokens - done, 0) / max(rate, 1e-9)
+                log(f"activation cache: {len(shards)} shards, {done}/{total_tokens} tokens, {rate:,.0f} tokens/s, "
+                    f"ETA {eta:,.0f} s")
+                last_log = now
+            if done >= total_tokens:
+                break
+    finally:
+        close = getattr(stream, "close", None)  # stops the producer (activation workers) we no longer need
+        if close is not None:
+            close()
+    return done
+
+
+def write_cache(cfg: CacheConfig, identity: dict[str, Any], blocks_from: Callable[[int], Iterator[ActivationBlock]],
+                total_tokens: int, log: Callable[[str], None] = print) -> Path:
+    """Write (or finish, or extend) the cache at `cfg.dir` until it holds at least `total_tokens` tokens.
+
+    `blocks_from(start)` yields the blocks with index start, start + 1, ...; shard k holds blocks
+    [k * shard_batches, (k + 1) * shard_batches), so a resumed build restarts the stream at its first missing shard.
+    """
+    if not cfg.dir:
+        raise ConfigError("data.cache.dir must be set: the folder the activation cache is written to")
+    if cfg.dtype not in DTYPES or identity.get("dtype", cfg.dtype) != cfg.dtype:
+        raise ConfigError(f"data.cache.dtype={cfg.dtype!r}: must be one of {', '.join(DTYPES)} and match the "
+                          f"cache identity's dtype {identity.get('dtype')!r}")
+    cache_dir = Path(cfg.dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    identity = json.loads(json.dumps(identity))
+    manifest_path, header_path = cache_dir / CACHE_MANIFEST_FILE, cache_dir / CACHE_HEADER_FILE
+    existing = _read_json(manifest_path) if manifest_path.is_file() else None
+    if existing is not None:
+        if diff := _first_difference(existing.get("identity"), identity, "identity"):
+            raise ConfigError(f"data.cache.dir={cfg.dir}: the folder holds a cache of other sources or another "
+                              f"token stream ({diff}); pick another data.cache.dir")
+        if existing.get("token_count", 0) >= total_tokens:
+            log(f"activation cache {cache_dir}: cache complete, nothing to do ({existing['token_count']} tokens)")
+            return cache_dir
+
+    header = {"format_version": CACHE_FORMAT_VERSION, "identity": identity, "shard_batches": cfg.shard_batches}
+    if header_path.is_file():
+        if diff := _first_difference(_read_json(header_path), header, "build"):
+            raise ConfigError(f"data.cache.dir={cfg.dir}: the folder holds a build of another cache ({diff}); "
+                              "pick another data.cache.dir or delete the folder")
+    elif existing is None and _shard_path(cache_dir, 0).exists():
+        raise ConfigError(f"data.cache.dir={cfg.dir}: the folder holds shard files but no {CACHE_HEADER_FILE}, so "
+                          "their origin is unknown; pick another data.cache.dir or delete the folder")
+    else:
+        write_text_atomic(header_path, json.dumps(header, indent=2))
+    if existing is not None:
+        log(f"activation cache {cache_dir}: holds {existing.get('token_count')} tokens, extending to {total_tokens}")
+        manifest_path.unlink()  # incomplete again until the extension is done
+    for stale in cache_dir.glob(".shard_*.tmp-*"):  # left by a build killed mid-write
+        stale.unlink(missing_ok=True)
+
+    shards = []
+    while _shard_path(cache_dir, len(shards)).is_file():
+        shards.append(_shard_entry(_shard_path(cache_dir, len(shards))))
+    done = sum(entry["n_tokens"] for entry in shards)
+    if shards:
+        log(f"activation cache {cache_dir}: resuming after {len(shards)} complete shards ({done} tokens)")
+
+    if done < total_tokens:
+        done = _append_shards(cache_dir, cfg, shards, done, blocks_from, total_tokens, log)
+    if done < total_tokens:
+        raise RuntimeError(f"the activation stream ended after {done} tokens, before the {total_tokens} asked for")
+
+    manifest = {"format_version": CACHE_FORMAT_VERSION, "identity": identity, "shard_batches": cfg.shard_batches,
+                "token_count": done, "complete": True, "shards": shards}
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2))
+    log(f"activation cache {cache_dir}: complete, {len(shards)} shards, {done} tokens")
+    return cache_dir
+
+
+@dataclass
+class CacheManifest:
+    """A complete cache's table of contents: what it was built from and which tokens each shard holds."""
+
+    format_version: int
+    identity: dict[str, Any]
+    shard_batches: int
+    token_count: int
+    shards: list[dict[str, Any]]
+
+
+def read_manifest(cache_dir: str | Path) -> CacheManifest:
+    """The manifest of a complete cache; a ConfigError saying how to build it when there is none."""
+    cache_dir = Path(cache_dir).expanduser()
+    path = cache_dir / CACHE_MANIFEST_FILE
+    if not path.is_file():
+        state = "does not exist" if not cache_dir.is_dir() else f"has no {CACHE_MANIFEST_FILE}"
+        raise ConfigError(f"activation cache {cache_dir} {state}: it is incomplete or was never built; build it "
+                          f"with `crosscoder-cache data.cache.dir={cache_dir}`")
+    raw = _read_json(path)
+    if raw.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ConfigError(f"{path}: format_version={raw.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}; "
+                          f"rebuild it with `crosscoder-cache data.cache.dir={cache_dir}`")
+    try:
+        return CacheManifest(raw["format_version"], raw["identity"], int(raw["shard_batches"]),
+                             int(raw["token_count"]), list(raw["shards"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{path} is malformed ({error!r}); rebuild the cache") from error
+
+
+def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: str | Path) -> None:
+    """Refuse a cache of other snapshots or another hook: training on it would silently learn the wrong models.
+
+    A local snapshot directory may have moved since the build, so only hub-id paths are compared.
+    """
+    built = manifest.identity.get("sources", [])
+    where = f"activation cache {cache_dir}"
+    if len(built) != len(info.specs):
+        raise ConfigError(f"{where} was built from {len(built)} snapshots ({[s.get('name') for s in built]}), the "
+                          f"sources name {len(info.specs)} ({[s.name for s in info.specs]})")
+    for i, (old, spec) in enumerate(zip(built, info.specs, strict=True)):
+        keys = ["name", "revision", "step"] + ([] if Path(spec.path).expanduser().is_dir() else ["path"])
+        for key in keys:
+            if old.get(key) != getattr(spec, key):
+                raise ConfigError(f"{where}: snapshot {i} has {key}={old.get(key)!r} in the cache but "
+                                  f"{key}={getattr(spec, key)!r} in the sources")
+    for key, now in (("hook", info.hook), ("d_model", info.d_model)):
+        if manifest.identity.get(key) != now:
+            raise ConfigError(f"{where} was built at {key}={manifest.identity.get(key)!r}, the sources have {now!r}")
+
+
+class CacheReader:
+    """Streams a complete cache's shards as ActivationBlocks, each rank reading only its own rows."""
+
+    def __init__(self, cache_dir: str | Path, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.manifest = read_manifest(self.cache_dir)
+        self.rank, self.world_size = rank, world_size
+        self.n_shards = len(self.manifest.shards)
+        self.tokens_per_rank = self.tokens_from(0)
+
+    def tokens_from(self, start: int) -> int:
+        """This rank's tokens in shards start, start + 1, ... (what a stream resumed at `start` can serve)."""
+        return sum(b - a for a, b in (self._rows(s["n_tokens"]) for s in self.manifest.shards[start:]))
+
+    def _rows(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous row range: disjoint across ranks, together the whole shard."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def iter_blocks(self, start: int = 0) -> Iterator[ActivationBlock]:
+        """Shards start, start + 1, ... once each, as float32; block index = shard index (what resuming counts)."""
+        for index in range(start, self.n_shards):
+            entry = self.manifest.shards[index]
+            path = self.cache_dir / entry["file"]
+            if not path.is_file():
+                raise ConfigError(f"activation cache shard {path} is missing; rebuild the cache")
+            with safe_open(str(path), "pt") as f:
+                token_ids = f.get_tensor("token_ids")
+                if token_hash(token_ids) != entry["token_hash"]:
+                    raise ConfigError(f"activation cache shard {path} does not hold the tokens its manifest lists "
+                                      "(token hash mismatch); rebuild the cache")
+                a, b = self._rows(int(token_ids.shape[0]))
+                activations = f.get_slice("activations")[a:b].float()
+            yield ActivationBlock(index, activations, token_ids[a:b].clone())

@@ -1,0 +1,144 @@
+"""The activation stream the trainer iterates: blocks (from workers, inline snapshots or a cache) -> shuffle
+buffer -> batches of exactly the rank's micro batch, with a position that a resumed run restarts from.
+
+Rank r of N reads disjoint tokens: online, every N-th token batch of the global stream; from a cache, its own
+row range of every shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.data.activations import ActivationBlock, paired_block
+from crosscoder.data.cache import CacheReader, check_cache_matches
+from crosscoder.data.shuffle import ShuffleBuffer
+from crosscoder.data.tokens import TokenBatch, iter_token_batches, special_token_ids
+from crosscoder.data.workers import WorkerPool, WorkerSetup, resolve_worker_device
+from crosscoder.sources import SourceInfo, load_runners
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank's stream stands: blocks before `next_block` have been (at least partly) consumed."""
+
+    kind: str
+    """`online` (blocks are token batches of this rank) or `cache` (blocks are cache shards)."""
+    next_block: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StreamPosition:
+        return cls(**{key: raw[key] for key in ("kind", "next_block", "rank", "world_size")})
+
+
+class ActivationStream:
+    """An endless (online) or finite (cache) iterator of [micro_batch, S, d] float32 batches."""
+
+    def __init__(self, kind: str, blocks: Callable[[int], Iterator[ActivationBlock]], buffer: ShuffleBuffer,
+                 rank: int, world_size: int, start: int = 0, close: Callable[[], None] | None = None,
+                 available_tokens: int | None = None) -> None:
+        self.kind, self.rank, self.world_size = kind, rank, world_size
+        self.available_tokens = available_tokens
+        """Tokens left for this rank in a finite (cache) stream; None for an endless one."""
+        self.buffer = buffer
+        buffer.next_block = start
+        self._batches = buffer.batches(blocks(start))
+        self._close = close
+        self.wait_seconds = 0.0
+        """Time spent inside `next()`: the trainer waiting for data."""
+        self.last_token_ids: torch.Tensor | None = None
+        """Token ids of the rows of the last batch (for tests and debugging)."""
+
+    def __iter__(self) -> ActivationStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            activations, self.last_token_ids = next(self._batches)
+        finally:
+            self.wait_seconds += time.perf_counter() - started
+        return activations
+
+    def position(self) -> StreamPosition:
+        """Restart point: a stream built from it skips every block this one has touched (rows still in the
+        shuffle buffer are dropped, never served twice)."""
+        return StreamPosition(self.kind, self.buffer.next_block, self.rank, self.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.position())
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> ActivationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def online_block_source(
+    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print
+) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
+    """(blocks_from(start), close): this rank's token batches from `start` on, through workers or inline."""
+    bos, pad = special_token_ids(info.tokenizer)
+    workers_cfg = cfg.data.workers
+    device = resolve_worker_device(workers_cfg.device)
+
+    def token_batches(start: int) -> Iterator[tuple[int, TokenBatch]]:
+        stream = iter_token_batches(cfg.data, info.tokenizer, rank=rank, world_size=world_size, start=start)
+        return enumerate(stream, start=start)
+
+    if workers_cfg.num_workers == 0:
+        runners = load_runners(cfg.sources, info.specs, torch.device(device))
+
+        def inline(start: int) -> Iterator[ActivationBlock]:
+            for index, batch in token_batches(start):
+                yield paired_block(index, batch, runners, bos, pad, torch.device(device))
+
+        return inline, lambda: None
+
+    setup = WorkerSetup(sources=cfg.sources, specs=info.specs, bos_id=bos, pad_id=pad, device=device,
+                        threads=workers_cfg.threads)
+    max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS never kept
+    pool = WorkerPool(workers_cfg, setup, len(info.specs), info.d_model, max_tokens)
+    log(f"started {workers_cfg.num_workers} activation worker(s) on {device}, "
+        f"{workers_cfg.slots} shared-memory slots each")
+    return (lambda start: pool.iter_blocks(token_batches(start))), pool.close
+
+
+def build_activation_stream(
+    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
+    position: StreamPosition | None = None, log: Callable[[str], None] = print,
+) -> ActivationStream:
+    """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online."""
+    kind = "cache" if cfg.data.cache.dir else "online"
+    start = 0
+    if position is not None:
+        if (position.kind, position.rank, position.world_size) != (kind, rank, world_size):
+            raise ConfigError(
+                f"saved stream position is for a {position.kind} stream on rank {position.rank} of "
+                f"{position.world_size}; this run is a {kind} stream on rank {rank} of {world_size}"
+            )
+        start = position.next_block
+    shuffle = cfg.data.shuffle
+    buffer = ShuffleBuffer(shuffle.buffer_tokens, micro_batch, shuffle.refill_fraction,
+                           seed=shuffle.seed * 1_000_003 + rank * 7919 + start)
+    if kind == "cache":
+        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size)
+        check_cache_matches(reader.manifest, info, cfg.data.cache.dir)
+        log(f"reading activations from the cache {cfg.data.cache.dir} ({reader.tokens_per_rank} tokens for this rank)")
+        return ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
+                                available_tokens=reader.tokens_from(start))
+    blocks, close = online_block_source(cfg, info, rank, world_size, log)
+    return ActivationStream(kind, blocks, buffer, rank, world_size, start, close)
