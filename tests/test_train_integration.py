@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
-from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE
+from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from tests.conftest import PROCESS_ENV, TINY_TOY
 from tests.wandb_records import artifacts, history_keys
 
@@ -31,6 +31,7 @@ def tiny_overrides(toy_cache: Path) -> list[str]:
         f"sources.toy.train_steps={TINY_TOY['train_steps']}",
         f"sources.toy.snapshot_steps=[{steps}]",
         "data.seq_len=16", "data.model_batch_size=8", "data.toy_documents=200",
+        "data.shuffle.buffer_tokens=512", "data.workers.num_workers=1",
         "crosscoder.dict_size=64", "crosscoder.norm_estimation_batches=2", "crosscoder.l1_warmup_steps=2",
         "trainer.batch_size=128", "trainer.total_tokens=1024", "trainer.log_every=2",
         "trainer.lr_warmup_steps=2", "tracking=offline",
@@ -92,15 +93,49 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(tiny_snapshots: list, t
     logged = artifacts(wandb_file)
     assert len(logged) == 2 and all(a.type == "crosscoder" for a in logged)
     assert {c.path for c in logged[-1].manifest.contents} == {"config.json", "weights.safetensors",
-                                                              "decoder_norms.safetensors"}
+                                                              "decoder_norms.safetensors", STREAM_POSITION_FILE}
+    positions = json.loads((run_dir / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
+    assert [(p["kind"], p["rank"], p["world_size"]) for p in positions] == [("online", 0, 2), ("online", 1, 2)]
 
 
-def test_hydra_multirun_over_l1_coeff(tiny_snapshots: list, toy_cache: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def activation_cache(tiny_snapshots: list, toy_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache, written by the `crosscoder-cache` entry point, for the runs below to share."""
+    workdir = tmp_path_factory.mktemp("cache-build")
+    cache_dir = workdir / "acts"
+    result = run([sys.executable, "-m", "crosscoder.build_cache", *tiny_overrides(toy_cache),
+                  f"data.cache.dir={cache_dir}", f"hydra.run.dir={workdir / 'log'}"], workdir)
+    assert f"activations in {cache_dir}" in result.stdout
+    assert (cache_dir / "manifest.json").is_file()
+    return cache_dir
+
+
+def test_two_processes_train_from_the_cache(activation_cache: Path, toy_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run([
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
+        "-m", "crosscoder.train", *tiny_overrides(toy_cache), f"data.cache.dir={activation_cache}",
+        f"hydra.run.dir={run_dir}",
+    ], tmp_path)
+    assert "reading activations from the cache" in result.stdout
+    assert "activation worker" not in result.stdout + result.stderr  # no model runs
+    positions = json.loads((run_dir / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
+    assert [(p["kind"], p["rank"]) for p in positions] == [("cache", 0), ("cache", 1)]
+    summary = json.loads((run_dir / RUN_SUMMARY_FILE).read_text())
+    assert summary["steps"] == 8 and -1 < summary["explained_variance/mean"] <= 1
+
+
+def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, toy_cache: Path,
+                                                        tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
+    shards_before = {p: p.stat().st_mtime_ns for p in activation_cache.iterdir()}
     run([
         sys.executable, "-m", "crosscoder.train", "--multirun", *tiny_overrides(toy_cache),
-        "crosscoder.l1_coeff=0.5,5", "deepspeed=zero1", f"hydra.sweep.dir={sweep_dir}",
+        f"data.cache.dir={activation_cache}", "crosscoder.l1_coeff=0.5,5", "deepspeed=zero1",
+        f"hydra.sweep.dir={sweep_dir}",
     ], tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in activation_cache.iterdir()} == shards_before
     sparsity = {}
     for job, coeff in (("0", 0.5), ("1", 5.0)):
         _, meta = load_dictionary(sweep_dir / job / DICTIONARY_DIR)

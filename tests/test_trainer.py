@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from crosscoder.build_cache import build_cache
 from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import RunConfig
-from crosscoder.constants import RUN_SUMMARY_FILE
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.constants import RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.trainer import l1_coefficient, lr_multiplier, train
 from tests.conftest import PROCESS_ENV, TINY_TOY
 
@@ -31,6 +32,7 @@ def tiny_run_config(toy_cache: Path, output_dir: Path) -> RunConfig:
     for key, value in TINY_TOY.items():
         setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
     cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, 8, 200
+    cfg.data.shuffle.buffer_tokens = 1024
     cfg.crosscoder.dict_size, cfg.crosscoder.norm_estimation_batches = 128, 2
     cfg.crosscoder.l1_coeff, cfg.crosscoder.l1_warmup_steps = 0.5, 5
     cfg.trainer.batch_size, cfg.trainer.total_tokens, cfg.trainer.log_every = 128, 128 * 40, 10
@@ -57,7 +59,9 @@ def test_l1_warmup_is_linear_then_constant() -> None:
 
 def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,
                                      clean_process_env: None) -> None:
+    """Fed by two activation worker processes (the default)."""
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    assert cfg.data.workers.num_workers == 2
     result = train(cfg)
     assert result.steps == 40 and result.tokens_seen == 40 * 128
     ev = result.final_metrics["explained_variance/mean"]
@@ -69,7 +73,28 @@ def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_
     assert len(meta.input_scale) == 3 and all(scale > 0 for scale in meta.input_scale)
     summary = json.loads((result.output_dir / RUN_SUMMARY_FILE).read_text())
     assert summary["explained_variance/mean"] == pytest.approx(ev)
+    assert 0 <= summary["data_wait_fraction_total"] <= 1
     assert torch.isfinite(model.W_dec).all()
+    (position,) = json.loads((result.dictionary_dir / STREAM_POSITION_FILE).read_text())
+    assert position["kind"] == "online" and position["next_block"] > 40 * 128 // (8 * 15)
+
+
+def test_training_from_a_cache(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,
+                               clean_process_env: None) -> None:
+    """`crosscoder-cache` then training on it: no model runs, same tokens; a too-small cache is refused."""
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.data.cache.dir, cfg.data.workers.num_workers = str(tmp_path / "acts"), 1
+    build_cache(cfg, log=lambda _: None)
+    cfg.data.workers.num_workers = 0
+    result = train(cfg)
+    assert result.final_metrics["explained_variance/mean"] > 0.3
+    (position,) = json.loads((result.dictionary_dir / STREAM_POSITION_FILE).read_text())
+    assert position["kind"] == "cache"
+
+    cfg.output_dir = str(tmp_path / "too-long")
+    cfg.trainer.total_tokens *= 2
+    with pytest.raises(ConfigError, match=r"data.cache.dir=.*holds \d+ tokens for this rank"):
+        train(cfg)
 
 
 def test_bf16_training_exports_the_fp32_master_weights(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,
@@ -81,9 +106,10 @@ def test_bf16_training_exports_the_fp32_master_weights(tiny_snapshots: list, toy
     exported: list[dict[str, torch.Tensor]] = []
     real_export = trainer_module.export_dictionary
     monkeypatch.setattr(trainer_module, "export_dictionary",
-                        lambda state, meta, out: (exported.append(state), real_export(state, meta, out))[1])
+                        lambda state, meta, out, **kw: (exported.append(state), real_export(state, meta, out, **kw))[1])
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
     cfg.trainer.precision, cfg.trainer.total_tokens, cfg.deepspeed.zero_stage = "bf16", 128 * 6, 2
+    cfg.data.workers.num_workers = 0  # snapshots inline
     train(cfg)
     (state,) = exported
     decoder = state["W_dec"]
