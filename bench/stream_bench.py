@@ -1,0 +1,165 @@
+"""Does the activation stream keep the trainer fed?
+
+For each setting it measures, in one process, one after the other on the same machine:
+
+  produce   tokens/s the activation workers turn out alone (no trainer running)
+  inline    a training run with the snapshots run inline in the trainer process (workers=0)
+  workers   the same run fed by activation worker processes
+  cache     the same run reading a prebuilt activation cache (no model runs: ~ the trainer alone)
+
+and prints tokens/s, the share of loop time the trainer waited for data, and the ratios between them.
+
+    python bench/stream_bench.py                        # embedded default and the larger synthetic setting
+    python bench/stream_bench.py --setting default --tokens 300000
+
+`default` is the embedded default (tiny GPT-NeoX d=64, 8 snapshots, F=1024, batch 1024). `large` is a
+synthetic setting: a d=256, 4-block GPT-NeoX trained for 7 steps with a snapshot after each (8 snapshots),
+hooked at block 3, F=8192, batch 2048, 127-token sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from crosscoder.build_cache import build_cache  # noqa: E402
+from crosscoder.config import RunConfig  # noqa: E402
+from crosscoder.data.stream import online_block_source  # noqa: E402
+from crosscoder.sources import describe_sources  # noqa: E402
+from crosscoder.trainer import train  # noqa: E402
+
+SETTINGS: dict[str, list[str]] = {
+    "default": ["trainer.total_tokens=204800"],
+    "large": [
+        "trainer.total_tokens=81920",
+        "sources.toy.hidden_size=256", "sources.toy.num_layers=4", "sources.toy.train_steps=7",
+        "sources.toy.snapshot_steps=[0,1,2,3,4,5,6,7]", "sources.hook=blocks.3.hook_resid_pre",
+        "data.seq_len=128", "data.model_batch_size=32", "crosscoder.dict_size=8192",
+        "trainer.batch_size=2048", "data.shuffle.buffer_tokens=65536",
+    ],
+}
+
+
+@dataclass
+class Figures:
+    tokens_per_second: float
+    wait_fraction: float
+
+
+def compose(overrides: list[str]) -> RunConfig:
+    """The config `crosscoder-train <overrides>` would run, composed with Hydra."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from crosscoder.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[*overrides, "output_dir=unused"])
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def measure_production(cfg: RunConfig, warm_blocks: int, blocks: int) -> float:
+    """Tokens/s of the workers alone: the trainer only drains their blocks."""
+    info = describe_sources(cfg.sources, log=quiet)
+    blocks_from, close = online_block_source(cfg, info, rank=0, world_size=1, log=quiet)
+    try:
+        stream = blocks_from(0)
+        for _ in itertools.islice(stream, warm_blocks):  # includes the workers' start-up
+            pass
+        started, tokens = time.perf_counter(), 0
+        for block in itertools.islice(stream, blocks):
+            tokens += block.token_ids.shape[0]
+        return tokens / (time.perf_counter() - started)
+    finally:
+        close()
+
+
+def measure_training(cfg: RunConfig, run_dir: Path) -> Figures:
+    cfg.output_dir = str(run_dir)
+    result = train(cfg)
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    return Figures(result.tokens_seen / summary["loop_seconds"], summary["data_wait_fraction_total"])
+
+
+def bench(setting: str, tokens: int | None, workers: int, scratch: Path) -> dict[str, float]:
+    overrides = [*SETTINGS[setting], "tracking=disabled", f"data.workers.num_workers={workers}"]
+    if tokens:
+        overrides.append(f"trainer.total_tokens={tokens}")
+    base = compose(overrides)
+    describe_sources(base.sources)  # builds (once) and caches the snapshots outside the timings
+    print(f"\n== {setting}: {len(base.sources.toy.snapshot_steps)} snapshots, d={base.sources.toy.hidden_size}, "
+          f"F={base.crosscoder.dict_size}, batch {base.trainer.batch_size}, {base.trainer.total_tokens} tokens, "
+          f"{os.cpu_count()} CPU cores ==", flush=True)
+
+    results: dict[str, float] = {}
+    model_batch_tokens = base.data.model_batch_size * (base.data.seq_len - 1)
+    n_blocks = max(8, 40 * base.trainer.batch_size // model_batch_tokens // 10)
+    results["produce_tok_s"] = measure_production(compose(overrides), warm_blocks=4, blocks=n_blocks)
+
+    inline = compose([*overrides, "data.workers.num_workers=0"])
+    figures = measure_training(inline, scratch / f"{setting}-inline")
+    results["inline_tok_s"], results["inline_wait"] = figures.tokens_per_second, figures.wait_fraction
+
+    figures = measure_training(compose(overrides), scratch / f"{setting}-workers")
+    results["workers_tok_s"], results["workers_wait"] = figures.tokens_per_second, figures.wait_fraction
+
+    cached = compose([*overrides, f"data.cache.dir={scratch / f'{setting}-cache'}"])
+    build_cache(cached, log=quiet)
+    figures = measure_training(cached, scratch / f"{setting}-cache-run")
+    results["cache_tok_s"], results["cache_wait"] = figures.tokens_per_second, figures.wait_fraction
+    return results
+
+
+def report(setting: str, workers: int, r: dict[str, float]) -> None:
+    # Inline, the wait is the forward time; from the cache, the loop is (almost) the step alone.
+    forward_s_per_tok = r["inline_wait"] / r["inline_tok_s"]
+    step_s_per_tok = (1 - r["cache_wait"]) / r["cache_tok_s"]
+    lines = [
+        f"[{setting}] workers produce (alone)      {r['produce_tok_s']:>10.0f} tok/s",
+        f"[{setting}] trainer consumes (cache)     {r['cache_tok_s']:>10.0f} tok/s   wait {r['cache_wait']:6.1%}",
+        f"[{setting}] training, snapshots inline   {r['inline_tok_s']:>10.0f} tok/s   wait {r['inline_wait']:6.1%}",
+        f"[{setting}] training, {workers} workers          {r['workers_tok_s']:>10.0f} tok/s   "
+        f"wait {r['workers_wait']:6.1%}",
+        f"[{setting}] forward / crosscoder step cost per token: {forward_s_per_tok / step_s_per_tok:.2f}",
+        f"[{setting}] workers produce / trainer consumes:       {r['produce_tok_s'] / r['cache_tok_s']:.2f}",
+        f"[{setting}] workers run / inline run speed-up:        {r['workers_tok_s'] / r['inline_tok_s']:.2f}x",
+        f"[{setting}] workers run / cache run (trainer alone):  {r['workers_tok_s'] / r['cache_tok_s']:.2f}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=[*SETTINGS, "all"], default="all")
+    parser.add_argument("--tokens", type=int, default=None, help="training tokens per run (default: per setting)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    settings = list(SETTINGS) if args.setting == "all" else [args.setting]
+    all_results = {}
+    with tempfile.TemporaryDirectory(prefix="crosscoder-bench-") as scratch:
+        for setting in settings:
+            all_results[setting] = bench(setting, args.tokens, args.workers, Path(scratch))
+    print("\n==== summary ====")
+    for setting, results in all_results.items():
+        report(setting, args.workers, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
