@@ -33,6 +33,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from crosscoder.build_cache import build_cache  # noqa: E402
@@ -98,6 +99,13 @@ def measure_training(cfg: RunConfig, run_dir: Path) -> Figures:
     return Figures(result.tokens_seen / summary["loop_seconds"], summary["data_wait_fraction_total"])
 
 
+def split_cores() -> tuple[list[int], list[int]]:
+    """Half the cores for the trainer, the rest for the workers (at least one each)."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return cores[:half], cores[half:]
+
+
 def bench(setting: str, tokens: int | None, workers: int, scratch: Path) -> dict[str, float]:
     overrides = [*SETTINGS[setting], "tracking=disabled", f"data.workers.num_workers={workers}"]
     if tokens:
@@ -106,42 +114,69 @@ def bench(setting: str, tokens: int | None, workers: int, scratch: Path) -> dict
     describe_sources(base.sources)  # builds (once) and caches the snapshots outside the timings
     print(f"\n== {setting}: {len(base.sources.toy.snapshot_steps)} snapshots, d={base.sources.toy.hidden_size}, "
           f"F={base.crosscoder.dict_size}, batch {base.trainer.batch_size}, {base.trainer.total_tokens} tokens, "
-          f"{os.cpu_count()} CPU cores ==", flush=True)
-
-    results: dict[str, float] = {}
+          f"{len(os.sched_getaffinity(0))} CPU cores ==", flush=True)
     model_batch_tokens = base.data.model_batch_size * (base.data.seq_len - 1)
-    n_blocks = max(8, 40 * base.trainer.batch_size // model_batch_tokens // 10)
-    results["produce_tok_s"] = measure_production(compose(overrides), warm_blocks=4, blocks=n_blocks)
+    n_blocks = max(8, 4 * base.trainer.batch_size // model_batch_tokens)
+    cache = [f"data.cache.dir={scratch / f'{setting}-cache'}"]
+    build_cache(compose([*overrides, *cache]), log=quiet)
 
-    inline = compose([*overrides, "data.workers.num_workers=0"])
-    figures = measure_training(inline, scratch / f"{setting}-inline")
-    results["inline_tok_s"], results["inline_wait"] = figures.tokens_per_second, figures.wait_fraction
+    r: dict[str, float] = {}
+    # Shared: the OS places trainer and workers on all cores; they compete for them.
+    r["produce_tok_s"] = measure_production(compose(overrides), warm_blocks=4, blocks=n_blocks)
+    for name, extra in (("inline", ["data.workers.num_workers=0"]), ("workers", []), ("cache", cache)):
+        figures = measure_training(compose([*overrides, *extra]), scratch / f"{setting}-{name}")
+        r[f"{name}_tok_s"], r[f"{name}_wait"] = figures.tokens_per_second, figures.wait_fraction
 
-    figures = measure_training(compose(overrides), scratch / f"{setting}-workers")
-    results["workers_tok_s"], results["workers_wait"] = figures.tokens_per_second, figures.wait_fraction
-
-    cached = compose([*overrides, f"data.cache.dir={scratch / f'{setting}-cache'}"])
-    build_cache(cached, log=quiet)
-    figures = measure_training(cached, scratch / f"{setting}-cache-run")
-    results["cache_tok_s"], results["cache_wait"] = figures.tokens_per_second, figures.wait_fraction
-    return results
+    # Split: the trainer on half the cores, one single-threaded worker on each of the others, so the model
+    # forwards run on hardware the crosscoder step does not use (as with GPU workers, or spare cores).
+    trainer_cpus, worker_cpus = split_cores()
+    if not worker_cpus:
+        return r
+    pinned = [*overrides, f"data.workers.num_workers={len(worker_cpus)}", "data.workers.threads=1",
+              f"data.workers.cpus=[{','.join(map(str, worker_cpus))}]"]
+    all_cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, trainer_cpus)
+    torch.set_num_threads(len(trainer_cpus))
+    try:
+        r["split_produce_tok_s"] = measure_production(compose(pinned), warm_blocks=4, blocks=n_blocks)
+        for name, extra in (("split_workers", []), ("split_cache", cache)):
+            figures = measure_training(compose([*pinned, *extra]), scratch / f"{setting}-{name}")
+            r[f"{name}_tok_s"], r[f"{name}_wait"] = figures.tokens_per_second, figures.wait_fraction
+    finally:
+        os.sched_setaffinity(0, all_cpus)
+        torch.set_num_threads(threads)
+    r["trainer_cores"], r["worker_cores"] = len(trainer_cpus), len(worker_cpus)
+    return r
 
 
 def report(setting: str, workers: int, r: dict[str, float]) -> None:
     # Inline, the wait is the forward time; from the cache, the loop is (almost) the step alone.
     forward_s_per_tok = r["inline_wait"] / r["inline_tok_s"]
     step_s_per_tok = (1 - r["cache_wait"]) / r["cache_tok_s"]
+    p = f"[{setting}]"
     lines = [
-        f"[{setting}] workers produce (alone)      {r['produce_tok_s']:>10.0f} tok/s",
-        f"[{setting}] trainer consumes (cache)     {r['cache_tok_s']:>10.0f} tok/s   wait {r['cache_wait']:6.1%}",
-        f"[{setting}] training, snapshots inline   {r['inline_tok_s']:>10.0f} tok/s   wait {r['inline_wait']:6.1%}",
-        f"[{setting}] training, {workers} workers          {r['workers_tok_s']:>10.0f} tok/s   "
+        f"{p} shared cores: trainer and workers placed by the OS on all cores",
+        f"{p}   workers produce (alone)        {r['produce_tok_s']:>9.0f} tok/s",
+        f"{p}   trainer consumes (cache)       {r['cache_tok_s']:>9.0f} tok/s   wait {r['cache_wait']:6.1%}",
+        f"{p}   training, snapshots inline     {r['inline_tok_s']:>9.0f} tok/s   wait {r['inline_wait']:6.1%}",
+        f"{p}   training, {workers} workers            {r['workers_tok_s']:>9.0f} tok/s   "
         f"wait {r['workers_wait']:6.1%}",
-        f"[{setting}] forward / crosscoder step cost per token: {forward_s_per_tok / step_s_per_tok:.2f}",
-        f"[{setting}] workers produce / trainer consumes:       {r['produce_tok_s'] / r['cache_tok_s']:.2f}",
-        f"[{setting}] workers run / inline run speed-up:        {r['workers_tok_s'] / r['inline_tok_s']:.2f}x",
-        f"[{setting}] workers run / cache run (trainer alone):  {r['workers_tok_s'] / r['cache_tok_s']:.2f}",
+        f"{p}   forward / crosscoder-step cost per token  {forward_s_per_tok / step_s_per_tok:.2f}",
+        f"{p}   workers produce / trainer consumes        {r['produce_tok_s'] / r['cache_tok_s']:.2f}",
+        f"{p}   workers run / inline run                  {r['workers_tok_s'] / r['inline_tok_s']:.2f}x",
+        f"{p}   workers run / trainer alone (cache run)   {r['workers_tok_s'] / r['cache_tok_s']:.2f}",
     ]
+    if "split_workers_tok_s" in r:
+        lines += [
+            f"{p} split cores: trainer on {r['trainer_cores']:.0f}, {r['worker_cores']:.0f} worker(s) on the other(s)",
+            f"{p}   workers produce (alone)        {r['split_produce_tok_s']:>9.0f} tok/s",
+            f"{p}   trainer consumes (cache)       {r['split_cache_tok_s']:>9.0f} tok/s   "
+            f"wait {r['split_cache_wait']:6.1%}",
+            f"{p}   training from workers          {r['split_workers_tok_s']:>9.0f} tok/s   "
+            f"wait {r['split_workers_wait']:6.1%}",
+            f"{p}   workers produce / trainer consumes        {r['split_produce_tok_s'] / r['split_cache_tok_s']:.2f}",
+            f"{p}   workers run / trainer alone (cache run)   {r['split_workers_tok_s'] / r['split_cache_tok_s']:.2f}",
+        ]
     print("\n".join(lines), flush=True)
 
 

@@ -7,6 +7,7 @@ what types cannot (ranges, cross-field constraints).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,8 @@ class WorkersConfig:
     """Where workers run the snapshots: `auto` (the rank's GPU, else CPU), `cpu`, `cuda:1`, ..."""
     threads: int = 1
     """CPU threads per worker (torch.set_num_threads), so workers do not starve the trainer of cores."""
+    cpus: list[int] = field(default_factory=list)
+    """CPU cores the workers are pinned to (Linux); empty leaves placement to the OS."""
     slots: int = 4
     """Shared-memory activation blocks in flight per worker: the back-pressure bound on memory."""
     start_timeout_s: float = 600.0
@@ -299,6 +302,10 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.workers.num_workers={w.num_workers} must be >= 0 (0 runs the snapshots inline)")
     _positive("data.workers.threads", w.threads)
     _positive("data.workers.slots", w.slots)
+    n_cpus = os.cpu_count() or 1
+    for cpu in w.cpus:
+        if not 0 <= cpu < n_cpus:
+            raise ConfigError(f"data.workers.cpus contains {cpu}; this machine has cores 0..{n_cpus - 1}")
     if w.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", w.device):
         raise ConfigError(f"data.workers.device={w.device!r} is not auto, cpu, cuda or cuda:N")
     if w.start_timeout_s <= 0:

@@ -2,8 +2,8 @@
 
 Blocks arrive in stream order, one model batch (a few sequences) at a time; training on them in that order
 would give batches drawn from a handful of documents. The buffer holds `capacity` rows. Once full, it serves
-a random `refill_fraction` of its rows as batches and refills exactly those slots from the stream, so within
-a pass every row is served once: none twice, none dropped. Only at the end of a finite stream (a cache) is a
+a random `refill_fraction` of its rows as batches, refilling each batch's slots from the stream, so within a
+pass every row is served once: none twice, none dropped. Only at the end of a finite stream (a cache) is a
 remainder smaller than one batch left unserved. Memory is fixed: one [capacity, S, d] tensor, allocated once.
 """
 
@@ -46,35 +46,57 @@ class ShuffleBuffer:
             yield from self._shuffled(blocks)
 
     def _shuffled(self, blocks: Iterable[ActivationBlock]) -> Iterator[Batch]:
-        storage: torch.Tensor | None = None
-        token_ids = torch.empty(self.capacity, dtype=torch.long)
-        free = torch.arange(self.capacity)  # slots waiting for rows, filled front to back
-        for block in blocks:
-            # Once any row of a block is inside, resuming must start after it: its rows are never seen twice.
-            self.next_block = block.index + 1
-            if storage is None:
-                storage = torch.empty((self.capacity, *block.activations.shape[1:]), dtype=block.activations.dtype)
-            rows, ids = block.activations, block.token_ids
-            while rows.shape[0]:
-                n = min(rows.shape[0], free.shape[0])
-                storage.index_copy_(0, free[:n], rows[:n])
-                token_ids.index_copy_(0, free[:n], ids[:n])
-                rows, ids, free = rows[n:], ids[n:], free[n:]
-                if free.shape[0] == 0:
-                    chosen = torch.randperm(self.capacity, generator=self.generator)[: self.serve_rows]
-                    yield from self._serve(storage, token_ids, chosen)
-                    free = chosen  # exactly the served slots are refilled
-        if storage is not None:  # a finite stream ended: serve what is left, in whole batches
-            occupied = torch.ones(self.capacity, dtype=torch.bool)
-            occupied[free] = False
-            left = occupied.nonzero().squeeze(1)
-            left = left[torch.randperm(left.shape[0], generator=self.generator)]
-            yield from self._serve(storage, token_ids, left[: left.shape[0] // self.batch_size * self.batch_size])
+        self._blocks = iter(blocks)
+        self._storage: torch.Tensor | None = None
+        self._token_ids = torch.empty(self.capacity, dtype=torch.long)
+        self._rows: torch.Tensor | None = None  # rows of the current block not yet in the buffer
+        self._row_ids = torch.empty(0, dtype=torch.long)
+        unfilled = self._fill(torch.arange(self.capacity))
+        while unfilled.numel() == 0:
+            # One round: a random `serve_rows` of the slots, batch by batch. Each served batch's slots are
+            # refilled before the next batch is drawn, so the stream is asked for one batch of rows per step
+            # (smooth demand the workers' slots can absorb) rather than half a buffer at once. New rows wait
+            # for the next round: the rest of this round's slots are distinct from the ones refilled.
+            chosen = torch.randperm(self.capacity, generator=self.generator)[: self.serve_rows]
+            for chunk in chosen.split(self.batch_size):
+                yield self._take(chunk)
+                unfilled = self._fill(chunk)
+                if unfilled.numel():
+                    break
+        if self._storage is None:
+            return
+        # A finite stream ended: serve what is left, in whole batches.
+        occupied = torch.ones(self.capacity, dtype=torch.bool)
+        occupied[unfilled] = False
+        left = occupied.nonzero().squeeze(1)
+        left = left[torch.randperm(left.shape[0], generator=self.generator)]
+        for chunk in left[: left.shape[0] // self.batch_size * self.batch_size].split(self.batch_size):
+            yield self._take(chunk)
 
-    def _serve(self, storage: torch.Tensor, token_ids: torch.Tensor, slots: torch.Tensor) -> Iterator[Batch]:
-        for chunk in slots.split(self.batch_size):
-            self.rows_served += chunk.shape[0]
-            yield storage.index_select(0, chunk), token_ids.index_select(0, chunk)  # copies: slots get reused
+    def _fill(self, slots: torch.Tensor) -> torch.Tensor:
+        """Write stream rows into `slots`; return the slots left empty because the stream ended."""
+        while slots.numel():
+            if self._rows is None or self._rows.shape[0] == 0:
+                block = next(self._blocks, None)
+                if block is None:
+                    return slots
+                # Once any row of a block is inside, a resumed stream starts after it: no row is seen twice.
+                self.next_block = block.index + 1
+                if self._storage is None:
+                    shape = (self.capacity, *block.activations.shape[1:])
+                    self._storage = torch.empty(shape, dtype=block.activations.dtype)
+                self._rows, self._row_ids = block.activations, block.token_ids
+                continue
+            n = min(self._rows.shape[0], slots.shape[0])
+            self._storage.index_copy_(0, slots[:n], self._rows[:n])
+            self._token_ids.index_copy_(0, slots[:n], self._row_ids[:n])
+            self._rows, self._row_ids, slots = self._rows[n:], self._row_ids[n:], slots[n:]
+        return slots
+
+    def _take(self, slots: torch.Tensor) -> Batch:
+        assert self._storage is not None
+        self.rows_served += slots.shape[0]
+        return self._storage.index_select(0, slots), self._token_ids.index_select(0, slots)  # copies
 
     def _in_order(self, blocks: Iterable[ActivationBlock]) -> Iterator[Batch]:
         """No shuffling: re-cut blocks into batches in stream order (for debugging and comparisons)."""

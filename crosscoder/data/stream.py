@@ -109,7 +109,7 @@ def online_block_source(
         return inline, lambda: None
 
     setup = WorkerSetup(sources=cfg.sources, specs=info.specs, bos_id=bos, pad_id=pad, device=device,
-                        threads=workers_cfg.threads)
+                        threads=workers_cfg.threads, cpus=tuple(workers_cfg.cpus))
     max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS never kept
     pool = WorkerPool(workers_cfg, setup, len(info.specs), info.d_model, max_tokens)
     log(f"started {workers_cfg.num_workers} activation worker(s) on {device}, "

@@ -45,6 +45,7 @@ class WorkerSetup:
     pad_id: int | None
     device: str
     threads: int
+    cpus: tuple[int, ...] = ()
 
 
 def resolve_worker_device(configured: str) -> str:
@@ -63,6 +64,8 @@ def _worker_main(
     """A worker's life: load the snapshots, then turn token batches into blocks until told to stop."""
     try:
         torch.set_num_threads(setup.threads)
+        if setup.cpus:  # cores of their own, so the workers and the trainer do not take turns on the same ones
+            os.sched_setaffinity(0, setup.cpus)
         device = torch.device(setup.device)
         runners = load_runners(setup.sources, setup.specs, device)
         results.put(("ready", worker, os.getpid()))
