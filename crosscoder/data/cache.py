@@ -37,7 +37,10 @@ def cache_identity(info: SourceInfo, data_cfg: DataConfig, dtype: str) -> dict[s
     """Everything that decides a cache's contents, so a cache is never silently reused for another stream."""
     identity = {
         "format_version": CACHE_FORMAT_VERSION, "sources": [asdict(spec) for spec in info.specs], "hook": info.hook,
-        "d_model": info.d_model, "dtype": dtype, "stream": {key: getattr(data_cfg, key) for key in STREAM_KEYS},
+        "d_model": info.d_model, "dtype": dtype,
+        # Each worker reads its own document shard, so the worker count decides the token order too.
+        "stream": {**{key: getattr(data_cfg, key) for key in STREAM_KEYS},
+                   "document_shards": max(1, data_cfg.workers.num_workers)},
         "vocab_size": len(info.tokenizer) if info.tokenizer is not None else None,
     }
     return json.loads(json.dumps(identity))  # tuples -> lists, as it will read back from JSON

@@ -1,8 +1,8 @@
 """The activation stream the trainer iterates: blocks (from workers, inline snapshots or a cache) -> shuffle
 buffer -> batches of exactly the rank's micro batch, with a position that a resumed run restarts from.
 
-Rank r of N reads disjoint tokens: online, every N-th token batch of the global stream; from a cache, its own
-row range of every shard.
+Rank r of N reads disjoint tokens: online, its own document shards (one per worker); from a cache, its own
+row range of every cache shard.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from crosscoder.config import ConfigError, RunConfig
-from crosscoder.data.activations import ActivationBlock, paired_block
+from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.cache import CacheReader, check_cache_matches
 from crosscoder.data.shuffle import ShuffleBuffer
-from crosscoder.data.tokens import TokenBatch, iter_token_batches, special_token_ids
-from crosscoder.data.workers import WorkerPool, WorkerSetup, resolve_worker_device
+from crosscoder.data.tokens import special_token_ids
+from crosscoder.data.workers import WorkerPool, WorkerSetup, produce_blocks, resolve_worker_device
 from crosscoder.sources import SourceInfo, load_runners
 
 
@@ -32,10 +32,12 @@ class StreamPosition:
     next_block: int
     rank: int
     world_size: int
+    document_shards: int = 1
+    """Online: workers per rank, each reading its own document shard (the token order depends on it)."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StreamPosition:
-        return cls(**{key: raw[key] for key in ("kind", "next_block", "rank", "world_size")})
+        return cls(**{key: raw[key] for key in ("kind", "next_block", "rank", "world_size", "document_shards")})
 
 
 class ActivationStream:
@@ -43,8 +45,8 @@ class ActivationStream:
 
     def __init__(self, kind: str, blocks: Callable[[int], Iterator[ActivationBlock]], buffer: ShuffleBuffer,
                  rank: int, world_size: int, start: int = 0, close: Callable[[], None] | None = None,
-                 available_tokens: int | None = None) -> None:
-        self.kind, self.rank, self.world_size = kind, rank, world_size
+                 available_tokens: int | None = None, document_shards: int = 1) -> None:
+        self.kind, self.rank, self.world_size, self.document_shards = kind, rank, world_size, document_shards
         self.available_tokens = available_tokens
         """Tokens left for this rank in a finite (cache) stream; None for an endless one."""
         self.buffer = buffer
@@ -70,7 +72,7 @@ class ActivationStream:
     def position(self) -> StreamPosition:
         """Restart point: a stream built from it skips every block this one has touched (rows still in the
         shuffle buffer are dropped, never served twice)."""
-        return StreamPosition(self.kind, self.buffer.next_block, self.rank, self.world_size)
+        return StreamPosition(self.kind, self.buffer.next_block, self.rank, self.world_size, self.document_shards)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.position())
@@ -90,31 +92,22 @@ class ActivationStream:
 def online_block_source(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
-    """(blocks_from(start), close): this rank's token batches from `start` on, through workers or inline."""
+    """(blocks_from(start), close): this rank's blocks from index `start` on, made by the activation workers
+    (or inline, as one worker would, when data.workers.num_workers=0)."""
     bos, pad = special_token_ids(info.tokenizer)
     workers_cfg = cfg.data.workers
-    device = resolve_worker_device(workers_cfg.device)
-
-    def token_batches(start: int) -> Iterator[tuple[int, TokenBatch]]:
-        stream = iter_token_batches(cfg.data, info.tokenizer, rank=rank, world_size=world_size, start=start)
-        return enumerate(stream, start=start)
-
+    setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=info.specs, bos_id=bos, pad_id=pad,
+                        device=resolve_worker_device(workers_cfg.device), threads=workers_cfg.threads,
+                        rank=rank, world_size=world_size, cpus=tuple(workers_cfg.cpus))
     if workers_cfg.num_workers == 0:
-        runners = load_runners(cfg.sources, info.specs, torch.device(device))
+        runners = load_runners(cfg.sources, info.specs, torch.device(setup.device))
+        return (lambda start: produce_blocks(setup, info.tokenizer, runners, 0, 1, start)), (lambda: None)
 
-        def inline(start: int) -> Iterator[ActivationBlock]:
-            for index, batch in token_batches(start):
-                yield paired_block(index, batch, runners, bos, pad, torch.device(device))
-
-        return inline, lambda: None
-
-    setup = WorkerSetup(sources=cfg.sources, specs=info.specs, bos_id=bos, pad_id=pad, device=device,
-                        threads=workers_cfg.threads, cpus=tuple(workers_cfg.cpus))
-    max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS never kept
+    max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS is never kept
     pool = WorkerPool(workers_cfg, setup, len(info.specs), info.d_model, max_tokens)
-    log(f"started {workers_cfg.num_workers} activation worker(s) on {device}, "
+    log(f"started {workers_cfg.num_workers} activation worker(s) on {setup.device}, "
         f"{workers_cfg.slots} shared-memory slots each")
-    return (lambda start: pool.iter_blocks(token_batches(start))), pool.close
+    return pool.iter_blocks, pool.close
 
 
 def build_activation_stream(
@@ -123,12 +116,16 @@ def build_activation_stream(
 ) -> ActivationStream:
     """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online."""
     kind = "cache" if cfg.data.cache.dir else "online"
+    shards = max(1, cfg.data.workers.num_workers) if kind == "online" else 1
     start = 0
     if position is not None:
-        if (position.kind, position.rank, position.world_size) != (kind, rank, world_size):
+        saved = (position.kind, position.rank, position.world_size, position.document_shards)
+        if saved != (kind, rank, world_size, shards):
             raise ConfigError(
                 f"saved stream position is for a {position.kind} stream on rank {position.rank} of "
-                f"{position.world_size}; this run is a {kind} stream on rank {rank} of {world_size}"
+                f"{position.world_size} with {position.document_shards} document shard(s) per rank; this run is "
+                f"a {kind} stream on rank {rank} of {world_size} with {shards} (data.workers.num_workers decides "
+                "the shards of an online stream: resume with the same value)"
             )
         start = position.next_block
     shuffle = cfg.data.shuffle
@@ -141,4 +138,4 @@ def build_activation_stream(
         return ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
                                 available_tokens=reader.tokens_from(start))
     blocks, close = online_block_source(cfg, info, rank, world_size, log)
-    return ActivationStream(kind, blocks, buffer, rank, world_size, start, close)
+    return ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)

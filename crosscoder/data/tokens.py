@@ -1,11 +1,13 @@
 """Token streams: documents packed into fixed-length sequences that each start with BOS.
 
-The order is deterministic (seeded), so every snapshot, every rank and every rerun sees the same tokens.
-Under N ranks, rank r takes every N-th batch, so ranks read disjoint tokens.
+The order is deterministic (seeded), so every snapshot and every rerun sees the same tokens. The stream is
+cut into shards by document: with N ranks of W activation workers, worker w of rank r reads shard r*W + w of
+N*W, so no two read the same document and none tokenizes another's.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -25,19 +27,26 @@ class TokenBatch:
     """[B, T] 1 for real tokens, 0 for padding."""
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[str]:
-    """Documents forever: finite corpora are re-read in a new seeded order each epoch."""
+def iter_documents(cfg: DataConfig, shard: int = 0, n_shards: int = 1) -> Iterator[str]:
+    """This shard's documents: every `n_shards`-th of the seeded order, so shards are disjoint and together
+    the whole corpus. Local corpora repeat forever, in a new seeded order each epoch; a hub dataset is read
+    once."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in [0, {n_shards})")
     if cfg.kind == "hf_dataset":
-        yield from _iter_hf_dataset(cfg)
+        yield from _iter_hf_dataset(cfg, shard, n_shards)
         return
     documents = _load_documents(cfg)
     if not documents:
         raise ConfigError(f"data.kind={cfg.kind!r} produced no documents")
+    if len(documents) < n_shards:
+        raise ConfigError(f"data.kind={cfg.kind!r} produced {len(documents)} documents, fewer than the "
+                          f"{n_shards} stream shards (ranks x workers)")
     epoch = 0
     while True:
         order = list(range(len(documents)))
         random.Random(cfg.seed + epoch).shuffle(order)
-        for index in order:
+        for index in order[shard::n_shards]:
             yield documents[index]
         epoch += 1
 
@@ -63,13 +72,17 @@ def _load_documents(cfg: DataConfig) -> list[str]:
     return documents
 
 
-def _iter_hf_dataset(cfg: DataConfig) -> Iterator[str]:
+def _iter_hf_dataset(cfg: DataConfig, shard: int, n_shards: int) -> Iterator[str]:
     try:
         import datasets
+        from datasets.distributed import split_dataset_by_node
     except ImportError as error:
         raise ConfigError("data.kind=hf_dataset needs the `datasets` package: pip install -e '.[hub]'") from error
     stream = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=True)
-    for row in stream.shuffle(seed=cfg.seed, buffer_size=10_000):
+    # By whole files when they divide evenly among the shards, else every n-th example.
+    stream = split_dataset_by_node(stream.shuffle(seed=cfg.seed, buffer_size=10_000), rank=shard,
+                                   world_size=n_shards)
+    for row in stream:
         yield row[cfg.text_field]
 
 
@@ -81,12 +94,22 @@ def special_token_ids(tokenizer) -> tuple[int, int | None]:  # noqa: ANN001
     return bos, tokenizer.pad_token_id
 
 
-def iter_token_batches(
-    cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, start: int = 0  # noqa: ANN001
-) -> Iterator[TokenBatch]:
-    """Packed [model_batch_size, seq_len] batches; this rank's share of a global sequence of batches.
+TOKENIZE_CHUNK = 64
+"""Documents per tokenizer call: one call per document spends most of its time in Python overhead."""
 
-    `start` skips this rank's first `start` batches (a resumed stream): they are tokenized, never yielded.
+
+def _tokenized(documents: Iterator[str], tokenizer) -> Iterator[list[int]]:  # noqa: ANN001
+    """Token ids of each document, in order, tokenized a chunk of documents at a time."""
+    while chunk := list(itertools.islice(documents, TOKENIZE_CHUNK)):
+        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+
+def iter_token_batches(
+    cfg: DataConfig, tokenizer, shard: int = 0, n_shards: int = 1, start: int = 0  # noqa: ANN001
+) -> Iterator[TokenBatch]:
+    """Packed [model_batch_size, seq_len] batches of one document shard (see `iter_documents`).
+
+    `start` skips the shard's first `start` batches (a resumed stream): they are tokenized, never yielded.
     """
     bos, _ = special_token_ids(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
@@ -94,13 +117,13 @@ def iter_token_batches(
     pending: list[int] = []
     rows: list[list[int]] = []
     batch_index = 0
-    for document in iter_documents(cfg):
-        pending += tokenizer(document, add_special_tokens=False)["input_ids"] + [eos]
+    for document_ids in _tokenized(iter_documents(cfg, shard, n_shards), tokenizer):
+        pending += document_ids + [eos]
         while len(pending) >= body:
             rows.append([bos] + pending[:body])
             pending = pending[body:]
             if len(rows) == cfg.model_batch_size:
-                if batch_index % world_size == rank and batch_index // world_size >= start:
+                if batch_index >= start:
                     input_ids = torch.tensor(rows, dtype=torch.long)
                     yield TokenBatch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
                 rows = []

@@ -1,11 +1,13 @@
-"""Activation workers: spawned processes that run every snapshot on the same token batches.
+"""Activation workers: spawned processes that each read their own document shard, tokenize it, run every
+snapshot on the same tokens and hand paired activation blocks to the trainer through shared memory.
 
-The trainer process owns the token stream (so its position is known and resumable) and deals batch j to
-worker j mod W. Each worker runs all snapshots on it and writes the paired block into one of its own
-shared-memory slots; the trainer copies the block out and hands the slot back. A worker with no free slot
-waits, so memory stays at W x slots blocks whatever the speeds (back-pressure). Blocks come back in stream
-order. A worker that raises sends its traceback; one that dies without a word (killed, out of memory) is
-noticed by its exit code within `POLL_SECONDS`.
+Worker w of W on rank r of N reads document shard r*W + w of N*W (`data.tokens`), so the trainer process never
+tokenizes and no two workers read the same document. Worker w makes blocks w, w + W, w + 2W, ... of the
+rank's stream; the trainer takes them round-robin, so the order is fixed by (N, W) and a position (the next
+block index) says where every worker resumes. Each worker writes a block into one of its own shared-memory
+slots and waits for a free slot before the next: memory stays at W x slots blocks whatever the speeds
+(back-pressure). A worker that raises sends its traceback; one that dies without a word (killed, out of
+memory) is noticed by its exit code within `POLL_SECONDS`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import queue
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,13 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from crosscoder.config import SourcesConfig, WorkersConfig
+from crosscoder.config import DataConfig, SourcesConfig, WorkersConfig
 from crosscoder.data.activations import ActivationBlock, paired_block
-from crosscoder.data.tokens import TokenBatch
-from crosscoder.sources import SnapshotSpec, load_runners
+from crosscoder.data.tokens import iter_token_batches
+from crosscoder.sources import SnapshotRunner, SnapshotSpec, load_runners, load_tokenizer
 
 POLL_SECONDS = 0.5
-"""How often a waiting trainer checks that its workers are alive."""
+"""How often a waiting trainer checks that its workers are alive (and a blocked worker that it should stop)."""
 
 
 class WorkerError(RuntimeError):
@@ -37,14 +38,17 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """Everything a worker needs to load its snapshots (picklable: it crosses a spawn)."""
+    """Everything a worker needs to read its shard and run the snapshots (picklable: it crosses a spawn)."""
 
     sources: SourcesConfig
+    data: DataConfig
     specs: list[SnapshotSpec]
     bos_id: int
     pad_id: int | None
     device: str
     threads: int
+    rank: int = 0
+    world_size: int = 1
     cpus: tuple[int, ...] = ()
 
 
@@ -57,41 +61,55 @@ def resolve_worker_device(configured: str) -> str:
     return "cpu"
 
 
+def produce_blocks(
+    setup: WorkerSetup, tokenizer: Any, runners: list[SnapshotRunner], worker: int,  # noqa: ANN401 (HF tokenizer)
+    n_workers: int, start: int,
+) -> Iterator[ActivationBlock]:
+    """Blocks worker, worker + W, ... of the rank's stream, from the first one >= `start` on."""
+    local_start = max(0, (start - worker + n_workers - 1) // n_workers)
+    shard, n_shards = setup.rank * n_workers + worker, setup.world_size * n_workers
+    batches = iter_token_batches(setup.data, tokenizer, shard=shard, n_shards=n_shards, start=local_start)
+    device = torch.device(setup.device)
+    for local, batch in enumerate(batches, start=local_start):
+        yield paired_block(local * n_workers + worker, batch, runners, setup.bos_id, setup.pad_id, device)
+
+
 def _worker_main(
-    worker: int, setup: WorkerSetup, activation_slots: torch.Tensor, token_slots: torch.Tensor,
-    tasks: Any, free_slots: Any, results: Any, parent_pid: int,  # noqa: ANN401 (multiprocessing queues)
+    worker: int, n_workers: int, setup: WorkerSetup, activation_slots: torch.Tensor, token_slots: torch.Tensor,
+    tasks: Any, free_slots: Any, results: Any, stop: Any, parent_pid: int,  # noqa: ANN401 (multiprocessing)
 ) -> None:
-    """A worker's life: load the snapshots, then turn token batches into blocks until told to stop."""
+    """A worker's life: load tokenizer and snapshots, wait for the start position, then make blocks until
+    stopped; wait for a free slot before writing each one."""
     try:
         torch.set_num_threads(setup.threads)
         if setup.cpus:  # cores of their own, so the workers and the trainer do not take turns on the same ones
             os.sched_setaffinity(0, setup.cpus)
-        device = torch.device(setup.device)
-        runners = load_runners(setup.sources, setup.specs, device)
+        tokenizer = load_tokenizer(setup.specs[0], setup.sources.trust_remote_code)
+        runners = load_runners(setup.sources, setup.specs, torch.device(setup.device))
         results.put(("ready", worker, os.getpid()))
-        while True:
-            try:
-                task = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent_pid:  # the trainer is gone: do not outlive it
-                    return
-                continue
-            if task is None:
-                return
-            index, input_ids, attention_mask = task
-            batch = TokenBatch(input_ids=input_ids, attention_mask=attention_mask)
-            block = paired_block(index, batch, runners, setup.bos_id, setup.pad_id, device)
+        start = tasks.get()
+        if start is None:
+            return
+        for block in produce_blocks(setup, tokenizer, runners, worker, n_workers, start):
             n_tokens = block.token_ids.shape[0]
-            slot = free_slots.get()  # back-pressure: wait until the trainer has emptied one of our slots
+            while True:  # back-pressure: wait until the trainer has emptied one of our slots
+                if stop.is_set() or os.getppid() != parent_pid:  # told to stop, or the trainer is gone
+                    return
+                try:
+                    slot = free_slots.get(timeout=POLL_SECONDS)
+                    break
+                except queue.Empty:
+                    continue
             activation_slots[slot, :n_tokens].copy_(block.activations)
             token_slots[slot, :n_tokens].copy_(block.token_ids)
-            results.put(("block", index, slot, n_tokens))
+            results.put(("block", block.index, slot, n_tokens))
+        results.put(("end", worker))
     except BaseException:  # noqa: BLE001 - whatever it was, the trainer must hear of it
         results.put(("error", worker, traceback.format_exc()))
 
 
 class WorkerPool:
-    """W spawned workers turning this rank's token batches into paired activation blocks, in order."""
+    """W spawned workers making this rank's paired activation blocks; the trainer reads them in order."""
 
     def __init__(self, cfg: WorkersConfig, setup: WorkerSetup, n_sources: int, d_model: int,
                  max_tokens: int) -> None:
@@ -107,6 +125,10 @@ class WorkerPool:
         self.token_slots: list[torch.Tensor] = []
         self.ready = [False] * cfg.num_workers
         self.started = time.monotonic()
+        self.stop = context.Event()
+        self.blocks_received = 0
+        """Blocks received so far (this rank)."""
+        self._iterating = False
         for worker in range(cfg.num_workers):
             activations = torch.zeros((cfg.slots, max_tokens, n_sources, d_model)).share_memory_()
             tokens = torch.zeros((cfg.slots, max_tokens), dtype=torch.long).share_memory_()
@@ -115,7 +137,8 @@ class WorkerPool:
                 free_slots.put(slot)
             process = context.Process(
                 target=_worker_main, name=f"crosscoder-activation-worker-{worker}", daemon=True,
-                args=(worker, setup, activations, tokens, tasks, free_slots, results, os.getpid()),
+                args=(worker, cfg.num_workers, setup, activations, tokens, tasks, free_slots, results, self.stop,
+                      os.getpid()),
             )
             process.start()
             self.processes.append(process)
@@ -125,21 +148,23 @@ class WorkerPool:
             self.activation_slots.append(activations)
             self.token_slots.append(tokens)
 
-    def iter_blocks(self, token_batches: Iterator[tuple[int, TokenBatch]]) -> Iterator[ActivationBlock]:
-        """Blocks for (index, batch) pairs, in the order given. Batches are dealt round-robin, at most
-        slots + 1 queued per worker, so every worker stays busy and none runs far ahead."""
-        n_workers = self.cfg.num_workers
-        in_flight: deque[tuple[int, int]] = deque()  # (index, worker) dealt and not yet received, in order
-        for dealt, (index, batch) in enumerate(token_batches):
-            worker = dealt % n_workers
-            self.tasks[worker].put((index, batch.input_ids, batch.attention_mask))
-            in_flight.append((index, worker))
-            if len(in_flight) >= n_workers * (self.cfg.slots + 1):
-                yield self._receive(*in_flight.popleft())
-        while in_flight:
-            yield self._receive(*in_flight.popleft())
+    def iter_blocks(self, start: int = 0) -> Iterator[ActivationBlock]:
+        """The rank's blocks from index `start` on, in order (block j comes from worker j mod W). Once per pool."""
+        if self._iterating:
+            raise RuntimeError("a worker pool streams once; build a new one to restart from another position")
+        self._iterating = True
+        for tasks in self.tasks:
+            tasks.put(start)
+        index = start
+        while True:
+            block = self._receive(index, index % self.cfg.num_workers)
+            if block is None:  # a finite corpus ran out in this worker's shard
+                return
+            self.blocks_received += 1
+            yield block
+            index += 1
 
-    def _receive(self, index: int, worker: int) -> ActivationBlock:
+    def _receive(self, index: int, worker: int) -> ActivationBlock | None:
         while True:
             try:
                 message = self.results[worker].get(timeout=POLL_SECONDS)
@@ -152,6 +177,8 @@ class WorkerPool:
                 continue
             if kind == "error":
                 raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")
+            if kind == "end":
+                return None
             _, got_index, slot, n_tokens = message
             if got_index != index:
                 raise WorkerError(f"activation worker {worker} returned block {got_index}, expected {index}")
@@ -185,8 +212,9 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop the workers (politely, then firmly) and drop their queues without waiting on unread items."""
-        for tasks, process in zip(self.tasks, self.processes, strict=True):
-            if process.is_alive():
+        self.stop.set()
+        if not self._iterating:  # workers still waiting for their start position
+            for tasks in self.tasks:
                 tasks.put(None)
         deadline = time.monotonic() + 5.0
         for process in self.processes:

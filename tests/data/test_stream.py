@@ -80,17 +80,16 @@ def test_a_finite_cache_ends_and_holds_what_was_asked(info: SourceInfo, toy_cach
     assert cfg.trainer.total_tokens <= served <= stream.available_tokens
 
 
-def test_two_ranks_read_disjoint_online_tokens(info: SourceInfo, toy_cache: Path) -> None:
-    """Online, rank r of 2 gets global token batches r, r + 2, r + 4, ... and nothing else."""
+def test_two_ranks_read_their_own_document_shards(info: SourceInfo, toy_cache: Path) -> None:
+    """Online (snapshots inline: one document shard per rank), rank r of 2 reads document shard r of 2."""
     cfg = stream_config(toy_cache)
     bos, pad = special_token_ids(info.tokenizer)
-    global_batches = list(itertools.islice(iter_token_batches(cfg.data, info.tokenizer), 8))
     for rank in (0, 1):
         blocks_from, close = online_block_source(cfg, info, rank, 2, log=quiet)
         blocks = list(itertools.islice(blocks_from(0), 4))
         close()
-        for j, block in enumerate(blocks):
-            batch = global_batches[rank + 2 * j]
+        shard = list(itertools.islice(iter_token_batches(cfg.data, info.tokenizer, shard=rank, n_shards=2), 4))
+        for j, (block, batch) in enumerate(zip(blocks, shard, strict=True)):
             assert block.index == j
             assert torch.equal(block.token_ids, batch.input_ids[valid_token_mask(batch, bos, pad)])
 
@@ -149,8 +148,13 @@ def test_resumed_stream_serves_no_token_twice(info: SourceInfo, toy_cache: Path,
 
 def test_a_position_from_another_stream_is_refused(info: SourceInfo, toy_cache: Path) -> None:
     position = StreamPosition(kind="cache", next_block=3, rank=0, world_size=1)
-    with pytest.raises(ConfigError, match="cache stream on rank 0 of 1; this run is a online stream"):
+    with pytest.raises(ConfigError, match="for a cache stream on rank 0 of 1 .* this run is a online stream"):
         build_activation_stream(stream_config(toy_cache), info, 0, 1, BATCH, position=position, log=quiet)
+    cfg = stream_config(toy_cache)
+    cfg.data.workers.num_workers = 2
+    position = StreamPosition(kind="online", next_block=3, rank=0, world_size=1, document_shards=1)
+    with pytest.raises(ConfigError, match="resume with the same value"):
+        build_activation_stream(cfg, info, 0, 1, BATCH, position=position, log=quiet)
 
 
 def test_a_cache_of_another_hook_is_refused(toy_cache: Path, cache_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Token streams: BOS-led packed sequences, seeded order, rank-disjoint batches, local text files."""
+"""Token streams: BOS-led packed sequences, seeded order, disjoint document shards, resumable starts,
+local text files."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def _toy(**overrides: object) -> DataConfig:
     return DataConfig(**{**defaults, **overrides})
 
 
-def _take(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, n: int, rank: int = 0,
-          world_size: int = 1) -> list[TokenBatch]:
-    return list(itertools.islice(iter_token_batches(cfg, tokenizer, rank=rank, world_size=world_size), n))
+def _take(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, n: int, shard: int = 0,
+          n_shards: int = 1) -> list[TokenBatch]:
+    return list(itertools.islice(iter_token_batches(cfg, tokenizer, shard=shard, n_shards=n_shards), n))
 
 
 def _write_corpus(folder: Path) -> tuple[list[Path], list[str]]:
@@ -96,18 +97,28 @@ def test_seed_changes_only_the_order_of_a_fixed_corpus(tmp_path: Path) -> None:
     assert a[:n] != a[n:]  # each epoch is reshuffled
 
 
-def test_ranks_read_disjoint_interleaved_batches(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Under world_size=2 rank r gets global batches r, r+2, ...: disjoint, together the 1-rank stream."""
-    cfg = _toy(seed=3)
-    single = _take(cfg, tokenizer, 6)
-    rank0 = _take(cfg, tokenizer, 3, rank=0, world_size=2)
-    rank1 = _take(cfg, tokenizer, 3, rank=1, world_size=2)
-    for i in range(3):
-        assert torch.equal(rank0[i].input_ids, single[2 * i].input_ids)
-        assert torch.equal(rank1[i].input_ids, single[2 * i + 1].input_ids)
-    rows0 = {tuple(row.tolist()) for b in rank0 for row in b.input_ids}
-    rows1 = {tuple(row.tolist()) for b in rank1 for row in b.input_ids}
-    assert rows0.isdisjoint(rows1)
+def test_shards_split_the_documents(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Shard k of n reads every n-th document of the seeded order: disjoint, together the whole epoch."""
+    cfg = _toy(seed=3, toy_documents=60)
+    whole = list(itertools.islice(iter_documents(cfg), 60))
+    shards = [list(itertools.islice(iter_documents(cfg, shard, 3), 20)) for shard in range(3)]
+    for k in range(3):
+        assert shards[k] == whole[k::3]
+    batches = [_take(cfg, tokenizer, 2, shard=k, n_shards=3) for k in range(3)]
+    assert not torch.equal(batches[0][0].input_ids, batches[1][0].input_ids)
+
+
+def test_start_skips_whole_batches(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A stream started at batch k yields exactly the uninterrupted stream's batches k, k+1, ..."""
+    cfg = _toy(seed=5)
+    whole = _take(cfg, tokenizer, 6)
+    resumed = list(itertools.islice(iter_token_batches(cfg, tokenizer, start=4), 2))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(whole[4:], resumed, strict=True))
+
+
+def test_more_shards_than_documents_is_refused() -> None:
+    with pytest.raises(ConfigError, match="produced 3 documents, fewer than the 4 stream shards"):
+        next(iter_documents(_toy(toy_documents=3), 0, 4))
 
 
 def test_text_files_txt_and_jsonl(tmp_path: Path) -> None:
