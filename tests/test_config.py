@@ -25,8 +25,15 @@ def _valid() -> RunConfig:
 
 
 def _set(path: str, value: object) -> Callable[[RunConfig], None]:
-    section, key = path.split(".")
-    return lambda cfg: setattr(getattr(cfg, section), key, value)
+    *sections, key = path.split(".")
+
+    def mutate(cfg: RunConfig) -> None:
+        node: object = cfg
+        for section in sections:
+            node = getattr(node, section)
+        setattr(node, key, value)
+
+    return mutate
 
 
 def test_valid_config_passes_and_returns_self() -> None:
@@ -46,6 +53,13 @@ def test_valid_config_passes_and_returns_self() -> None:
          r"crosscoder\.k=0"),
         (_set("crosscoder.activation", "gelu"), r"crosscoder\.activation='gelu'"),
         (_set("data.kind", "parquet"), r"data\.kind='parquet'"),
+        (_set("data.workers.num_workers", -1), r"data\.workers\.num_workers=-1"),
+        (_set("data.workers.device", "tpu"), r"data\.workers\.device='tpu'"),
+        (_set("data.workers.cpus", [0, 4096]), r"data\.workers\.cpus contains 4096"),
+        (_set("data.shuffle.refill_fraction", 0.0), r"data\.shuffle\.refill_fraction=0\.0"),
+        (_set("data.shuffle.buffer_tokens", -1), r"data\.shuffle\.buffer_tokens=-1"),
+        (_set("data.cache.dtype", "int8"), r"data\.cache\.dtype='int8'"),
+        (_set("data.cache.shard_batches", 0), r"data\.cache\.shard_batches=0"),
         (_set("sources.kind", "onnx"), r"sources\.kind='onnx'"),
         (_set("trainer.total_tokens", 100), r"trainer\.total_tokens=100 .*batch_size=1024"),
         (_set("deepspeed.zero_stage", 5), r"deepspeed\.zero_stage=5"),

@@ -87,7 +87,14 @@ def _worker_main(
         tokenizer = load_tokenizer(setup.specs[0], setup.sources.trust_remote_code)
         runners = load_runners(setup.sources, setup.specs, torch.device(setup.device))
         results.put(("ready", worker, os.getpid()))
-        start = tasks.get()
+        while True:  # wait for the start position, unless the trainer goes away first
+            if os.getppid() != parent_pid:
+                return
+            try:
+                start = tasks.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                continue
         if start is None:
             return
         for block in produce_blocks(setup, tokenizer, runners, worker, n_workers, start):
