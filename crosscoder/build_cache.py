@@ -9,15 +9,14 @@ build continues where it stopped; a complete cache is left alone.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from crosscoder.config import ConfigError, RunConfig, register_configs
-from crosscoder.train import CONF_DIR
+from crosscoder.train import CONF_DIR, run_command
 
 register_configs()
 
@@ -49,12 +48,7 @@ def build_cache(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        cache_dir = build_cache(run_cfg)
-    except ConfigError as error:
-        print(f"crosscoder-cache: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cache_dir = run_command("crosscoder-cache", cfg, build_cache)
     print(f"crosscoder-cache: activations in {cache_dir}")
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from crosscoder.config import ConfigError, RunConfig, register_configs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+T = TypeVar("T")
 
 register_configs()
 
@@ -26,16 +29,20 @@ def _quiet_non_main_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
+    """Run a Hydra command on the typed config; a bad value is one line on stderr and exit status 2."""
+    try:
+        return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+    except ConfigError as error:
+        print(f"{command}: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from crosscoder.trainer import train
 
-    try:
-        run_cfg: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        result = train(run_cfg)
-    except ConfigError as error:
-        print(f"crosscoder: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+    result = run_command("crosscoder", cfg, train)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_metrics.get("explained_variance/mean", float("nan"))
         print(f"crosscoder: {result.steps} steps, {result.tokens_seen} tokens in {result.wall_seconds:.1f}s; "

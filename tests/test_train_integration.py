@@ -144,3 +144,16 @@ def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, t
         sparsity[coeff] = summary["l0"]
         single_wandb_run_file(sweep_dir / job)
     assert sparsity[5.0] < sparsity[0.5], f"a 10x larger lambda should give a sparser code: {sparsity}"
+
+
+def test_a_bad_value_exits_2_naming_it(tmp_path: Path) -> None:
+    """Both entry points turn a ConfigError into one line on stderr and exit status 2, before any work."""
+    for module, override, message in (
+        ("crosscoder.build_cache", "data.cache.dtype=float32", "crosscoder-cache: configuration error: data.cache.dir"),
+        ("crosscoder.train", "data.workers.num_workers=-1", "data.workers.num_workers=-1"),
+    ):
+        result = subprocess.run([sys.executable, "-m", module, override, f"hydra.run.dir={tmp_path / module}"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr
