@@ -12,7 +12,7 @@ so exported weights work on raw activations and nothing is folded twice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,9 +20,12 @@ from torch import nn
 from crosscoder.activations import ACTIVATIONS, Activation
 
 
-@dataclass
-class CrosscoderOutput:
-    """What one forward pass produces; losses are scalars, tensors are per token."""
+class CrosscoderOutput(NamedTuple):
+    """What one forward pass produces; losses are scalars, tensors are per token.
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the output tensors to hook its parameter re-gather
+    for backward only inside tuples, lists and dicts; in a dataclass the backward sees empty partitions.
+    """
 
     loss: torch.Tensor
     mse_loss: torch.Tensor

@@ -114,7 +114,10 @@ def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: AN
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state = accelerator.get_state_dict(engine)
+    # Gathered by hand rather than accelerator.get_state_dict, which under ZeRO-3 returns None on ranks > 0
+    # (and needs zero3_save_16bit_model): every rank gets the buffers and whole parameters.
+    with full_parameters(engine) as module:
+        state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
     for name, param in accelerator.unwrap_model(engine).named_parameters():
         master = safe_get_full_fp32_param(param)
         if master is not None:

@@ -59,16 +59,25 @@ def single_wandb_run_file(run_dir: Path) -> Path:
     return runs[0]
 
 
-def test_accelerate_launch_two_processes_deepspeed_zero2(tiny_snapshots: list, toy_cache: Path,
-                                                         tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def launch_two_ranks(launch_config: str, toy_cache: Path, workdir: Path) -> tuple[Path, str]:
+    """A 2-process `accelerate launch` of the tiny run fed by one worker per rank; (run dir, its log)."""
+    run_dir = workdir / "run"
     result = run([
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
+        "--config_file", str(REPO / "launch" / launch_config), "--main_process_port", str(free_port()),
         "-m", "crosscoder.train", *tiny_overrides(toy_cache),
         "trainer.checkpoint_every=4", f"hydra.run.dir={run_dir}",
-    ], tmp_path)
-    log = result.stdout + result.stderr
+    ], workdir)
+    return run_dir, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_snapshots: list, toy_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return launch_two_ranks("cpu_2proc_zero2.yaml", toy_cache, tmp_path_factory.mktemp("zero2"))
+
+
+def test_accelerate_launch_two_processes_deepspeed_zero2(zero2_run: tuple[Path, str]) -> None:
+    run_dir, log = zero2_run
     assert "2 rank(s), ZeRO-2" in log
 
     model, meta = load_dictionary(run_dir / DICTIONARY_DIR)
@@ -96,6 +105,20 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(tiny_snapshots: list, t
                                                               "decoder_norms.safetensors", STREAM_POSITION_FILE}
     positions = json.loads((run_dir / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
     assert [(p["kind"], p["rank"], p["world_size"]) for p in positions] == [("online", 0, 2), ("online", 1, 2)]
+
+
+def test_zero3_partitions_and_exports_the_same_dictionary(zero2_run: tuple[Path, str], toy_cache: Path,
+                                                         tmp_path: Path) -> None:
+    """ZeRO-3 (parameters partitioned across the 2 ranks) exports, at the end and at a checkpoint, the
+    dictionary ZeRO-2 exports. Same seeds, same tokens and fp32 throughout, and both average the same two
+    per-rank gradients, so the weights agree to float32 rounding; we allow 1e-6."""
+    run_dir, log = launch_two_ranks("cpu_2proc_zero3.yaml", toy_cache, tmp_path)
+    assert "2 rank(s), ZeRO-3" in log
+    for export in (DICTIONARY_DIR, f"{CHECKPOINTS_DIR}/step_0000004"):
+        zero3, _ = load_dictionary(run_dir / export)
+        zero2, _ = load_dictionary(zero2_run[0] / export)
+        for name, tensor in zero2.state_dict().items():
+            torch.testing.assert_close(zero3.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
