@@ -38,10 +38,21 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
         sys.exit(2)
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of every run of one sweep, named after its directory (`multirun/<date>/<time>`)."""
+    return "sweep:" + "/".join(Path(sweep_dir).parts[-2:])
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from crosscoder.trainer import train
 
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.tracking.group is None:
+        cfg.tracking.group = sweep_group(hydra_cfg.sweep.dir)  # the sweep's runs side by side in W&B
     result = run_command("crosscoder", cfg, train)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_metrics.get("explained_variance/mean", float("nan"))

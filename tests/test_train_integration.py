@@ -15,8 +15,9 @@ import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.train import sweep_group
 from tests.conftest import PROCESS_ENV, TINY_TOY
-from tests.wandb_records import artifacts, history_keys
+from tests.wandb_records import artifacts, history_keys, run_group
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -159,14 +160,35 @@ def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, t
         f"hydra.sweep.dir={sweep_dir}",
     ], tmp_path)
     assert {p: p.stat().st_mtime_ns for p in activation_cache.iterdir()} == shards_before
-    sparsity = {}
+    sparsity = check_sweep(sweep_dir)
+    assert sparsity[5.0] < sparsity[0.5], f"a 10x larger lambda should give a sparser code: {sparsity}"
+
+
+def check_sweep(sweep_dir: Path) -> dict[float, float]:
+    """Jobs 0 and 1 of a lambda = 0.5, 5 sweep each exported their dictionary and ran one W&B run, both in
+    the sweep's W&B group; returns L0 per lambda."""
+    sparsity, groups = {}, set()
     for job, coeff in (("0", 0.5), ("1", 5.0)):
         _, meta = load_dictionary(sweep_dir / job / DICTIONARY_DIR)
         assert meta.training["crosscoder"]["l1_coeff"] == coeff
         summary = json.loads((sweep_dir / job / RUN_SUMMARY_FILE).read_text())
         sparsity[coeff] = summary["l0"]
-        single_wandb_run_file(sweep_dir / job)
-    assert sparsity[5.0] < sparsity[0.5], f"a 10x larger lambda should give a sparser code: {sparsity}"
+        groups.add(run_group(single_wandb_run_file(sweep_dir / job)))
+    assert groups == {sweep_group(sweep_dir)}, groups
+    return sparsity
+
+
+def test_sweep_of_two_process_jobs_with_the_accelerate_launcher(toy_cache: Path, tiny_snapshots: list,
+                                                                 tmp_path: Path) -> None:
+    """hydra/launcher=accelerate: each member of a 2-value sweep is its own 2-rank `accelerate launch`."""
+    sweep_dir = tmp_path / "sweep"
+    result = run([
+        sys.executable, "-m", "crosscoder.train", "--multirun", "hydra/launcher=accelerate",
+        f"hydra.launcher.config_file={REPO / 'launch' / 'cpu_2proc_zero2.yaml'}", *tiny_overrides(toy_cache),
+        "crosscoder.l1_coeff=0.5,5", f"hydra.sweep.dir={sweep_dir}",
+    ], tmp_path)
+    assert result.stdout.count("on 2 rank(s), ZeRO-2") == 2
+    check_sweep(sweep_dir)
 
 
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path) -> None:

@@ -60,3 +60,8 @@ def history_keys(path: Path) -> set[str]:
 
 def artifacts(path: Path) -> list[wandb_internal_pb2.ArtifactRecord]:
     return [r.artifact for r in read_records(path) if r.WhichOneof("record_type") == "artifact"]
+
+
+def run_group(path: Path) -> str:
+    """The W&B group the run was started in ('' when none)."""
+    return next(r.run.run_group for r in read_records(path) if r.WhichOneof("record_type") == "run")
