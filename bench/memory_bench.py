@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -105,13 +104,9 @@ def measure(args: argparse.Namespace) -> None:
     teardown(accelerator)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def drive(args: argparse.Namespace) -> None:
+    from crosscoder.parallel import free_port
+
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -125,7 +120,7 @@ def drive(args: argparse.Namespace) -> None:
                 command = [
                     sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(ranks),
                     "--num_machines", "1", "--use_deepspeed", "--zero_stage", str(stage),
-                    "--main_process_port", str(_free_port()), str(Path(__file__).resolve()), "--measure",
+                    "--main_process_port", str(free_port()), str(Path(__file__).resolve()), "--measure",
                     "--stage", str(stage), "--out", str(out), "--sources", str(args.sources),
                     "--d-model", str(args.d_model), "--dict-size", str(args.dict_size), "--batch", str(args.batch),
                 ]

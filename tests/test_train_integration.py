@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.parallel import free_port
 from crosscoder.train import sweep_group
 from tests.conftest import PROCESS_ENV, TINY_TOY
 from tests.wandb_records import artifacts, history_keys, run_group
@@ -46,12 +46,6 @@ def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def single_wandb_run_file(run_dir: Path) -> Path:

@@ -13,7 +13,6 @@ whole sweep. Jobs run one after another; a failed job stops the sweep with its e
 # No `from __future__ import annotations` here: Hydra's plugin scanner imports this module without putting it
 # in sys.modules, and dataclasses then cannot resolve string annotations.
 import logging
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -44,12 +43,6 @@ ConfigStore.instance().store(group="hydra/launcher", name="accelerate", node=Acc
                              provider="crosscoder")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class AccelerateLauncher(Launcher):
     def __init__(self, config_file: str, module: str) -> None:
         self.config_file, self.module = config_file, module
@@ -60,6 +53,8 @@ class AccelerateLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:  # noqa: ANN401
+        from crosscoder.parallel import free_port  # here, not at import: Hydra imports every plugin at start-up
+
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -79,7 +74,7 @@ class AccelerateLauncher(Launcher):
             if OmegaConf.select(job_config, "tracking.group") is None:
                 extra.append(f"tracking.group={sweep_group(sweep_dir)}")
             command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", self.config_file,
-                       "--main_process_port", str(_free_port()), "-m", self.module, *overrides, *extra]
+                       "--main_process_port", str(free_port()), "-m", self.module, *overrides, *extra]
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} -> {job_dir}")
             status = subprocess.run(command).returncode
             if status:
