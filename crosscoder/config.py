@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 ACTIVATION_NAMES = ("relu", "topk", "batchtopk")
-SOURCE_KINDS = ("hf", "toy")
+SOURCE_KINDS = ("hf", "toy", "planted")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
@@ -60,11 +60,65 @@ class ToySourceConfig:
 
 
 @dataclass
+class PlantedSourceConfig:
+    """Synthetic snapshots from a planted dictionary whose per-snapshot feature magnitudes are known."""
+
+    n_snapshots: int = 8
+    """S, snapshots generated."""
+    d_model: int = 64
+    """Width d of every snapshot."""
+    n_features: int = 128
+    """F_true, planted features (may exceed d_model: superposition)."""
+    persistent_share: float = 0.3
+    """Share of features alive at every snapshot."""
+    emerging_share: float = 0.4
+    """Share that switch on at a snapshot t in 1..S-1 and stay on."""
+    vanishing_share: float = 0.15
+    """Share alive until a snapshot t in 1..S-1, then off."""
+    transient_share: float = 0.15
+    """Share alive only on an interior window [t0, t1); the four shares sum to 1."""
+    active_per_token: float = 5.0
+    """Expected active features per token (each is on independently with probability this / n_features)."""
+    rotation_fraction: float = 0.25
+    """Share of features whose direction turns smoothly across snapshots."""
+    rotation_cosine: float = 0.6
+    """Cosine between a rotating feature's first- and last-snapshot directions."""
+    noise: float = 0.1
+    """Std of isotropic Gaussian noise relative to the signal's (noise energy = noise^2 * signal energy)."""
+    seed: int = 0
+    """Seed of the planted dictionary and of the token stream."""
+
+    def validate(self, prefix: str = "sources.planted") -> None:
+        """Raise ConfigError naming the first out-of-range field."""
+        for key in ("n_snapshots", "d_model", "n_features"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+        shares = {k: getattr(self, f"{k}_share") for k in ("persistent", "emerging", "vanishing", "transient")}
+        for kind, share in shares.items():
+            if not 0 <= share <= 1:
+                raise ConfigError(f"{prefix}.{kind}_share={share} must be in [0, 1]")
+        if abs(sum(shares.values()) - 1) > 1e-6:
+            raise ConfigError(f"{prefix} shares {shares} sum to {sum(shares.values()):.6g}, not 1")
+        if self.n_snapshots < (3 if self.transient_share > 0 else 2):
+            raise ConfigError(f"{prefix}.n_snapshots={self.n_snapshots} is too few: emerging/vanishing features "
+                              "need 2, transient ones (an interior window) 3")
+        if not 0 < self.active_per_token <= self.n_features:
+            raise ConfigError(f"{prefix}.active_per_token={self.active_per_token} must be in "
+                              f"(0, n_features={self.n_features}]")
+        if not 0 <= self.rotation_fraction <= 1:
+            raise ConfigError(f"{prefix}.rotation_fraction={self.rotation_fraction} must be in [0, 1]")
+        if not -1 <= self.rotation_cosine <= 1:
+            raise ConfigError(f"{prefix}.rotation_cosine={self.rotation_cosine} must be in [-1, 1]")
+        if self.noise < 0:
+            raise ConfigError(f"{prefix}.noise={self.noise} must be >= 0")
+
+
+@dataclass
 class SourcesConfig:
     """The snapshots the crosscoder reads: one hook point in each of several checkpoints of one model."""
 
     kind: str = "hf"
-    """`hf`: snapshots named below (hub ids or local dirs); `toy`: the embedded tiny model, built on demand."""
+    """`hf`: snapshots named below (hub ids or local dirs); `toy`: the embedded tiny model, built on demand;
+    `planted`: synthetic snapshots from a known dictionary (crosscoder.toy.planted)."""
     model: str = ""
     """Hub id (e.g. EleutherAI/pythia-160m-deduped) or local directory shared by all `revisions`."""
     revisions: list[str] = field(default_factory=list)
@@ -80,6 +134,7 @@ class SourcesConfig:
     trust_remote_code: bool = False
     """Passed to transformers; off unless you trust the checkpoint's code."""
     toy: ToySourceConfig = field(default_factory=ToySourceConfig)
+    planted: PlantedSourceConfig = field(default_factory=PlantedSourceConfig)
 
 
 @dataclass
@@ -202,6 +257,13 @@ class TrainerConfig:
     """Steps between metric logs (decoder norms included)."""
     checkpoint_every: int = 0
     """Steps between exported dictionaries (0: only at the end)."""
+    state_every: int = 250
+    """Steps between training-state checkpoints a run can resume from (0: only when stopped by SIGTERM)."""
+    keep_states: int = 2
+    """Training states kept; an older one is deleted once a newer one is complete."""
+    resume: str = "none"
+    """`none`, `auto` (the latest complete training state under output_dir; a fresh start if there is none), or
+    the path of one training-state folder."""
 
 
 @dataclass
@@ -262,6 +324,8 @@ class RunConfig:
             n_snapshots = len(s.paths) if s.paths else max(len(s.revisions), 1)
             if s.steps and len(s.steps) != n_snapshots:
                 raise ConfigError(f"sources.steps has {len(s.steps)} entries for {n_snapshots} snapshots")
+        if s.kind == "planted":
+            s.planted.validate()
         _positive("crosscoder.dict_size", c.dict_size)
         _validate_data(d)
         _positive("data.seq_len", d.seq_len)
@@ -286,6 +350,11 @@ class RunConfig:
             raise ConfigError(f"trainer.lr_decay_fraction={t.lr_decay_fraction} must be in [0, 1]")
         if t.checkpoint_every < 0:
             raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0")
+        if t.state_every < 0:
+            raise ConfigError(f"trainer.state_every={t.state_every} must be >= 0 (0: only on SIGTERM)")
+        _positive("trainer.keep_states", t.keep_states)
+        if not t.resume:
+            raise ConfigError("trainer.resume='' must be none, auto or a training-state folder")
         if t.total_tokens < t.batch_size:
             raise ConfigError(
                 f"trainer.total_tokens={t.total_tokens} is less than one batch (trainer.batch_size={t.batch_size})"

@@ -179,15 +179,22 @@ class Crosscoder(nn.Module):
 
 
 @torch.no_grad()
-def estimate_input_scale(batches: list[torch.Tensor]) -> torch.Tensor:
-    """c_s = sqrt(d) / sqrt(E||x_s||^2) over the given [B, S, d] batches."""
+def mean_squared_norms(batches: list[torch.Tensor]) -> torch.Tensor:
+    """[S] E||x_s||^2 over the given [B, S, d] batches (float64: summed over many tokens)."""
     if not batches:
         raise ValueError("no batches to estimate the input scale from")
-    d_model = batches[0].shape[-1]
     total = sum(b.double().pow(2).sum(dim=(0, 2)) for b in batches)
-    count = sum(b.shape[0] for b in batches)
-    mean_sq_norm = total / count
+    return total / sum(b.shape[0] for b in batches)
+
+
+def input_scale_from(mean_sq_norm: torch.Tensor, d_model: int) -> torch.Tensor:
+    """c_s = sqrt(d) / sqrt(E||x_s||^2)."""
     if (mean_sq_norm <= 0).any():
         bad = (mean_sq_norm <= 0).nonzero().flatten().tolist()
         raise ValueError(f"sources {bad} have all-zero activations; cannot normalise them")
-    return (math.sqrt(d_model) / mean_sq_norm.sqrt()).float()
+    return (math.sqrt(d_model) / mean_sq_norm.double().sqrt()).float()
+
+
+def estimate_input_scale(batches: list[torch.Tensor]) -> torch.Tensor:
+    """c_s = sqrt(d) / sqrt(E||x_s||^2) over the given [B, S, d] batches."""
+    return input_scale_from(mean_squared_norms(batches), batches[0].shape[-1])

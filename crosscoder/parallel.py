@@ -94,10 +94,11 @@ def build_accelerator(cfg: RunConfig, micro_batch_size: int):  # noqa: ANN201 (a
 
 
 @contextlib.contextmanager
-def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
-    """The unwrapped module with whole (un-partitioned) parameters, for reading weights outside forward."""
+def full_parameters(model: nn.Module, only: list[nn.Parameter] | None = None) -> Iterator[nn.Module]:
+    """The unwrapped module with whole (un-partitioned) parameters (all, or `only` these), for reading weights
+    outside forward. Collective under ZeRO-3."""
     module = getattr(model, "module", model)
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    params = [p for p in (module.parameters() if only is None else only) if hasattr(p, "ds_id")]
     if not params:
         yield module
         return
@@ -107,22 +108,36 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
-def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """The whole state dict with full-precision parameters. Collective: every rank must call it.
+def partitioned_init(accelerator) -> contextlib.AbstractContextManager:  # noqa: ANN001
+    """Under ZeRO-3, build the model inside deepspeed.zero.Init: each parameter is partitioned as soon as it is
+    made, so no rank holds the whole crosscoder (its optimizer state is partitioned by the engine anyway)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
 
-    Under bf16/fp16 the module holds 16-bit copies; the fp32 master weights live (sharded) in the ZeRO optimizer,
-    and those are what an exported dictionary should carry.
+    return deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config)
+
+
+def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The whole state dict with full-precision parameters on rank 0, {} elsewhere. Collective: every rank calls it.
+
+    Parameters are gathered one at a time (the transient peak is the largest parameter, not the model), and only
+    rank 0 keeps them. Under bf16/fp16 the module holds 16-bit copies; the fp32 master weights live (sharded) in
+    the ZeRO optimizer, and those are what an exported dictionary should carry.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    # Gathered by hand rather than accelerator.get_state_dict, which under ZeRO-3 returns None on ranks > 0
-    # (and needs zero3_save_16bit_model): every rank gets the buffers and whole parameters.
-    with full_parameters(engine) as module:
-        state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
-    for name, param in accelerator.unwrap_model(engine).named_parameters():
-        master = safe_get_full_fp32_param(param)
-        if master is not None:
-            state[name] = master.detach().cpu()
+    keep = accelerator.is_main_process
+    module = accelerator.unwrap_model(engine)
+    state = {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers()} if keep else {}
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param)  # a collective under ZeRO; None without a ZeRO optimizer
+        if master is None:
+            with full_parameters(module, [param]):
+                master = param.detach().float()
+        if keep:
+            state[name] = master.detach().cpu().clone()
     return state
 
 

@@ -21,8 +21,10 @@ _DATA_DIR_OWNED = "CROSSCODER_OWNS_WANDB_DATA_DIR"
 
 class Tracker:
     def __init__(
-        self, cfg: TrackingConfig, run_config: dict[str, Any], output_dir: Path, is_main: bool
+        self, cfg: TrackingConfig, run_config: dict[str, Any], output_dir: Path, is_main: bool,
+        resume_id: str | None = None,
     ) -> None:
+        """`resume_id`: the W&B run a resumed training run continues (its history goes on at the saved step)."""
         self.run = None
         if not is_main or cfg.mode == "disabled":
             return
@@ -35,9 +37,14 @@ class Tracker:
 
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, tags=list(cfg.tags) or None,
-            config=run_config, dir=str(output_dir), mode=cfg.mode,
+            config=run_config, dir=str(output_dir), mode=cfg.mode, id=resume_id,
+            resume="allow" if resume_id else None,
         )
         self.log_artifacts = cfg.log_artifacts
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
 
     @property
     def run_dir(self) -> str | None:

@@ -6,11 +6,10 @@ how the model is sharded is `parallel`'s.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,29 @@ from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.data.stream import ActivationStream, build_activation_stream
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
-from crosscoder.model import Crosscoder, estimate_input_scale
+from crosscoder.model import Crosscoder, input_scale_from, mean_squared_norms
 from crosscoder.parallel import (
     build_accelerator,
     ensure_process_group_env,
     full_parameters,
     full_state_dict,
+    partitioned_init,
     teardown,
 )
+from crosscoder.preemption import StopRequest
 from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.tracking import ProgressBar, Tracker
+from crosscoder.training_state import (
+    TrainingState,
+    check_same_run,
+    load_engine_state,
+    load_training_state,
+    restore_rng,
+    rng_tensors,
+    save_training_state,
+    select_training_state,
+    states_root,
+)
 
 
 @dataclass
@@ -62,6 +74,14 @@ def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
     return l1_coeff * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else l1_coeff
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM stopped the run after its training state was saved; `trainer.resume=auto` continues it."""
+
+    def __init__(self, step: int, state_dir: Path) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; training state saved in {state_dir}")
+        self.step, self.state_dir = step, state_dir
+
+
 def train(cfg: RunConfig) -> TrainResult:
     cfg.validate()
     started = time.perf_counter()
@@ -80,30 +100,37 @@ def train(cfg: RunConfig) -> TrainResult:
     log = print if is_main else (lambda *_: None)
     tracker: Tracker | None = None
     stream: ActivationStream | None = None
+    stop = StopRequest()
     try:
         torch.manual_seed(trainer_cfg.seed)
         output_dir = _shared_output_dir(cfg.output_dir)
+        run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        resumed = _resumable_state(accelerator, cfg, output_dir, run_config, log)
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
             sources = describe_sources(cfg.sources, log=log)
         total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
         stream = build_activation_stream(cfg, sources, state.process_index, state.num_processes, micro_batch,
-                                         log=log)
-        _check_enough_tokens(stream, cfg, total_steps * micro_batch)
-        batches: Iterator[torch.Tensor] = stream
+                                         log=log, state=None if resumed is None else (resumed.rank, resumed.tensors))
+        if resumed is None:
+            _check_enough_tokens(stream, cfg, total_steps * micro_batch)
 
-        model = Crosscoder(
-            n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
-            activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
-            aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
-        )
-        if crosscoder_cfg.normalize_inputs:
-            first = [next(batches) for _ in range(crosscoder_cfg.norm_estimation_batches)]
-            scale = accelerator.reduce(estimate_input_scale(first).to(accelerator.device), "mean").cpu()
-            model.set_input_scale(scale)
-            scales = zip(sources.specs, scale.tolist(), strict=True)
+        zero_stage = accelerator.state.deepspeed_plugin.zero_stage
+        with partitioned_init(accelerator):  # ZeRO-3: no rank ever holds the whole crosscoder
+            model = Crosscoder(
+                n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
+                activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
+                aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
+            )
+        if resumed is not None:
+            model.set_input_scale(torch.tensor(resumed.trainer["input_scale"]))
+        elif crosscoder_cfg.normalize_inputs:
+            # Mean squared norms, not scales, are averaged over ranks: the result is the one-rank estimate.
+            first = stream.peek(crosscoder_cfg.norm_estimation_batches)
+            mean_sq = accelerator.reduce(mean_squared_norms(first).to(accelerator.device), "mean").cpu()
+            model.set_input_scale(input_scale_from(mean_sq, sources.d_model))
+            scales = zip(sources.specs, model.input_scale.tolist(), strict=True)
             log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
-            batches = itertools.chain(first, batches)
 
         optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -112,17 +139,25 @@ def train(cfg: RunConfig) -> TrainResult:
         )
         engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         param_dtype = next(engine.parameters()).dtype
-
-        run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        tracker = Tracker(cfg.tracking, run_config, output_dir, is_main)
         dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens, accelerator.device)
-        progress = ProgressBar(total_steps, trainer_cfg.batch_size, enabled=is_main)
+        first_step = 0
+        if resumed is not None:
+            load_engine_state(engine, resumed.path)
+            scheduler.load_state_dict(resumed.trainer["scheduler"])
+            dead.tokens_since_fired.copy_(resumed.tensors["tokens_since_fired"])
+            restore_rng(resumed.tensors)
+            first_step = resumed.step
+            log(f"resumed from {resumed.path} at step {first_step}")
+
+        tracker = Tracker(cfg.tracking, run_config, output_dir, is_main,
+                          resume_id=None if resumed is None else resumed.trainer.get("wandb_run_id"))
+        progress = ProgressBar(total_steps - first_step, trainer_cfg.batch_size, enabled=is_main)
         source_names = [spec.name for spec in sources.specs]
         log(f"training {total_steps} steps of {trainer_cfg.batch_size} tokens on {state.num_processes} rank(s), "
-            f"ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, output in {output_dir}")
+            f"ZeRO-{zero_stage}, output in {output_dir}")
 
         def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
-            state_dict = full_state_dict(accelerator, engine)  # collective: every rank calls it
+            state_dict = full_state_dict(accelerator, engine)  # collective; whole only on rank 0
             positions = gather_object([stream.state_dict()])  # collective too: where each rank's stream stands
             if is_main:
                 meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
@@ -134,38 +169,57 @@ def train(cfg: RunConfig) -> TrainResult:
             accelerator.wait_for_everyone()
             return out_dir
 
+        def save_state(step: int) -> Path:
+            stream_scalars, stream_tensors = stream.full_state()
+            trainer_state = {"scheduler": scheduler.state_dict(), "wandb_run_id": tracker.run_id,
+                             "input_scale": model.input_scale.tolist(), "zero_stage": zero_stage,
+                             "config": run_config}
+            tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": dead.tokens_since_fired}
+            path = save_training_state(accelerator, engine, states_root(output_dir), step, trainer_state,
+                                       stream_scalars, tensors, trainer_cfg.keep_states)
+            log(f"saved training state at step {step} to {path}")
+            return path
+
         metrics: dict[str, Any] = {}
         loop_started, waited_before = time.perf_counter(), stream.wait_seconds
         window_started, window_waited = loop_started, waited_before
-        for step in range(total_steps):
-            x = next(batches).to(accelerator.device, dtype=param_dtype)
+        for step in range(first_step, total_steps):
+            x = next(stream).to(accelerator.device, dtype=param_dtype)
             l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
             output = engine(x, l1_coeff, dead.dead_mask)
-            accelerator.backward(output.loss)
+            accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
 
-            fired = accelerator.reduce((output.codes > 0).any(dim=0).float(), "sum") > 0
-            dead.update(fired, trainer_cfg.batch_size)
+            # One reduction per step carries both which latents fired and whether any rank got SIGTERM.
+            local = torch.cat([(output.codes > 0).any(dim=0).float(),
+                               torch.tensor([float(stop.requested)], device=output.codes.device)])
+            reduced = accelerator.reduce(local, "sum")
+            dead.update(reduced[:-1] > 0, trainer_cfg.batch_size)
+            stopping = bool(reduced[-1] > 0)
             done = step + 1
             if done % trainer_cfg.log_every == 0 or done == total_steps:
                 metrics = _step_metrics(accelerator, output, l1_coeff, scheduler, dead, source_names,
-                                        progress.tokens_per_second(done))
+                                        progress.tokens_per_second(done - first_step))
                 now = time.perf_counter()
                 # The share of loop time spent waiting on the activation stream (0 when data is never late).
                 metrics["data_wait_fraction"] = (stream.wait_seconds - window_waited) / max(now - window_started, 1e-9)
                 window_started, window_waited = now, stream.wait_seconds
-                with full_parameters(engine) as module:
+                with full_parameters(engine, [accelerator.unwrap_model(engine).W_dec]) as module:
                     decoder_norms = module.decoder_norms().detach()
                 tracker.log(metrics, step=done)
                 tracker.log_decoder_norms(decoder_norms, source_names, step=done)
             shown = {"loss": output.loss.item()}
             if metrics:  # quality figures from the last log step
                 shown.update(ev=metrics["explained_variance/mean"], l0=metrics["l0"])
-            progress.update(done, shown, force=done == total_steps)
+            progress.update(done - first_step, shown, force=done == total_steps)
             if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and done < total_steps:
                 export(done, output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
+            if stopping and done < total_steps:
+                raise TrainingInterrupted(done, save_state(done))
+            if trainer_cfg.state_every and done % trainer_cfg.state_every == 0 and done < total_steps:
+                save_state(done)
 
         dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
         wall = time.perf_counter() - started
@@ -173,18 +227,30 @@ def train(cfg: RunConfig) -> TrainResult:
         summary = {**metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
                    "data_wait_fraction_total": (stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
                    "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
-                   "wandb_run_dir": tracker.run_dir}
+                   "resumed_from_step": first_step, "wandb_run_dir": tracker.run_dir}
         if is_main:
             write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
         tracker.finish(summary)
         log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
         return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
     finally:
+        stop.restore()
         if stream is not None:
             stream.close()
         if tracker is not None:
             tracker.finish()  # no-op after a normal finish; closes the W&B run if training failed
         teardown(accelerator)
+
+
+def _resumable_state(
+    accelerator, cfg: RunConfig, output_dir: Path, run_config: dict[str, Any], log: Callable[[str], None]  # noqa: ANN001
+) -> TrainingState | None:
+    path = select_training_state(accelerator, cfg.trainer.resume, states_root(output_dir), log)
+    if path is None:
+        return None
+    resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
+    check_same_run(resumed.trainer["config"], run_config, path)
+    return resumed
 
 
 def _dictionary_meta(

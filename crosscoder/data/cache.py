@@ -255,22 +255,32 @@ def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: st
 class CacheReader:
     """Streams a complete cache's shards as ActivationBlocks, each rank reading only its own rows."""
 
-    def __init__(self, cache_dir: str | Path, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cache_dir: str | Path, rank: int = 0, world_size: int = 1, batch_rows: int = 0) -> None:
+        """`batch_rows` > 0 reads in global batch order: rank r takes the r-th run of `batch_rows` rows out of every
+        `world_size` runs, so N ranks with micro batch `batch_rows` see, batch for batch, the rows one rank with
+        the global batch sees (unshuffled). 0: each rank reads one contiguous range per shard (less I/O)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
         self.cache_dir = Path(cache_dir).expanduser()
         self.manifest = read_manifest(self.cache_dir)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.batch_rows = rank, world_size, batch_rows
         self.n_shards = len(self.manifest.shards)
+        counts = [int(shard["n_tokens"]) for shard in self.manifest.shards]
+        self._offsets = [sum(counts[:index]) for index in range(len(counts))]  # first global row of each shard
         self.tokens_per_rank = self.tokens_from(0)
 
     def tokens_from(self, start: int) -> int:
         """This rank's tokens in shards start, start + 1, ... (what a stream resumed at `start` can serve)."""
-        return sum(b - a for a, b in (self._rows(s["n_tokens"]) for s in self.manifest.shards[start:]))
+        return sum(self._rows(index).shape[0] for index in range(start, self.n_shards))
 
-    def _rows(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous row range: disjoint across ranks, together the whole shard."""
-        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+    def _rows(self, index: int) -> torch.Tensor:
+        """This rank's rows of shard `index` (local row numbers): disjoint across ranks, together the whole shard."""
+        n = int(self.manifest.shards[index]["n_tokens"])
+        if self.batch_rows > 0:
+            global_rows = torch.arange(self._offsets[index], self._offsets[index] + n)
+            mine = (global_rows // self.batch_rows) % self.world_size == self.rank
+            return mine.nonzero().squeeze(1)
+        return torch.arange(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
     def iter_blocks(self, start: int = 0) -> Iterator[ActivationBlock]:
         """Shards start, start + 1, ... once each, as float32; block index = shard index (what resuming counts)."""
@@ -284,6 +294,9 @@ class CacheReader:
                 if token_hash(token_ids) != entry["token_hash"]:
                     raise ConfigError(f"activation cache shard {path} does not hold the tokens its manifest lists "
                                       "(token hash mismatch); rebuild the cache")
-                a, b = self._rows(int(token_ids.shape[0]))
-                activations = f.get_slice("activations")[a:b].float()
-            yield ActivationBlock(index, activations, token_ids[a:b].clone())
+                rows = self._rows(index)
+                if rows.numel() == 0:
+                    continue
+                first, last = int(rows[0]), int(rows[-1]) + 1  # read only the span holding this rank's rows
+                activations = f.get_slice("activations")[first:last].float()[rows - first]
+            yield ActivationBlock(index, activations, token_ids[rows].clone())

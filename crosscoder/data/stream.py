@@ -8,6 +8,7 @@ row range of every cache shard.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,8 +51,10 @@ class ActivationStream:
         self.available_tokens = available_tokens
         """Tokens left for this rank in a finite (cache) stream; None for an endless one."""
         self.buffer = buffer
-        buffer.next_block = start
+        if not buffer.rows_served:
+            buffer.next_block = start
         self._batches = buffer.batches(blocks(start))
+        self._lookahead: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self._close = close
         self.wait_seconds = 0.0
         """Time spent inside `next()`: the trainer waiting for data."""
@@ -64,10 +67,16 @@ class ActivationStream:
     def __next__(self) -> torch.Tensor:
         started = time.perf_counter()
         try:
-            activations, self.last_token_ids = next(self._batches)
+            activations, self.last_token_ids = self._lookahead.popleft() if self._lookahead else next(self._batches)
         finally:
             self.wait_seconds += time.perf_counter() - started
         return activations
+
+    def peek(self, n: int) -> list[torch.Tensor]:
+        """The next `n` batches, which `next()` will still serve (e.g. to estimate input scales before training)."""
+        while len(self._lookahead) < n:
+            self._lookahead.append(next(self._batches))
+        return [activations for activations, _ in list(self._lookahead)[:n]]
 
     def position(self) -> StreamPosition:
         """Restart point: a stream built from it skips every block this one has touched (rows still in the
@@ -76,6 +85,20 @@ class ActivationStream:
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.position())
+
+    def full_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(scalars, tensors) for an exact resume: the position, the shuffle buffer's contents and any peeked
+        batches. `build_activation_stream(..., state=...)` continues with exactly the batches that were next."""
+        buffer_scalars, tensors = self.buffer.state_dict()
+        for index, (activations, token_ids) in enumerate(self._lookahead):
+            tensors[f"lookahead_{index}_activations"] = activations
+            tensors[f"lookahead_{index}_token_ids"] = token_ids
+        scalars = {**self.state_dict(), "buffer": buffer_scalars, "lookahead": len(self._lookahead)}
+        return scalars, tensors
+
+    def _restore_lookahead(self, scalars: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        for index in range(int(scalars["lookahead"])):
+            self._lookahead.append((tensors[f"lookahead_{index}_activations"], tensors[f"lookahead_{index}_token_ids"]))
 
     def close(self) -> None:
         if self._close is not None:
@@ -113,10 +136,17 @@ def online_block_source(
 def build_activation_stream(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
     position: StreamPosition | None = None, log: Callable[[str], None] = print,
+    state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> ActivationStream:
-    """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online."""
+    """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online.
+
+    `position` restarts after every block the saved stream touched (rows it held are skipped); `state` (from
+    `ActivationStream.full_state()`) restores the shuffle buffer too, so the batches are exactly the ones that
+    would have come next."""
     kind = "cache" if cfg.data.cache.dir else "online"
     shards = max(1, cfg.data.workers.num_workers) if kind == "online" else 1
+    if state is not None:
+        position = StreamPosition.from_dict(state[0])
     start = 0
     if position is not None:
         saved = (position.kind, position.rank, position.world_size, position.document_shards)
@@ -131,11 +161,19 @@ def build_activation_stream(
     shuffle = cfg.data.shuffle
     buffer = ShuffleBuffer(shuffle.buffer_tokens, micro_batch, shuffle.refill_fraction,
                            seed=shuffle.seed * 1_000_003 + rank * 7919 + start)
+    if state is not None:
+        buffer.load_state_dict(state[0]["buffer"], state[1])
     if kind == "cache":
-        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size)
+        # Unshuffled, ranks read in global batch order, so any number of ranks trains on the same batches.
+        batch_rows = micro_batch if shuffle.buffer_tokens == 0 else 0
+        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size, batch_rows=batch_rows)
         check_cache_matches(reader.manifest, info, cfg.data.cache.dir)
         log(f"reading activations from the cache {cfg.data.cache.dir} ({reader.tokens_per_rank} tokens for this rank)")
-        return ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
-                                available_tokens=reader.tokens_from(start))
-    blocks, close = online_block_source(cfg, info, rank, world_size, log)
-    return ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)
+        stream = ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
+                                  available_tokens=reader.tokens_from(start))
+    else:
+        blocks, close = online_block_source(cfg, info, rank, world_size, log)
+        stream = ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)
+    if state is not None:
+        stream._restore_lookahead(*state)
+    return stream

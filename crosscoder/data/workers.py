@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import time
 import traceback
 from collections.abc import Iterator
@@ -80,6 +81,9 @@ def _worker_main(
 ) -> None:
     """A worker's life: load tokenizer and snapshots, wait for the start position, then make blocks until
     stopped; wait for a free slot before writing each one."""
+    # A SIGTERM to the job (SLURM preemption, Ctrl-C of the launcher) is the trainer's to handle: it saves its
+    # training state and stops the workers; a worker dying first would only turn that into a data error.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         torch.set_num_threads(setup.threads)
         if setup.cpus:  # cores of their own, so the workers and the trainer do not take turns on the same ones

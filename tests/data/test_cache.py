@@ -106,6 +106,30 @@ def test_two_ranks_split_every_shard_disjointly(tmp_path: Path) -> None:
     assert [b.index for b in readers[1].iter_blocks(start=1)] == list(range(1, len(full)))
 
 
+def test_global_batch_order_gives_every_world_size_the_same_batches(tmp_path: Path) -> None:
+    """batch_rows=m: the k-th micro batches of 2 ranks, side by side, are the k-th batch of 2m rows of 1 rank."""
+    cache_dir = write_cache(_cfg(tmp_path), _identity(), _blocks_from, 80, log=QUIET)
+    micro = 4
+    one_rank = _read_all_rows(CacheReader(cache_dir, 0, 1, batch_rows=2 * micro))
+    ranks = [_read_all_rows(CacheReader(cache_dir, rank, 2, batch_rows=micro)) for rank in range(2)]
+    n_batches = min(r[1].shape[0] for r in ranks) // micro
+    assert n_batches >= 8
+    for k in range(n_batches):
+        rows = slice(k * micro, (k + 1) * micro)
+        glued_ids = torch.cat([ranks[0][1][rows], ranks[1][1][rows]])
+        glued = torch.cat([ranks[0][0][rows], ranks[1][0][rows]])
+        assert torch.equal(glued_ids, one_rank[1][2 * k * micro : 2 * (k + 1) * micro])
+        assert torch.equal(glued, one_rank[0][2 * k * micro : 2 * (k + 1) * micro])
+    readers = [CacheReader(cache_dir, rank, 2, batch_rows=micro) for rank in range(2)]
+    assert sum(r.tokens_per_rank for r in readers) == read_manifest(cache_dir).token_count
+    assert readers[0].tokens_from(2) == sum(b.token_ids.shape[0] for b in readers[0].iter_blocks(start=2))
+
+
+def _read_all_rows(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = list(reader.iter_blocks())
+    return torch.cat([b.activations for b in blocks]), torch.cat([b.token_ids for b in blocks])
+
+
 def test_check_cache_matches_refuses_other_sources(tmp_path: Path) -> None:
     cache_dir = write_cache(_cfg(tmp_path), _identity(), _blocks_from, 10, log=QUIET)
     manifest = read_manifest(cache_dir)

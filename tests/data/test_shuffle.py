@@ -114,3 +114,31 @@ def test_in_order_edge_cases(lengths: list[int], batch_size: int, n_batches: int
 def test_a_buffer_smaller_than_a_batch_is_refused() -> None:
     with pytest.raises(ConfigError, match="buffer_tokens=100"):
         ShuffleBuffer(100, 64, refill_fraction=0.5)
+
+
+@pytest.mark.parametrize(("capacity", "stop_after"), [(1000, 5), (1000, 33), (0, 7), (4096, 3)])
+def test_state_dict_resumes_exactly(capacity: int, stop_after: int) -> None:
+    """Serve some batches, save the state, rebuild from the saved block onward: the rest is exactly what an
+    uninterrupted buffer serves (also across the drain at the end of a finite stream: 40 blocks < 4096 rows)."""
+    blocks = sequence_blocks(40)
+    reference = list(ShuffleBuffer(capacity, 64, 0.5, seed=3).batches(blocks))
+
+    first = ShuffleBuffer(capacity, 64, 0.5, seed=3)
+    served = list(itertools.islice(first.batches(blocks), stop_after))
+    scalars, tensors = first.state_dict()
+    resumed = ShuffleBuffer(capacity, 64, 0.5, seed=99)  # the generator state comes from the checkpoint
+    resumed.load_state_dict(scalars, {name: tensor.clone() for name, tensor in tensors.items()})
+    served += list(resumed.batches(blocks[scalars["next_block"]:]))
+
+    assert len(served) == len(reference)
+    for got, want in zip(served, reference, strict=True):
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert resumed.rows_served == sum(ids.shape[0] for _, ids in reference)
+
+
+def test_state_dict_refuses_other_settings() -> None:
+    buffer = ShuffleBuffer(1000, 64, 0.5, seed=0)
+    list(itertools.islice(buffer.batches(sequence_blocks(40)), 2))
+    scalars, tensors = buffer.state_dict()
+    with pytest.raises(ConfigError, match="batch_size=64"):
+        ShuffleBuffer(1000, 32, 0.5).load_state_dict(scalars, tensors)

@@ -1,0 +1,183 @@
+"""PNG figures of feature evolution. Each function writes one PNG atomically and returns its path.
+
+Figures are built on `matplotlib.figure.Figure` with the Agg canvas, never pyplot: no global backend switch,
+no figure registry to leak, safe inside a training process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from crosscoder.analysis.evolution import CLASSES, DEAD, Evolution
+from crosscoder.checkpoint import temporary_sibling
+
+MAX_HEATMAP_ROWS = 400
+"""Trajectory heatmap rows; larger dictionaries are sampled evenly from the sorted order."""
+MAX_TICK_LABELS = 24
+CLASS_COLORS = {"persistent": "#4c72b0", "emerging": "#55a868", "vanishing": "#c44e52", "transient": "#dd8452",
+                "dead": "#8c8c8c"}
+DPI = 110
+
+
+def snapshot_labels(names: list[str], steps: list[int | None]) -> list[str]:
+    """Snapshot names, with the step appended when the name does not already show it."""
+    pairs = zip(names, steps, strict=True)
+    return [name if step is None or str(step) in name else f"{name} ({step})" for name, step in pairs]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Render to a hidden sibling, then rename: a reader never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path, "tmp")
+    FigureCanvasAgg(fig)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _ticks(positions: int) -> np.ndarray:
+    """At most MAX_TICK_LABELS evenly spaced tick positions."""
+    return np.unique(np.linspace(0, positions - 1, min(positions, MAX_TICK_LABELS)).round().astype(int))
+
+
+def _label_snapshot_axis(ax: object, labels: list[str], axis: str = "x") -> None:
+    ticks = _ticks(len(labels))
+    if axis == "x":
+        ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=45 if len(labels) > 4 else 0, ha="right"
+                      if len(labels) > 4 else "center")
+    else:
+        ax.set_yticks(ticks, [labels[t] for t in ticks])
+
+
+def heatmap_order(evo: Evolution, max_rows: int = MAX_HEATMAP_ROWS) -> torch.Tensor:
+    """Live latents sorted by emergence snapshot, then class, then peak norm (descending); evenly sampled to at
+    most `max_rows`."""
+    live = torch.nonzero(~evo.dead).flatten()
+    if live.numel() == 0:
+        return live
+    peak = evo.norms[live].amax(dim=1)
+    key = np.lexsort((-peak.numpy(), evo.classes[live].numpy(), evo.emergence[live].numpy()))
+    ordered = live[torch.from_numpy(key)]
+    if ordered.numel() > max_rows:
+        ordered = ordered[torch.from_numpy(np.linspace(0, ordered.numel() - 1, max_rows).round().astype(np.int64))]
+    return ordered
+
+
+def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MAX_HEATMAP_ROWS) -> Path:
+    """Normalised decoder-norm trajectories, one row per live latent, ordered by emergence then class."""
+    order = heatmap_order(evo, max_rows)
+    labels = snapshot_labels(evo.names, evo.steps)
+    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 7.0))
+    ax = fig.add_subplot()
+    if order.numel() == 0:
+        ax.text(0.5, 0.5, "no live latents", ha="center", va="center", transform=ax.transAxes)
+    else:
+        image = ax.imshow(evo.trajectories[order].numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
+                          vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, label="decoder norm / its max over snapshots")
+        emergence = evo.emergence[order].numpy()
+        for boundary in np.nonzero(np.diff(emergence))[0]:  # separate emergence groups
+            ax.axhline(boundary + 0.5, color="white", linewidth=0.6, alpha=0.8)
+    _label_snapshot_axis(ax, labels)
+    n_live = int((~evo.dead).sum())
+    shown = f"{order.numel()} of {n_live}" if order.numel() < n_live else f"{n_live}"
+    ax.set(xlabel="snapshot", ylabel=f"live latents ({shown}), by emergence snapshot then class",
+           title="Feature trajectories")
+    ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
+    """Latents emerging at each snapshot, one bar per snapshot (in snapshot order), stacked by class."""
+    labels = snapshot_labels(evo.names, evo.steps)
+    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 4.5))
+    ax = fig.add_subplot()
+    x = np.arange(len(labels))
+    bottom = np.zeros(len(labels))
+    for name, counts in evo.emergence_counts_by_class().items():
+        counts_np = np.asarray(counts, dtype=float)
+        if counts_np.any():
+            ax.bar(x, counts_np, bottom=bottom, color=CLASS_COLORS[name], label=name)
+            bottom += counts_np
+    _label_snapshot_axis(ax, labels)
+    known = [s for s in evo.steps if s is not None]
+    xlabel = "snapshot (training step)" if known else "snapshot"
+    ax.set(xlabel=xlabel, ylabel="latents emerging", title=f"Emergence (first snapshot with n >= {evo.threshold})")
+    if bottom.any():
+        ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+def plot_drift(evo: Evolution, path: str | Path) -> Path:
+    """Per class, median and quartiles of the consecutive-snapshot decoder cosine at each transition, over
+    latents present (n >= threshold) at both ends of the transition."""
+    labels = snapshot_labels(evo.names, evo.steps)
+    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 4.5))
+    ax = fig.add_subplot()
+    if len(labels) < 2:
+        ax.text(0.5, 0.5, "one snapshot: no drift", ha="center", va="center", transform=ax.transAxes)
+        return _save(fig, path)
+    present = evo.trajectories >= evo.threshold
+    both = (present[:, :-1] & present[:, 1:]).numpy()
+    cos = evo.consecutive_cos.numpy()
+    x = np.arange(len(labels) - 1)
+    for index, name in enumerate(CLASSES):
+        if name == DEAD:
+            continue
+        rows = (evo.classes == index).numpy()
+        values = np.where(both[rows], cos[rows], np.nan)
+        has = ~np.isnan(values).all(axis=0) if values.size else np.zeros(len(x), dtype=bool)
+        if not has.any():
+            continue
+        q1, median, q3 = (np.nanquantile(values[:, has], q, axis=0) for q in (0.25, 0.5, 0.75))
+        ax.plot(x[has], median, marker="o", markersize=3, color=CLASS_COLORS[name], label=name)
+        ax.fill_between(x[has], q1, q3, color=CLASS_COLORS[name], alpha=0.2)
+    transitions = [f"{labels[s]} → {labels[s + 1]}" for s in range(len(labels) - 1)]
+    _label_snapshot_axis(ax, transitions)
+    ax.set(xlabel="snapshot transition", ylabel="decoder cosine (median, quartiles)",
+           title="Decoder drift between consecutive snapshots (latents present at both)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+def plot_similarity(evo: Evolution, path: str | Path) -> Path:
+    """The S x S snapshot similarity matrix (norm-weighted mean decoder cosine)."""
+    labels = snapshot_labels(evo.names, evo.steps)
+    size = max(4.5, 0.35 * len(labels) + 3)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot()
+    sim = evo.similarity.numpy()
+    low = float(np.nanmin(sim)) if np.isfinite(sim).any() else 0.0
+    image = ax.imshow(sim, cmap="magma", vmin=min(0.0, low), vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="norm-weighted mean decoder cosine")
+    if len(labels) <= 12:
+        for (s, t), value in np.ndenumerate(sim):
+            ax.text(t, s, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if value > 0.6 else "white")
+    _label_snapshot_axis(ax, labels, "x")
+    _label_snapshot_axis(ax, labels, "y")
+    ax.set(title="Snapshot similarity")
+    return _save(fig, path)
+
+
+def plot_recovery(cosines: torch.Tensor, threshold: float, path: str | Path) -> Path:
+    """Histogram of matched planted-to-learned decoder cosines, with the recovery threshold."""
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    ax.hist(cosines.numpy(), bins=np.linspace(min(-0.1, float(cosines.min()) if cosines.numel() else 0), 1.0, 41),
+            color="#4c72b0")
+    ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"recovered at >= {threshold}")
+    ax.set(xlabel="decoder cosine of the matched pair", ylabel="planted features", title="Planted feature recovery")
+    ax.legend(frameon=False)
+    return _save(fig, path)

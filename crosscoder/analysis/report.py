@@ -1,0 +1,195 @@
+"""Analyse an exported dictionary folder: metrics, figures, features.csv, summary.json and report.html.
+
+Norms and trajectories come from decoder_norms.safetensors (normalised-activation space, comparable across
+snapshots); cosines come from the W_dec directions in weights.safetensors, whose folded-in per-snapshot input
+scale changes norms but not directions. The output folder is built under a hidden temporary name and renamed
+into place, so a folder with the final name always holds a complete report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from crosscoder.analysis.evolution import Evolution, FeatureTable, analyze_evolution, feature_table
+from crosscoder.analysis.html import render_report
+from crosscoder.analysis.matching import Recovery
+from crosscoder.analysis.plots import (
+    MAX_HEATMAP_ROWS,
+    plot_drift,
+    plot_emergence_histogram,
+    plot_recovery,
+    plot_similarity,
+    plot_trajectory_heatmap,
+)
+from crosscoder.checkpoint import DictionaryMeta, load_decoder_norms, read_meta, temporary_sibling
+from crosscoder.constants import (
+    ANALYSIS_DIR,
+    ANALYSIS_FEATURES_FILE,
+    ANALYSIS_REPORT_FILE,
+    ANALYSIS_SUMMARY_FILE,
+    CONFIG_FILE,
+    DECODER_NORMS_FILE,
+    WEIGHTS_FILE,
+)
+
+FIGURES = {
+    "trajectories.png": "Feature trajectories",
+    "emergence.png": "Emergence per snapshot",
+    "drift.png": "Decoder drift",
+    "similarity.png": "Snapshot similarity",
+}
+RECOVERY_FIGURE = "recovery.png"
+
+
+class NotADictionaryError(FileNotFoundError):
+    """The folder is not an exported dictionary (missing files)."""
+
+
+@dataclass
+class AnalysisResult:
+    out_dir: Path
+    report: Path
+    evolution: Evolution
+    table: FeatureTable
+    summary: dict[str, Any]
+    meta: DictionaryMeta
+    files: list[Path] = field(default_factory=list)
+    recovery: Recovery | None = None
+
+
+def check_dictionary_dir(path: str | Path) -> Path:
+    """`path` if it holds an exported dictionary, else NotADictionaryError naming it and what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NotADictionaryError(f"{path} is not an exported dictionary: no such folder")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, DECODER_NORMS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise NotADictionaryError(f"{path} is not an exported dictionary: missing {', '.join(missing)}")
+    return path
+
+
+def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = None
+                   ) -> tuple[Evolution, DictionaryMeta]:
+    """Evolution metrics of an exported dictionary (see the module docstring for which file gives what)."""
+    path = check_dictionary_dir(dictionary_dir)
+    meta = read_meta(path)
+    norms = load_decoder_norms(path)
+    w_dec = load_file(str(path / WEIGHTS_FILE))["W_dec"]
+    if w_dec.shape[:2] != norms.shape:
+        raise ValueError(f"{path}: W_dec {list(w_dec.shape)} and decoder norms {list(norms.shape)} disagree")
+    evo = analyze_evolution(w_dec, norms, names=meta.source_names, steps=[s.get("step") for s in meta.sources],
+                            dead_mask=dead_mask)
+    return evo, meta
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf floats become null (json would write bare NaN, which is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def build_summary(evo: Evolution, meta: DictionaryMeta, dictionary_dir: Path, recovery: Recovery | None
+                  ) -> dict[str, Any]:
+    present = evo.trajectories >= evo.threshold
+    both = present[:, :-1] & present[:, 1:] & ~evo.consecutive_cos.isnan()
+    drift = [float(evo.consecutive_cos[both[:, s], s].median()) if both[:, s].any() else None
+             for s in range(both.shape[1])]
+    summary = {
+        "dictionary": str(dictionary_dir), "hook": meta.hook, "dict_size": meta.dict_size, "d_model": meta.d_model,
+        "train_step": meta.train_step, "tokens_seen": meta.tokens_seen, "snapshots": meta.source_names,
+        "steps": evo.steps, "emergence_threshold": evo.threshold, "class_counts": evo.class_counts(),
+        "emergence_counts": evo.emergence_counts.tolist(),
+        "emergence_counts_by_class": evo.emergence_counts_by_class(),
+        "median_consecutive_cosine": drift, "snapshot_similarity": evo.similarity.tolist(),
+    }
+    if recovery is not None:
+        summary["recovery"] = recovery.summary()
+    return _clean(summary)
+
+
+def _csv(table: FeatureTable) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.columns)
+    writer.writerows(["" if cell is None else cell for cell in row] for row in table.rows)
+    return buffer.getvalue()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`, moving an older `dst` aside first (a folder cannot be replaced in one rename)."""
+    if dst.exists():
+        trash = temporary_sibling(dst, "old")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def analyze_dictionary(
+    dictionary_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    recovery: Recovery | None = None,
+    extra_sections: list[tuple[str, str]] | None = None,
+    dead_mask: torch.Tensor | None = None,
+    max_heatmap_rows: int = MAX_HEATMAP_ROWS,
+    log: Callable[[str], None] = lambda _: None,
+) -> AnalysisResult:
+    """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`).
+
+    `recovery`: planted ground-truth recovery (from `matching.recovery`) to show in the report.
+    `extra_sections`: (title, html) pairs appended to the report, for other analyses (e.g. top contexts).
+    `dead_mask` [F]: latents known dead from activation statistics, on top of the norm floor.
+    """
+    dictionary_dir = check_dictionary_dir(dictionary_dir)
+    out = Path(out_dir) if out_dir is not None else dictionary_dir / ANALYSIS_DIR
+    log(f"loading {dictionary_dir}")
+    evo, meta = load_evolution(dictionary_dir, dead_mask)
+    log(f"{evo.trajectories.shape[0]} latents x {len(evo.names)} snapshots: {evo.class_counts()}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out, "tmp")
+    tmp.mkdir()
+    try:
+        log("plotting")
+        figures = {
+            FIGURES["trajectories.png"]: plot_trajectory_heatmap(evo, tmp / "trajectories.png", max_heatmap_rows),
+            FIGURES["emergence.png"]: plot_emergence_histogram(evo, tmp / "emergence.png"),
+            FIGURES["drift.png"]: plot_drift(evo, tmp / "drift.png"),
+            FIGURES["similarity.png"]: plot_similarity(evo, tmp / "similarity.png"),
+        }
+        recovery_png = (plot_recovery(recovery.cosine, recovery.threshold, tmp / RECOVERY_FIGURE)
+                        if recovery is not None else None)
+        table = feature_table(evo)
+        summary = build_summary(evo, meta, dictionary_dir, recovery)
+        (tmp / ANALYSIS_FEATURES_FILE).write_text(_csv(table))
+        (tmp / ANALYSIS_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        log("writing the report")
+        page = render_report(evo, meta, dictionary_dir, figures, recovery=recovery, recovery_figure=recovery_png,
+                             extra_sections=extra_sections)
+        (tmp / ANALYSIS_REPORT_FILE).write_text(page, encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(out.iterdir())
+    return AnalysisResult(out_dir=out, report=out / ANALYSIS_REPORT_FILE, evolution=evo, table=table,
+                          summary=summary, meta=meta, files=files, recovery=recovery)
