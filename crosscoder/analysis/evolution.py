@@ -254,9 +254,11 @@ def analyze_evolution(
         )
 
 
-def _cell(value: float) -> float | None:
-    """Floats for a table cell: NaN becomes None (empty in CSV, null in JSON and W&B)."""
-    return None if math.isnan(value) else round(value, 6)
+def _cells(values: torch.Tensor) -> list[list[float | None]]:
+    """Float table cells, rounded to 6 decimals (vectorised: tables have F x S cells); NaN becomes None (empty in
+    CSV, null in JSON and W&B)."""
+    rounded = (values.double() * 1e6).round() / 1e6
+    return [[None if math.isnan(v) else v for v in row] for row in rounded.tolist()]
 
 
 @dataclass
@@ -277,15 +279,13 @@ def feature_table(evo: Evolution, include_dead: bool = True) -> FeatureTable:
                "segments", "min_present_cos", "lifetime_cos", *[f"n@{name}" for name in evo.names]]
     table = FeatureTable(columns=columns)
     steps = evo.emergence_step
-    peak = evo.norms.amax(dim=1).tolist()
-    for i in range(evo.trajectories.shape[0]):
-        if not include_dead and bool(evo.dead[i]):
+    floats = _cells(torch.cat([evo.norms.amax(dim=1, keepdim=True), evo.min_present_cos[:, None],
+                               evo.lifetime_cos[:, None], evo.trajectories], dim=1))
+    classes, emergence, segments, dead = (t.tolist() for t in (evo.classes, evo.emergence, evo.segments, evo.dead))
+    for i, (peak, min_cos, life_cos, *traj) in enumerate(floats):
+        if dead[i] and not include_dead:
             continue
-        emergence = int(evo.emergence[i])
-        table.rows.append([
-            i, CLASSES[int(evo.classes[i])], emergence if emergence >= 0 else None,
-            evo.names[emergence] if emergence >= 0 else None, steps[i], _cell(peak[i]), int(evo.segments[i]),
-            _cell(float(evo.min_present_cos[i])), _cell(float(evo.lifetime_cos[i])),
-            *[_cell(v) for v in evo.trajectories[i].tolist()],
-        ])
+        snapshot = emergence[i] if emergence[i] >= 0 else None
+        table.rows.append([i, CLASSES[classes[i]], snapshot, None if snapshot is None else evo.names[snapshot],
+                           steps[i], peak, segments[i], min_cos, life_cos, *traj])
     return table

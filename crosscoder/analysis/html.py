@@ -26,6 +26,7 @@ th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 td.traj { width: 2.6em; font-size: 0.75em; text-align: center; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+div.scroll { overflow-x: auto; }
 code { background: #f5f5f5; padding: 0 3px; } .muted { color: #777; font-size: 0.9em; }
 """
 
@@ -44,7 +45,7 @@ def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
         return f"<{tag}{cls}>{_e(value)}</{tag}>"
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def image_tag(path: Path, alt: str) -> str:
@@ -82,7 +83,10 @@ def counts_section(evo: Evolution) -> str:
     class_rows = [[name, counts[name], f"{100 * counts[name] / max(total, 1):.1f}%"] for name in CLASSES]
     labels = snapshot_labels(evo.names, evo.steps)
     by_class = evo.emergence_counts_by_class()
+    emerging = evo.emergence_counts.tolist()
     live_present = (evo.trajectories >= evo.threshold) & ~evo.dead[:, None]
+    present_count = live_present.sum(dim=0).tolist()
+    to_last = evo.similarity[:, -1].tolist()
     rows = []
     for s, label in enumerate(labels):
         drift = float("nan")
@@ -91,8 +95,8 @@ def counts_section(evo: Evolution) -> str:
             values = evo.consecutive_cos[both, s - 1]
             values = values[~values.isnan()]
             drift = float(values.median()) if values.numel() else float("nan")
-        rows.append([label, int(evo.emergence_counts[s]), *[by_class[c][s] for c in by_class],
-                     int(live_present[:, s].sum()), _fmt(drift), _fmt(float(evo.similarity[s, -1]))])
+        rows.append([label, emerging[s], *[by_class[c][s] for c in by_class], present_count[s], _fmt(drift),
+                     _fmt(to_last[s])])
     rule = (f"<p class='muted'>Trajectory n(s) = decoder norm at snapshot s / its maximum over snapshots "
             f"(normalised-activation space). A latent emerges at the first snapshot with n &ge; {evo.threshold}; "
             "its class comes from presence at the first and last snapshots only. Drift = decoder cosine between "

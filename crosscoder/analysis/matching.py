@@ -111,7 +111,7 @@ class Recovery:
 
     @property
     def fraction_recovered(self) -> float:
-        return float(self.recovered.float().mean()) if self.n_true else 0.0
+        return int(self.recovered.sum()) / self.n_true if self.n_true else 0.0
 
     @property
     def emergence_correct(self) -> torch.Tensor:
@@ -121,7 +121,7 @@ class Recovery:
     @property
     def emergence_accuracy(self) -> float:
         """Over all planted features; an unrecovered one counts as wrong."""
-        return float(self.emergence_correct.float().mean()) if self.n_true else 0.0
+        return int(self.emergence_correct.sum()) / self.n_true if self.n_true else 0.0
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -45,6 +45,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _width(n_snapshots: int) -> float:
+    """Figure width in inches: grows with the snapshot count, capped so a 150-checkpoint run stays viewable."""
+    return min(16.0, max(6.0, 0.35 * n_snapshots + 3))
+
+
 def _ticks(positions: int) -> np.ndarray:
     """At most MAX_TICK_LABELS evenly spaced tick positions."""
     return np.unique(np.linspace(0, positions - 1, min(positions, MAX_TICK_LABELS)).round().astype(int))
@@ -77,7 +82,7 @@ def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MA
     """Normalised decoder-norm trajectories, one row per live latent, ordered by emergence then class."""
     order = heatmap_order(evo, max_rows)
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 7.0))
+    fig = Figure(figsize=(_width(len(labels)), 7.0))
     ax = fig.add_subplot()
     if order.numel() == 0:
         ax.text(0.5, 0.5, "no live latents", ha="center", va="center", transform=ax.transAxes)
@@ -100,7 +105,7 @@ def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MA
 def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
     """Latents emerging at each snapshot, one bar per snapshot (in snapshot order), stacked by class."""
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 4.5))
+    fig = Figure(figsize=(_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     bottom = np.zeros(len(labels))
@@ -114,7 +119,7 @@ def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
     xlabel = "snapshot (training step)" if known else "snapshot"
     ax.set(xlabel=xlabel, ylabel="latents emerging", title=f"Emergence (first snapshot with n >= {evo.threshold})")
     if bottom.any():
-        ax.legend(frameon=False)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
@@ -122,7 +127,7 @@ def plot_drift(evo: Evolution, path: str | Path) -> Path:
     """Per class, median and quartiles of the consecutive-snapshot decoder cosine at each transition, over
     latents present (n >= threshold) at both ends of the transition."""
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(max(6.0, 0.35 * len(labels) + 3), 4.5))
+    fig = Figure(figsize=(_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     if len(labels) < 2:
         ax.text(0.5, 0.5, "one snapshot: no drift", ha="center", va="center", transform=ax.transAxes)
@@ -147,24 +152,25 @@ def plot_drift(evo: Evolution, path: str | Path) -> Path:
     ax.set(xlabel="snapshot transition", ylabel="decoder cosine (median, quartiles)",
            title="Decoder drift between consecutive snapshots (latents present at both)")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(frameon=False)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
 def plot_similarity(evo: Evolution, path: str | Path) -> Path:
     """The S x S snapshot similarity matrix (norm-weighted mean decoder cosine)."""
     labels = snapshot_labels(evo.names, evo.steps)
-    size = max(4.5, 0.35 * len(labels) + 3)
+    size = min(13.0, max(4.5, 0.35 * len(labels) + 3))
     fig = Figure(figsize=(size + 1, size))
     ax = fig.add_subplot()
     sim = evo.similarity.numpy()
+    # Colour range from the smallest value (rounded down to 0.05, at most 0.9): similar snapshots stay distinct.
     low = float(np.nanmin(sim)) if np.isfinite(sim).any() else 0.0
-    image = ax.imshow(sim, cmap="magma", vmin=min(0.0, low), vmax=1.0, interpolation="nearest")
+    image = ax.imshow(sim, cmap="magma", vmin=min(0.9, np.floor(low * 20) / 20), vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="norm-weighted mean decoder cosine")
     if len(labels) <= 12:
         for (s, t), value in np.ndenumerate(sim):
             ax.text(t, s, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if value > 0.6 else "white")
+                    color="black" if value > (min(0.9, low) + 1) / 2 else "white")
     _label_snapshot_axis(ax, labels, "x")
     _label_snapshot_axis(ax, labels, "y")
     ax.set(title="Snapshot similarity")

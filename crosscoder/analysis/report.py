@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from crosscoder.analysis.evolution import Evolution, FeatureTable, analyze_evolution, feature_table
 from crosscoder.analysis.html import render_report
@@ -86,7 +86,8 @@ def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = 
     path = check_dictionary_dir(dictionary_dir)
     meta = read_meta(path)
     norms = load_decoder_norms(path)
-    w_dec = load_file(str(path / WEIGHTS_FILE))["W_dec"]
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:  # W_dec only: W_enc is as large
+        w_dec = weights.get_tensor("W_dec")
     if w_dec.shape[:2] != norms.shape:
         raise ValueError(f"{path}: W_dec {list(w_dec.shape)} and decoder norms {list(norms.shape)} disagree")
     evo = analyze_evolution(w_dec, norms, names=meta.source_names, steps=[s.get("step") for s in meta.sources],
