@@ -90,6 +90,9 @@ def build_accelerator(cfg: RunConfig, micro_batch_size: int):  # noqa: ANN201 (a
         deepspeed_plugin=plugin,
         mixed_precision=MIXED_PRECISION[cfg.trainer.precision],
         kwargs_handlers=handlers,
+        # Our schedule counts optimiser steps of the global batch. Linked to the optimizer, accelerate would step
+        # it once per process per step: on N ranks warm-up and decay would run N times too fast.
+        step_scheduler_with_optimizer=False,
     )
 
 

@@ -14,8 +14,11 @@ Rules (tau = EMERGENCE_THRESHOLD):
   (below at the first, >= at the last), vanishing (>= at the first, below at the last), transient (below at
   both, so >= only in between). Exactly one class each; dips are not reclassified but counted in `segments`,
   the number of maximal runs of snapshots with n >= tau (1 for a clean trajectory).
-- drift: cosine of a latent's decoder directions between snapshots; NaN where either vector is (numerically)
-  zero and for dead latents, because a zero vector has no direction.
+- drift: cosine of a latent's decoder directions between consecutive snapshots [F, S-1] and against the last
+  snapshot [F, S]; NaN where either vector is (numerically, <= ZERO_NORM) zero and for dead latents, because a
+  zero vector has no direction. Per-latent summaries only look at snapshots where the latent is present
+  (n >= tau): `min_present_cosine` (its sharpest single-step turn) and `lifetime_cosine` (first vs last present
+  snapshot), since before emergence a small decoder's direction is mostly noise.
 - snapshot similarity sim[s, t] = sum_i norm[i,s] norm[i,t] cos_i(s,t) / sum_i norm[i,s] norm[i,t] over live
   latents: the norm-weighted mean cosine of each latent's decoder at s and t (1 on the diagonal and for
   identical snapshots), so large features dominate and near-absent ones, whose direction is noise, do not.
@@ -32,7 +35,7 @@ import torch
 EMERGENCE_THRESHOLD = 0.5
 """A latent counts as present at a snapshot when its decoder norm is at least this fraction of its maximum."""
 DEAD_FLOOR = 1e-3
-"""A latent is dead when its largest decoder norm is below this fraction of the dictionary's median."""
+"""A latent is dead when its largest decoder norm is at most this fraction of the dictionary's median."""
 ZERO_NORM = 1e-12
 """Vectors at most this long have no direction (cosines involving them are NaN)."""
 
@@ -210,6 +213,13 @@ class Evolution:
     @property
     def emergence_counts(self) -> torch.Tensor:
         return emergence_counts(self.emergence, len(self.names))
+
+    def median_drift(self) -> list[float]:
+        """[S-1] median (the lower one for an even count) consecutive cosine per transition over latents present
+        at both ends; NaN where there are none."""
+        present = self.trajectories >= self.threshold
+        both = present[:, :-1] & present[:, 1:]
+        return torch.where(both, self.consecutive_cos, torch.nan).nanmedian(dim=0).values.tolist()
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.classes, minlength=len(CLASSES)).tolist()

@@ -87,16 +87,9 @@ def counts_section(evo: Evolution) -> str:
     live_present = (evo.trajectories >= evo.threshold) & ~evo.dead[:, None]
     present_count = live_present.sum(dim=0).tolist()
     to_last = evo.similarity[:, -1].tolist()
-    rows = []
-    for s, label in enumerate(labels):
-        drift = float("nan")
-        if s > 0:
-            both = live_present[:, s - 1] & live_present[:, s]
-            values = evo.consecutive_cos[both, s - 1]
-            values = values[~values.isnan()]
-            drift = float(values.median()) if values.numel() else float("nan")
-        rows.append([label, emerging[s], *[by_class[c][s] for c in by_class], present_count[s], _fmt(drift),
-                     _fmt(to_last[s])])
+    drift_in = [float("nan"), *evo.median_drift()]
+    rows = [[label, emerging[s], *[by_class[c][s] for c in by_class], present_count[s], _fmt(drift_in[s]),
+             _fmt(to_last[s])] for s, label in enumerate(labels)]
     rule = (f"<p class='muted'>Trajectory n(s) = decoder norm at snapshot s / its maximum over snapshots "
             f"(normalised-activation space). A latent emerges at the first snapshot with n &ge; {evo.threshold}; "
             "its class comes from presence at the first and last snapshots only. Drift = decoder cosine between "
@@ -130,10 +123,11 @@ def leading_section(evo: Evolution, per_class: int = LEADING_PER_CLASS) -> str:
 
 def recovery_section(result: Recovery, figure: Path | None) -> str:
     summary = result.summary()
+    mean_cos = summary["mean_matched_cosine"]
     rows = [["planted features", summary["n_true"]],
             [f"recovered (cosine >= {result.threshold})", f"{summary['fraction_recovered']:.3f}"],
             ["emergence snapshot exact", f"{summary['emergence_accuracy']:.3f}"],
-            ["mean matched cosine", _fmt(summary["mean_matched_cosine"] or float("nan"))]]
+            ["mean matched cosine", "" if mean_cos is None else _fmt(mean_cos)]]
     by_snapshot = []
     for s in sorted(set(result.true_emergence.tolist())):
         planted = result.true_emergence == s

@@ -108,17 +108,13 @@ def _clean(value: Any) -> Any:
 
 def build_summary(evo: Evolution, meta: DictionaryMeta, dictionary_dir: Path, recovery: Recovery | None
                   ) -> dict[str, Any]:
-    present = evo.trajectories >= evo.threshold
-    both = present[:, :-1] & present[:, 1:] & ~evo.consecutive_cos.isnan()
-    drift = [float(evo.consecutive_cos[both[:, s], s].median()) if both[:, s].any() else None
-             for s in range(both.shape[1])]
     summary = {
         "dictionary": str(dictionary_dir), "hook": meta.hook, "dict_size": meta.dict_size, "d_model": meta.d_model,
         "train_step": meta.train_step, "tokens_seen": meta.tokens_seen, "snapshots": meta.source_names,
         "steps": evo.steps, "emergence_threshold": evo.threshold, "class_counts": evo.class_counts(),
         "emergence_counts": evo.emergence_counts.tolist(),
         "emergence_counts_by_class": evo.emergence_counts_by_class(),
-        "median_consecutive_cosine": drift, "snapshot_similarity": evo.similarity.tolist(),
+        "median_consecutive_cosine": evo.median_drift(), "snapshot_similarity": evo.similarity.tolist(),
     }
     if recovery is not None:
         summary["recovery"] = recovery.summary()

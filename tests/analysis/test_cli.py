@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from crosscoder.analysis.cli import main
+from crosscoder.analysis.cli import _parser, main
 from tests.analysis.conftest import EXPECTED_CLASSES
 
 
 def test_cli_end_to_end(dictionary_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main([str(dictionary_dir)])
+    main([str(dictionary_dir), "--max-rows", "10"])
     printed = capsys.readouterr().out
     report = dictionary_dir / "analysis" / "report.html"
     assert f"report: {report}" in printed and "loading" in printed
     assert report.is_file()
-
-    out = tmp_path / "custom"
-    main([str(dictionary_dir), "--out", str(out), "--max-rows", "10"])
-    assert json.loads((out / "summary.json").read_text())["class_counts"] == EXPECTED_CLASSES
+    assert json.loads((report.parent / "summary.json").read_text())["class_counts"] == EXPECTED_CLASSES
+    args = _parser().parse_args([str(dictionary_dir), "--out", str(tmp_path / "custom")])
+    assert args.out == str(tmp_path / "custom")  # analyze_dictionary's out_dir is tested in test_report
 
 
 def test_cli_rejects_a_folder_that_is_not_a_dictionary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -94,6 +94,8 @@ def test_drift_of_a_rotating_feature() -> None:
     evo = analyze_evolution(w_dec)
     assert evo.min_present_cos[0] == pytest.approx(math.cos(theta))
     assert evo.lifetime_cos[0] == pytest.approx(math.cos((n_snap - 1) * theta))
+    # Median over latents present at both ends: latent 1 (cosine 1) is absent around snapshot 2; lower median.
+    assert evo.median_drift() == pytest.approx([math.cos(theta)] * (n_snap - 1))
 
 
 def test_snapshot_similarity() -> None:
@@ -121,6 +123,7 @@ def test_analyze_evolution_and_feature_table() -> None:
         "persistent": [1, 0, 0, 0], "emerging": [0, 1, 1, 0], "vanishing": [1, 0, 0, 0], "transient": [0, 1, 0, 0]}
     assert evo.emergence_step == [0, 100, 0, 10, None, 10]
     torch.testing.assert_close(evo.similarity, torch.ones(4, 4))  # fixed directions
+    assert evo.median_drift() == pytest.approx([1.0, 1.0, 1.0])
     assert evo.lifetime_cos[~evo.dead].tolist() == pytest.approx([1.0] * 5)
     assert evo.lifetime_cos[4].isnan() and evo.consecutive_cos[4].isnan().all()
 

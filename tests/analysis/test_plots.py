@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from crosscoder.analysis.evolution import analyze_evolution
+from crosscoder.analysis.evolution import Evolution, analyze_evolution
 from crosscoder.analysis.plots import (
     heatmap_order,
     plot_drift,
@@ -21,24 +21,24 @@ from tests.analysis.conftest import expected_norms
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _evolution(norms: torch.Tensor) -> object:
+def _evolution(norms: torch.Tensor) -> Evolution:
     directions = torch.randn(*norms.shape, 5, generator=torch.Generator().manual_seed(0))
     return analyze_evolution(directions, norms, names=[f"step{10 * s}" for s in range(norms.shape[1])],
                              steps=[10 * s for s in range(norms.shape[1])])
 
 
-def _all_plots(evo: object, folder: Path) -> list[Path]:
+def _evolution_plots(evo: Evolution, folder: Path) -> list[Path]:
     return [
         plot_trajectory_heatmap(evo, folder / "trajectories.png", max_rows=10),
         plot_emergence_histogram(evo, folder / "emergence.png"),
         plot_drift(evo, folder / "drift.png"),
         plot_similarity(evo, folder / "similarity.png"),
-        plot_recovery(torch.tensor([0.95, 0.5, 0.99]), 0.9, folder / "recovery.png"),
     ]
 
 
 def test_plots_are_pngs_and_leave_no_temporaries(tmp_path: Path) -> None:
-    paths = _all_plots(_evolution(expected_norms()), tmp_path / "figs")
+    paths = _evolution_plots(_evolution(expected_norms()), tmp_path / "figs")
+    paths.append(plot_recovery(torch.tensor([0.95, 0.5, 0.99]), 0.9, tmp_path / "figs" / "recovery.png"))
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(p.name for p in paths)
@@ -47,7 +47,7 @@ def test_plots_are_pngs_and_leave_no_temporaries(tmp_path: Path) -> None:
 def test_plots_of_degenerate_dictionaries(tmp_path: Path) -> None:
     """One snapshot; all latents dead: the figures still render (with a note) instead of failing."""
     for name, norms in {"one": torch.rand(6, 1) + 0.5, "dead": torch.zeros(6, 3)}.items():
-        for path in _all_plots(_evolution(norms), tmp_path / name):
+        for path in _evolution_plots(_evolution(norms), tmp_path / name):
             assert path.read_bytes()[:8] == PNG_MAGIC
 
 
