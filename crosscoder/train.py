@@ -7,6 +7,7 @@ crosscoder across its snapshots, offline, on CPU, in a few minutes.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +32,20 @@ def _quiet_non_main_ranks() -> None:
 
 def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
     """Run a Hydra command on the typed config; a bad value is one line on stderr and exit status 2."""
+    from crosscoder.trainer import TrainingInterrupted
+    from crosscoder.training_state import CheckpointError
+
     try:
         return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as error:
         print(f"{command}: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingInterrupted as stopped:
+        print(f"{command}: {stopped}; continue it with trainer.resume=auto", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 def sweep_group(sweep_dir: str | Path) -> str:

@@ -3,19 +3,31 @@ offline W&B, and a Hydra multirun. These launch subprocesses, so they are few an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
-from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.constants import (
+    CHECKPOINTS_DIR,
+    DICTIONARY_DIR,
+    RUN_SUMMARY_FILE,
+    STREAM_POSITION_FILE,
+    TRAINING_STATES_DIR,
+)
 from crosscoder.parallel import free_port
 from crosscoder.train import sweep_group
+from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV, TINY_TOY
 from tests.wandb_records import artifacts, history_keys, run_group
 
@@ -160,6 +172,111 @@ def test_one_rank_and_two_ranks_zero2_zero3_end_with_the_same_weights(activation
         for name, tensor in one.state_dict().items():
             torch.testing.assert_close(zero2.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
             torch.testing.assert_close(zero3.state_dict()[name], zero2.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+
+
+def resume_overrides(toy_cache: Path, cache: Path, run_dir: Path) -> list[str]:
+    """64 steps of 32 tokens from the cache, shuffled, a training state every 4 steps."""
+    return [*tiny_overrides(toy_cache), f"data.cache.dir={cache}", "trainer.batch_size=32",
+            "trainer.total_tokens=2048", "trainer.state_every=4", "trainer.log_every=8", f"hydra.run.dir={run_dir}"]
+
+
+def start_two_ranks(overrides: list[str], workdir: Path, log: Path) -> subprocess.Popen:
+    """A 2-rank launch in its own process group (so a signal reaches the launcher and both ranks)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
+    env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
+               "-m", "crosscoder.train", *overrides]
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) first:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
+        time.sleep(0.02)
+
+
+def signal_job(process: subprocess.Popen, signum: int) -> None:
+    """Signal the launcher and every process under it, as a scheduler does to a job (the ranks run in sessions
+    of their own, so a process-group signal would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, parent = stat.read_text().rsplit(")", 1)[1].split()[1:2][0], int(stat.parent.name)
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(pid), []).append(parent)
+    job, frontier = [], [process.pid]
+    while frontier:
+        pid = frontier.pop()
+        job.append(pid)
+        frontier.extend(children.get(pid, []))
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def wait_for_job(process: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    """The launcher and the ranks have exited (the ranks hold their W&B runs open until then)."""
+    process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while any(str(run_dir) in cmdline.read_text(errors="ignore") for cmdline in _cmdlines()):
+        assert time.monotonic() < deadline, "ranks of the job are still running"
+        time.sleep(0.1)
+
+
+def _cmdlines() -> list[Path]:
+    return [path for path in Path("/proc").glob("[0-9]*/cmdline") if path.parent.name != str(os.getpid())]
+
+
+def newest_state_step(run_dir: Path) -> int:
+    states = list_training_states(run_dir / TRAINING_STATES_DIR)
+    return int(states[0].name[5:]) if states else 0
+
+
+def test_two_ranks_killed_then_preempted_resume_to_the_uninterrupted_weights(activation_cache: Path,
+                                                                              toy_cache: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-run, resume=auto, SIGTERM mid-run (which saves a state), resume=auto again: the dictionary
+    equals, bit for bit, that of an uninterrupted run (same ranks, same summation order: no tolerance needed),
+    and all segments log to one W&B run."""
+    reference = tmp_path / "reference"
+    launch("cpu_2proc_zero2.yaml", resume_overrides(toy_cache, activation_cache, reference), tmp_path)
+
+    run_dir = tmp_path / "run"
+    log = tmp_path / "killed.log"
+    process = start_two_ranks(resume_overrides(toy_cache, activation_cache, run_dir), tmp_path, log)
+    wait_until(lambda: newest_state_step(run_dir) > 0, process, log)
+    signal_job(process, signal.SIGKILL)
+    wait_for_job(process, run_dir)
+    killed_at = newest_state_step(run_dir)
+    assert not (run_dir / DICTIONARY_DIR).exists(), "the run finished before it was killed"
+
+    log = tmp_path / "preempted.log"
+    process = start_two_ranks([*resume_overrides(toy_cache, activation_cache, run_dir), "trainer.resume=auto"],
+                              tmp_path, log)
+    wait_until(lambda: newest_state_step(run_dir) > killed_at, process, log)
+    signal_job(process, signal.SIGTERM)
+    wait_for_job(process, run_dir)
+    output = log.read_text()
+    assert f"resumed from {run_dir / TRAINING_STATES_DIR / f'step_{killed_at:07d}'}" in output
+    stopped = re.search(r"stopped by SIGTERM at step (\d+); training state saved", output)
+    assert stopped, output[-4000:]
+    assert newest_state_step(run_dir) == int(stopped.group(1)) < 64
+    assert not (run_dir / DICTIONARY_DIR).exists()
+
+    launch("cpu_2proc_zero2.yaml", [*resume_overrides(toy_cache, activation_cache, run_dir), "trainer.resume=auto"],
+           tmp_path)
+    resumed, _ = load_dictionary(run_dir / DICTIONARY_DIR)
+    uninterrupted, _ = load_dictionary(reference / DICTIONARY_DIR)
+    for name, tensor in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), f"{name} differs from the uninterrupted run"
+    run_ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1, run_ids
 
 
 def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, toy_cache: Path,
