@@ -291,6 +291,8 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)
     log_artifacts: bool = True
     """Log each exported dictionary as a W&B artifact."""
+    log_analysis: bool = True
+    """Analyse each exported dictionary (report in <dictionary>/analysis) and log its feature table and plots."""
 
 
 @dataclass

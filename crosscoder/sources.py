@@ -8,9 +8,11 @@ layers, no final norm, no logits.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -202,8 +204,19 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
         raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
 
 
+def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
+    """Synthetic snapshots (`sources.kind=planted`): the revision is a hash of the planted config, so a cache of
+    them is never reused for another planted problem."""
+    planted = json.dumps(asdict(cfg.planted), sort_keys=True)
+    digest = hashlib.sha256(planted.encode()).hexdigest()[:16]
+    return [SnapshotSpec(name=f"snapshot{index}", path="planted", revision=digest, step=index)
+            for index in range(cfg.planted.n_snapshots)]
+
+
 def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> SourceInfo:
     """Resolve the snapshots and check they are compatible, reading only tokenizers and configs (cheap)."""
+    if cfg.kind == "planted":  # no model, no tokenizer: activations come from crosscoder.toy.planted
+        return SourceInfo(specs=planted_specs(cfg), tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
     hook = HookPoint.parse(cfg.hook)
     specs = resolve_snapshots(cfg, log=log)
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]

@@ -9,12 +9,18 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from crosscoder.config import TrackingConfig
 from crosscoder.constants import WANDB_DATA_DIR
+
+if TYPE_CHECKING:
+    from crosscoder.analysis.report import AnalysisResult
+
+ANALYSIS_TABLE_ROWS = 2000
+"""Latents per logged W&B feature table (evenly spaced beyond it)."""
 
 _DATA_DIR_OWNED = "CROSSCODER_OWNS_WANDB_DATA_DIR"
 
@@ -68,6 +74,26 @@ class Tracker:
         # Share of each latent's total decoder norm per snapshot: where in training the latents live.
         share = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-12)
         metrics["decoder_norm/peak_snapshot_hist"] = wandb.Histogram(share.argmax(dim=1).numpy())
+        self.run.log(metrics, step=step)
+
+    def log_analysis(self, result: AnalysisResult, step: int, max_rows: int = ANALYSIS_TABLE_ROWS) -> None:
+        """An exported dictionary's evolution: a table of per-feature trajectories, the report's plots, and class
+        and emergence counts as scalars (so the dashboard shows them change over training)."""
+        if self.run is None:
+            return
+        import wandb
+
+        rows = result.table.rows
+        if len(rows) > max_rows:  # a W&B table of every latent of a big dictionary would be slow to log and view
+            rows = [rows[round(i * (len(rows) - 1) / (max_rows - 1))] for i in range(max_rows)]
+        metrics: dict[str, Any] = {"analysis/features": wandb.Table(columns=result.table.columns, data=rows)}
+        for path in result.files:
+            if path.suffix == ".png":
+                metrics[f"analysis/{path.stem}"] = wandb.Image(str(path))
+        for name, count in result.evolution.class_counts().items():
+            metrics[f"analysis/class/{name}"] = count
+        for name, count in zip(result.evolution.names, result.evolution.emergence_counts.tolist(), strict=True):
+            metrics[f"analysis/emerging_at/{name}"] = count
         self.run.log(metrics, step=step)
 
     def log_dictionary(self, path: Path, step: int, metadata: dict[str, Any], aliases: list[str]) -> None:

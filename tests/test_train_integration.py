@@ -106,10 +106,15 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(zero2_run: tuple[Path, 
         assert f"explained_variance/{name}" in keys
     for key in ("loss/mse", "loss/sparsity", "l0", "dead_fraction", "lr", "tokens_per_second"):
         assert key in keys
-    logged = artifacts(wandb_file)
-    assert len(logged) == 2 and all(a.type == "crosscoder" for a in logged)
-    assert {c.path for c in logged[-1].manifest.contents} == {"config.json", "weights.safetensors",
-                                                              "decoder_norms.safetensors", STREAM_POSITION_FILE}
+    logged = [a for a in artifacts(wandb_file) if a.type == "crosscoder"]  # (W&B stores tables as artifacts too)
+    assert len(logged) == 2
+    contents = {c.path for c in logged[-1].manifest.contents}
+    assert {"config.json", "weights.safetensors", "decoder_norms.safetensors", STREAM_POSITION_FILE,
+            "analysis/report.html", "analysis/trajectories.png"} <= contents, contents
+    # The evolution analysis of every export reaches the dashboard: a feature table, the plots, class counts.
+    for key in ("analysis/features", "analysis/trajectories", "analysis/emergence", "analysis/class/emerging",
+                "analysis/emerging_at/step4"):
+        assert any(k == key or k.startswith(key + "/") for k in keys), (key, sorted(keys))
     positions = json.loads((run_dir / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
     assert [(p["kind"], p["rank"], p["world_size"]) for p in positions] == [("online", 0, 2), ("online", 1, 2)]
 

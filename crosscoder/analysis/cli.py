@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+from crosscoder.analysis.contexts import CONTEXTS_TITLE, contexts_section, top_contexts, unsupported_reason
+from crosscoder.analysis.html import leading_features
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
-from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir
+from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
+from crosscoder.checkpoint import read_meta
+from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
+
+CONTEXTS_PER_CELL = 3
+"""Contexts shown per latent and snapshot in the report."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,19 +29,51 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help=f"output folder (default: <dictionary>/{ANALYSIS_DIR})")
     parser.add_argument("--max-rows", type=int, default=MAX_HEATMAP_ROWS,
                         help="latents shown in the trajectory heatmap (sampled evenly beyond this)")
+    parser.add_argument("--contexts", type=int, default=3, metavar="N",
+                        help="top-activating contexts of the N leading latents per class, from re-running the "
+                             "snapshots on the run's token stream (0 disables; skipped for sources without text)")
+    parser.add_argument("--context-tokens", type=int, default=20000, metavar="T",
+                        help="tokens streamed for the top contexts")
+    parser.add_argument("--device", default="cpu", help="where the snapshots and the crosscoder run for contexts")
     return parser
+
+
+def contexts_sections(dictionary: Path, per_class: int, n_tokens: int, device: str,
+                      log: Callable[[str], None]) -> list[tuple[str, str]]:
+    """The top-contexts report section, or none (with a note) when the dictionary's sources cannot give text."""
+    reason = unsupported_reason(read_meta(dictionary))
+    if reason is not None:
+        log(f"skipping top contexts: {reason}")
+        return []
+    evo, _ = load_evolution(dictionary)
+    features = [i for members in leading_features(evo, per_class).values() for i in members]
+    if not features:
+        log("skipping top contexts: no live latents")
+        return []
+    try:
+        result = top_contexts(dictionary, features, n_tokens=n_tokens, top_k=CONTEXTS_PER_CELL, device=device,
+                              log=log)
+    except ConfigError as error:  # e.g. snapshots no longer where the run found them
+        log(f"skipping top contexts: {error}")
+        return []
+    return [(CONTEXTS_TITLE, contexts_section(result, evo))]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.contexts < 0 or args.context_tokens <= 0:
+        parser.error(f"--contexts={args.contexts} must be >= 0 and --context-tokens={args.context_tokens} > 0")
     try:
-        check_dictionary_dir(args.dictionary)
+        dictionary = check_dictionary_dir(args.dictionary)
     except FileNotFoundError as error:
         parser.error(str(error))  # exit status 2, message names the path
+    log = lambda message: print(message, flush=True)  # noqa: E731
     try:
-        result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows,
-                                    log=lambda message: print(message, flush=True))
+        extra = contexts_sections(dictionary, args.contexts, args.context_tokens, args.device, log) \
+            if args.contexts else []
+        result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
+                                    log=log)
     except (ValueError, FileNotFoundError) as error:  # e.g. an unsupported format_version
         parser.error(f"{args.dictionary}: {error}")
     print(f"report: {result.report}", flush=True)

@@ -101,19 +101,26 @@ def counts_section(evo: Evolution) -> str:
                     "median drift in", "similarity to last"], rows))
 
 
+def leading_features(evo: Evolution, per_class: int = LEADING_PER_CLASS) -> dict[str, list[int]]:
+    """Per live class with members (CLASSES order), its `per_class` latents of largest peak decoder norm, largest
+    first: the latents the report lists, and that other analyses (e.g. top contexts) look at."""
+    peak = evo.norms.amax(dim=1)
+    leading = {}
+    for index, name in enumerate(CLASSES):
+        members = torch.nonzero(evo.classes == index).flatten()
+        if name != DEAD and members.numel() > 0:
+            leading[name] = members[peak[members].argsort(descending=True)][:per_class].tolist()
+    return leading
+
+
 def leading_section(evo: Evolution, per_class: int = LEADING_PER_CLASS) -> str:
     labels = snapshot_labels(evo.names, evo.steps)
     peak = evo.norms.amax(dim=1)
     parts = ["<h2>Leading features per class</h2><p class='muted'>Largest peak decoder norm first; cells are "
              "n(s).</p>"]
-    for index, name in enumerate(CLASSES):
-        if name == DEAD:
-            continue
-        members = torch.nonzero(evo.classes == index).flatten()
-        if members.numel() == 0:
-            continue
-        members = members[peak[members].argsort(descending=True)][:per_class]
-        rows = [[int(i), evo.names[int(evo.emergence[i])], _fmt(float(peak[i])), _fmt(float(evo.lifetime_cos[i])),
+    for name, members in leading_features(evo, per_class).items():
+        index = CLASSES.index(name)
+        rows = [[i, evo.names[int(evo.emergence[i])], _fmt(float(peak[i])), _fmt(float(evo.lifetime_cos[i])),
                  *_trajectory_cells(evo.trajectories[i].tolist())] for i in members]
         color = CLASS_COLORS[name]
         parts.append(f'<h3 style="color:{color}">{_e(name)} ({int((evo.classes == index).sum())})</h3>')

@@ -116,7 +116,13 @@ def online_block_source(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
     """(blocks_from(start), close): this rank's blocks from index `start` on, made by the activation workers
-    (or inline, as one worker would, when data.workers.num_workers=0)."""
+    (or inline, as one worker would, when data.workers.num_workers=0). Planted sources are generated inline."""
+    if cfg.sources.kind == "planted":
+        from crosscoder.toy.planted import planted_blocks
+
+        block_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # as many rows as a model batch
+        planted = cfg.sources.planted
+        return (lambda start: planted_blocks(planted, rank, world_size, start, block_tokens)), (lambda: None)
     bos, pad = special_token_ids(info.tokenizer)
     workers_cfg = cfg.data.workers
     setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=info.specs, bos_id=bos, pad_id=pad,
@@ -144,7 +150,7 @@ def build_activation_stream(
     `ActivationStream.full_state()`) restores the shuffle buffer too, so the batches are exactly the ones that
     would have come next."""
     kind = "cache" if cfg.data.cache.dir else "online"
-    shards = max(1, cfg.data.workers.num_workers) if kind == "online" else 1
+    shards = max(1, cfg.data.workers.num_workers) if kind == "online" and cfg.sources.kind != "planted" else 1
     if state is not None:
         position = StreamPosition.from_dict(state[0])
     start = 0
