@@ -210,9 +210,13 @@ def feature_labels(evo: Evolution) -> dict[int, str]:
     labels = {}
     for i, (c, e) in enumerate(zip(evo.classes.tolist(), evo.emergence.tolist(), strict=True)):
         step = evo.steps[e] if e >= 0 else None
-        where = "" if e < 0 else f", emerges at {evo.names[e]}" + ("" if step is None else f" (step {step})")
+        where = "" if e < 0 else f", emerges at {_snapshot_label(evo.names[e], step)}"
         labels[i] = CLASSES[c] + where if CLASSES[c] != DEAD else DEAD
     return labels
+
+
+def _snapshot_label(name: str, step: int | None) -> str:
+    return name if step is None or str(step) in name else f"{name} (step {step})"
 
 
 def _show(text: str) -> str:
@@ -240,9 +244,9 @@ def contexts_section(result: ContextsResult, labels: Evolution | dict[int, str],
              "<b>shared</b>: the crosscoder's code from all snapshots together. A snapshot row: "
              "relu(x<sub>s</sub> &middot; W<sub>enc</sub>[s, :, i] + b<sub>enc</sub>[i]), the code the latent would "
              "get from that snapshot alone (no TopK selection): what the feature responds to there. "
-             "&mdash; : it never fires.</p>"]
+             "&mdash;: no (further) positive activation in these tokens.</p>"]
     header = "".join(f"<th>#{j + 1}</th>" for j in range(k))
-    names = [name if step is None or str(step) in name else f"{name} (step {step})"
+    names = [_snapshot_label(name, step)
              for name, step in zip(result.snapshots, result.steps or [None] * len(result.snapshots), strict=True)]
     for fc in result.features:
         rows = [("shared", fc.overall), *zip(names, fc.per_snapshot, strict=True)]
