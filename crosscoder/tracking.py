@@ -94,6 +94,9 @@ class Tracker:
             metrics[f"analysis/class/{name}"] = count
         for name, count in zip(result.evolution.names, result.evolution.emergence_counts.tolist(), strict=True):
             metrics[f"analysis/emerging_at/{name}"] = count
+        if result.recovery is not None:  # planted sources: how much of the ground truth is found, as it trains
+            metrics["analysis/recovery/fraction_recovered"] = result.recovery.fraction_recovered
+            metrics["analysis/recovery/emergence_accuracy"] = result.recovery.emergence_accuracy
         self.run.log(metrics, step=step)
 
     def log_dictionary(self, path: Path, step: int, metadata: dict[str, Any], aliases: list[str]) -> None:

@@ -19,6 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import OmegaConf
 
+from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.report import analyze_dictionary
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, write_text_atomic
 from crosscoder.config import ConfigError, RunConfig
@@ -165,7 +166,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 export_dictionary(state_dict, meta, out_dir,
                                   extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
                 if cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
-                    tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=dead.dead_mask.cpu()), step)
+                    tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=dead.dead_mask.cpu(),
+                                                            recovery=planted_recovery(out_dir)), step)
                 tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen},
                                        aliases)
                 log(f"exported dictionary at step {step} to {out_dir}")

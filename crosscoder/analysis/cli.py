@@ -9,6 +9,7 @@ from pathlib import Path
 
 from crosscoder.analysis.contexts import CONTEXTS_TITLE, contexts_section, top_contexts, unsupported_reason
 from crosscoder.analysis.html import leading_features
+from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
 from crosscoder.checkpoint import read_meta
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extra = contexts_sections(dictionary, args.contexts, args.context_tokens, args.device, log) \
             if args.contexts else []
+        planted = planted_recovery(dictionary)  # a dictionary of planted features is scored against them
+        if planted is not None:
+            log(f"planted features recovered (cosine >= {planted.threshold}): {planted.fraction_recovered:.1%}, "
+                f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
-                                    log=log)
+                                    recovery=planted, log=log)
     except (ValueError, FileNotFoundError) as error:  # e.g. an unsupported format_version
         parser.error(f"{args.dictionary}: {error}")
     print(f"report: {result.report}", flush=True)

@@ -47,6 +47,8 @@ class PlantedTruth:
     """[F_true] int64 emergence snapshot by `emergence_index` (0 for persistent and vanishing features)."""
     profiles: torch.Tensor
     """[F_true, S] the planned on/off profile (1 on, 0 off) before the snapshot scale."""
+    directions: torch.Tensor
+    """[F_true, S, d] unit direction of each feature at each snapshot (defined where it is off, too)."""
     rotating: torch.Tensor
     """[F_true] bool, features whose direction turns across snapshots."""
     snapshot_scale: torch.Tensor
@@ -133,8 +135,8 @@ def planted_truth(cfg: PlantedSourceConfig) -> PlantedTruth:
     magnitudes = profiles * scale[None, :]
     return PlantedTruth(
         decoder=decoder.float(), magnitudes=magnitudes.float(), kinds=kinds, emergence=emergence_index(magnitudes),
-        profiles=profiles.float(), rotating=rotating, snapshot_scale=scale.float(), active_prob=p,
-        noise_std=cfg.noise / math.sqrt(1 + cfg.noise**2),
+        profiles=profiles.float(), directions=directions.float(), rotating=rotating, snapshot_scale=scale.float(),
+        active_prob=p, noise_std=cfg.noise / math.sqrt(1 + cfg.noise**2),
     )
 
 
