@@ -12,8 +12,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # What a training run (or a launcher) puts in os.environ about its process group and W&B staging.
+# WANDB_SERVICE: the address of the W&B service an in-process run started; a launched job inheriting it would
+# share that service (and a killed run's id would stay "in use" there).
 PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_DATA_DIR",
-               "CROSSCODER_OWNS_WANDB_DATA_DIR")
+               "CROSSCODER_OWNS_WANDB_DATA_DIR", "WANDB_SERVICE")
 TINY_TOY = dict(hidden_size=32, num_layers=2, train_steps=12, snapshot_steps=(0, 4, 12))
 
 

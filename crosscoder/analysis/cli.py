@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extra = contexts_sections(dictionary, args.contexts, args.context_tokens, args.device, log) \
             if args.contexts else []
-        planted = planted_recovery(dictionary)  # a dictionary of planted features is scored against them
+        try:
+            planted = planted_recovery(dictionary)  # a dictionary of planted features is scored against them
+        except ValueError as error:  # its metadata names a planted problem it does not fit
+            log(f"skipping planted recovery: {error}")
+            planted = None
         if planted is not None:
             log(f"planted features recovered (cosine >= {planted.threshold}): {planted.fraction_recovered:.1%}, "
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")

@@ -41,5 +41,8 @@ def planted_recovery(dictionary_dir: str | Path) -> Recovery | None:
     truth = planted_truth(cfg)
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
         decoder = weights.get_tensor("W_dec")
+    if decoder.shape[1:] != truth.decoder.shape[1:]:
+        raise ValueError(f"{path}: W_dec {list(decoder.shape)} does not fit the planted problem in its metadata "
+                         f"({cfg.n_snapshots} snapshots, d={cfg.d_model})")
     normalized = decoder * torch.tensor(meta.input_scale)[None, :, None]
     return recovery(normalized, truth.decoder, truth.emergence, learned_norms=load_decoder_norms(path))
