@@ -84,7 +84,7 @@ def export_dictionary(
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,7 +103,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` is moved aside first (directories cannot be replaced in one step)."""
     if dst.exists():
         trash = temporary_sibling(dst, "old")

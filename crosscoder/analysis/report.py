@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from crosscoder.analysis.plots import (
     plot_similarity,
     plot_trajectory_heatmap,
 )
-from crosscoder.checkpoint import DictionaryMeta, load_decoder_norms, read_meta, temporary_sibling
+from crosscoder.checkpoint import DictionaryMeta, load_decoder_norms, read_meta, replace_dir, temporary_sibling
 from crosscoder.constants import (
     ANALYSIS_DIR,
     ANALYSIS_FEATURES_FILE,
@@ -129,17 +128,6 @@ def _csv(table: FeatureTable) -> str:
     return buffer.getvalue()
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`, moving an older `dst` aside first (a folder cannot be replaced in one rename)."""
-    if dst.exists():
-        trash = temporary_sibling(dst, "old")
-        os.replace(dst, trash)
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def analyze_dictionary(
     dictionary_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -183,7 +171,7 @@ def analyze_dictionary(
         page = render_report(evo, meta, dictionary_dir, figures, recovery=recovery, recovery_figure=recovery_png,
                              extra_sections=extra_sections)
         (tmp / ANALYSIS_REPORT_FILE).write_text(page, encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
