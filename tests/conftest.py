@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from crosscoder.config import RunConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -17,6 +19,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_DATA_DIR",
                "CROSSCODER_OWNS_WANDB_DATA_DIR", "WANDB_SERVICE")
 TINY_TOY = dict(hidden_size=32, num_layers=2, train_steps=12, snapshot_steps=(0, 4, 12))
+
+
+def tiny_toy_config(toy_cache: Path, output_dir: str | Path = "unused", model_batch_size: int = 8,
+                    toy_documents: int = 200) -> RunConfig:
+    """A run config reading the tiny toy snapshots (16-token sequences); callers set the rest."""
+    cfg = RunConfig(output_dir=str(output_dir))
+    cfg.sources.kind, cfg.sources.hook = "toy", "blocks.1.hook_resid_pre"
+    cfg.sources.toy.cache_dir = str(toy_cache)
+    for key, value in TINY_TOY.items():
+        setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
+    cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, model_batch_size, toy_documents
+    return cfg
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -13,7 +13,7 @@ from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.trainer import l1_coefficient, lr_multiplier, train
-from tests.conftest import PROCESS_ENV, TINY_TOY
+from tests.conftest import PROCESS_ENV, TINY_TOY, tiny_toy_config
 
 
 @pytest.fixture
@@ -25,13 +25,7 @@ def clean_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def tiny_run_config(toy_cache: Path, output_dir: Path) -> RunConfig:
-    cfg = RunConfig(output_dir=str(output_dir))
-    cfg.sources.kind = "toy"
-    cfg.sources.hook = "blocks.1.hook_resid_pre"
-    cfg.sources.toy.cache_dir = str(toy_cache)
-    for key, value in TINY_TOY.items():
-        setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
-    cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, 8, 200
+    cfg = tiny_toy_config(toy_cache, output_dir)
     cfg.data.shuffle.buffer_tokens = 1024
     cfg.crosscoder.dict_size, cfg.crosscoder.norm_estimation_batches = 128, 2
     cfg.crosscoder.l1_coeff, cfg.crosscoder.l1_warmup_steps = 0.5, 5

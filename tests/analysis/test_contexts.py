@@ -27,7 +27,7 @@ from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
 from crosscoder.model import Crosscoder
 from crosscoder.sources import describe_sources, load_runners
-from tests.conftest import TINY_TOY
+from tests.conftest import tiny_toy_config
 
 N_TOKENS, TOP_K, WINDOW = 500, 4, (8, 3)
 F = 4
@@ -36,13 +36,7 @@ SILENT_SNAPSHOT = 1
 
 
 def _run_config(toy_cache: Path) -> RunConfig:
-    cfg = RunConfig(output_dir="unused")
-    cfg.sources.kind, cfg.sources.hook = "toy", "blocks.1.hook_resid_pre"
-    cfg.sources.toy.cache_dir = str(toy_cache)
-    for key, value in TINY_TOY.items():
-        setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
-    cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, 8, 200
-    return cfg
+    return tiny_toy_config(toy_cache)
 
 
 def _export(path: Path, cfg: RunConfig, training: dict[str, Any]) -> Path:

@@ -19,7 +19,7 @@ from crosscoder.data.shuffle import ShuffleBuffer
 from crosscoder.data.stream import ActivationStream, StreamPosition, build_activation_stream, online_block_source
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
 from crosscoder.sources import SourceInfo, describe_sources
-from tests.conftest import TINY_TOY
+from tests.conftest import tiny_toy_config
 
 BATCH = 96
 
@@ -30,12 +30,7 @@ def quiet(_: str) -> None:
 
 def stream_config(toy_cache: Path, cache_dir: Path | None = None, shuffle_tokens: int = 0) -> RunConfig:
     """The tiny toy snapshots, snapshots run inline (worker processes have their own tests)."""
-    cfg = RunConfig(output_dir="unused")
-    cfg.sources.kind, cfg.sources.hook = "toy", "blocks.1.hook_resid_pre"
-    cfg.sources.toy.cache_dir = str(toy_cache)
-    for key, value in TINY_TOY.items():
-        setattr(cfg.sources.toy, key, list(value) if isinstance(value, tuple) else value)
-    cfg.data.seq_len, cfg.data.model_batch_size, cfg.data.toy_documents = 16, 4, 150
+    cfg = tiny_toy_config(toy_cache, model_batch_size=4, toy_documents=150)
     cfg.data.workers.num_workers = 0
     cfg.data.shuffle.buffer_tokens = shuffle_tokens
     cfg.data.cache.dir = str(cache_dir) if cache_dir else None
