@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crosscoder.analysis.contexts import CONTEXTS_TITLE, contexts_section, top_contexts, unsupported_reason
+from crosscoder.analysis.evolution import Evolution
 from crosscoder.analysis.html import leading_features
 from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
-from crosscoder.checkpoint import read_meta
+from crosscoder.checkpoint import DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
 
@@ -39,14 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def contexts_sections(dictionary: Path, per_class: int, n_tokens: int, device: str,
-                      log: Callable[[str], None]) -> list[tuple[str, str]]:
+def contexts_sections(dictionary: Path, evo: Evolution, meta: DictionaryMeta, per_class: int, n_tokens: int,
+                      device: str, log: Callable[[str], None]) -> list[tuple[str, str]]:
     """The top-contexts report section, or none (with a note) when the dictionary's sources cannot give text."""
-    reason = unsupported_reason(read_meta(dictionary))
+    reason = unsupported_reason(meta)
     if reason is not None:
         log(f"skipping top contexts: {reason}")
         return []
-    evo, _ = load_evolution(dictionary)
     features = [i for members in leading_features(evo, per_class).values() for i in members]
     if not features:
         log("skipping top contexts: no live latents")
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))  # exit status 2, message names the path
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
-        extra = contexts_sections(dictionary, args.contexts, args.context_tokens, args.device, log) \
+        log(f"loading {dictionary}")
+        evolution = load_evolution(dictionary)  # once, for picking the context latents and for the report
+        extra = contexts_sections(dictionary, *evolution, args.contexts, args.context_tokens, args.device, log) \
             if args.contexts else []
         try:
             planted = planted_recovery(dictionary)  # a dictionary of planted features is scored against them
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"planted features recovered (cosine >= {planted.threshold}): {planted.fraction_recovered:.1%}, "
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
-                                    recovery=planted, log=log)
+                                    recovery=planted, evolution=evolution, log=log)
     except (ValueError, FileNotFoundError) as error:  # e.g. an unsupported format_version
         parser.error(f"{args.dictionary}: {error}")
     print(f"report: {result.report}", flush=True)

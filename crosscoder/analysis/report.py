@@ -136,6 +136,7 @@ def analyze_dictionary(
     extra_sections: list[tuple[str, str]] | None = None,
     dead_mask: torch.Tensor | None = None,
     max_heatmap_rows: int = MAX_HEATMAP_ROWS,
+    evolution: tuple[Evolution, DictionaryMeta] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> AnalysisResult:
     """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`).
@@ -143,11 +144,14 @@ def analyze_dictionary(
     `recovery`: planted ground-truth recovery (from `matching.recovery`) to show in the report.
     `extra_sections`: (title, html) pairs appended to the report, for other analyses (e.g. top contexts).
     `dead_mask` [F]: latents known dead from activation statistics, on top of the norm floor.
+    `evolution`: `load_evolution(dictionary_dir, dead_mask)` when the caller already has it (W_dec is read once).
     """
     dictionary_dir = check_dictionary_dir(dictionary_dir)
     out = Path(out_dir) if out_dir is not None else dictionary_dir / ANALYSIS_DIR
-    log(f"loading {dictionary_dir}")
-    evo, meta = load_evolution(dictionary_dir, dead_mask)
+    if evolution is None:
+        log(f"loading {dictionary_dir}")
+        evolution = load_evolution(dictionary_dir, dead_mask)
+    evo, meta = evolution
     log(f"{evo.trajectories.shape[0]} latents x {len(evo.names)} snapshots: {evo.class_counts()}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
