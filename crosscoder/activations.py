@@ -16,6 +16,8 @@ class Activation(nn.Module):
     """True when the loss adds lambda * sum_i f_i w_i (ReLU); TopK controls sparsity by construction."""
     uses_aux_loss: bool = False
     """True when dead latents get the AuxK loss."""
+    ranks_by_decoder_norm: bool = False
+    """True when codes depend on the latent weights (TopK selection): split by snapshot, they are all-reduced."""
 
     def __init__(self, k: int, dict_size: int) -> None:
         super().__init__()
@@ -39,6 +41,7 @@ class TopK(Activation):
     """Keep the k largest f_i * w_i per token."""
 
     uses_aux_loss = True
+    ranks_by_decoder_norm = True
 
     def __init__(self, k: int, dict_size: int) -> None:
         super().__init__(k, dict_size)

@@ -279,6 +279,19 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks of a launch split the work: world = data_parallel x snapshot_parallel (crosscoder.layout)."""
+
+    snapshot_parallel: int = 1
+    """Ranks that share one token stream and split the snapshots between them (each loads and runs only its own
+    snapshots and holds only their slice of the crosscoder); the world size divided by it is the data-parallel
+    size, over which ZeRO shards. 1: every rank runs every snapshot."""
+    token_check_every: int = 1
+    """Steps between checks that a snapshot group's ranks train on the same tokens (one tiny all-reduce;
+    0 disables)."""
+
+
+@dataclass
 class TrackingConfig:
     """Weights & Biases."""
 
@@ -304,6 +317,7 @@ class RunConfig:
     crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = MISSING
     """Run directory (Hydra's output dir unless set)."""
@@ -323,9 +337,8 @@ class RunConfig:
                 raise ConfigError("sources.model (hub id or dir) or sources.paths must be set for sources.kind=hf")
             if s.model and s.paths:
                 raise ConfigError("set sources.model+revisions or sources.paths, not both")
-            n_snapshots = len(s.paths) if s.paths else max(len(s.revisions), 1)
-            if s.steps and len(s.steps) != n_snapshots:
-                raise ConfigError(f"sources.steps has {len(s.steps)} entries for {n_snapshots} snapshots")
+            if s.steps and len(s.steps) != self.n_snapshots():
+                raise ConfigError(f"sources.steps has {len(s.steps)} entries for {self.n_snapshots()} snapshots")
         if s.kind == "planted":
             s.planted.validate()
         _positive("crosscoder.dict_size", c.dict_size)
@@ -364,7 +377,22 @@ class RunConfig:
         stage = self.deepspeed.zero_stage
         if stage is not None and stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={stage} must be 0, 1, 2 or 3")
+        _positive("parallel.snapshot_parallel", self.parallel.snapshot_parallel)
+        if self.parallel.snapshot_parallel > self.n_snapshots():
+            raise ConfigError(f"parallel.snapshot_parallel={self.parallel.snapshot_parallel} is more than the "
+                              f"{self.n_snapshots()} snapshots: every snapshot rank needs at least one")
+        if self.parallel.token_check_every < 0:
+            raise ConfigError(f"parallel.token_check_every={self.parallel.token_check_every} must be >= 0 (0: off)")
         return self
+
+    def n_snapshots(self) -> int:
+        """How many snapshots the sources name (known from the config alone, before anything loads)."""
+        s = self.sources
+        if s.kind == "toy":
+            return len(s.toy.snapshot_steps)
+        if s.kind == "planted":
+            return s.planted.n_snapshots
+        return len(s.paths) if s.paths else max(len(s.revisions), 1)
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -7,6 +7,10 @@ dataset. The module always takes *raw* activations and returns raw reconstructio
 normalised space. `fold_normalization()` moves c into the weights (W_enc[s] * c_s, W_dec[:, s] / c_s,
 b_dec[s] / c_s) and sets `is_folded`, after which the forward pass gives the same result without scaling,
 so exported weights work on raw activations and nothing is folded twice.
+
+Split by snapshot (crosscoder.layout): a module built with `snapshot_share` holds only those sources' W_enc,
+W_dec, b_dec and scales (`SNAPSHOT_DIMS` says along which dim each is cut) and sums the partial pre-activations
+and latent weights over its snapshot group through `reduction`; its losses are its own sources' share.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import torch
 from torch import nn
 
 from crosscoder.activations import ACTIVATIONS, Activation
+from crosscoder.layout import SnapshotReduction
+
+SNAPSHOT_DIMS = {"W_enc": 0, "W_dec": 1, "b_dec": 0, "input_scale": 0}
+"""The tensors split by snapshot and the dim that indexes the snapshot; the rest (b_enc, flags) is shared."""
+INIT_CHUNK_ELEMENTS = 1 << 24
+"""Elements of the whole decoder a snapshot rank draws at a time at init (64 MiB of float32)."""
 
 
 class CrosscoderOutput(NamedTuple):
@@ -51,12 +61,22 @@ class Crosscoder(nn.Module):
         aux_k: int = 0,
         aux_coeff: float = 1 / 32,
         init_decoder_norm: float = 0.1,
+        snapshot_share: range | None = None,
+        reduction: SnapshotReduction | None = None,
     ) -> None:
+        """`snapshot_share`: the sources (of `n_sources`) this module holds, the rest living on the other ranks of
+        `reduction`'s snapshot group; the weights are those slices of the whole crosscoder's initialisation."""
         super().__init__()
         if n_sources <= 0 or d_model <= 0 or dict_size <= 0:
             raise ValueError(
                 f"n_sources={n_sources}, d_model={d_model}, dict_size={dict_size} must all be > 0"
             )
+        share = range(n_sources) if snapshot_share is None else snapshot_share
+        if not (len(share) and share.start >= 0 and share.stop <= n_sources):
+            raise ValueError(f"snapshot_share={share} is not a non-empty part of the {n_sources} sources")
+        self.total_sources, self.snapshot_share = n_sources, share
+        self.reduction = reduction or SnapshotReduction()
+        n_sources = len(share)
         self.n_sources, self.d_model, self.dict_size = n_sources, d_model, dict_size
         if isinstance(activation, str):
             if activation not in ACTIVATIONS:
@@ -68,7 +88,7 @@ class Crosscoder(nn.Module):
 
         # Random decoder rows with a small fixed norm per source; encoder = decoder transpose, so every latent
         # starts as a matched filter of its own decoder direction.
-        decoder = torch.randn(dict_size, n_sources, d_model)
+        decoder = _initial_decoder(dict_size, self.total_sources, d_model, share)
         decoder = decoder / decoder.norm(dim=-1, keepdim=True) * init_decoder_norm
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(decoder.permute(1, 2, 0).contiguous())
@@ -76,6 +96,11 @@ class Crosscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
         self.register_buffer("input_scale", torch.ones(n_sources))
         self.register_buffer("folded", torch.zeros((), dtype=torch.bool))
+        if len(share) < self.total_sources:
+            # DeepSpeed's gradient norm sums these over the snapshot group and counts the shared b_enc once.
+            for name in SNAPSHOT_DIMS:
+                if isinstance(getattr(self, name), nn.Parameter):
+                    getattr(self, name).model_parallel = True
 
     # ---- normalisation -------------------------------------------------------------------------------
     @property
@@ -112,13 +137,19 @@ class Crosscoder(nn.Module):
         return self.W_dec.norm(dim=-1) * out_scale[None, :]
 
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations [B, F]: this module's sources' partial sum, summed over the snapshot group."""
         in_scale, _ = self._scales()
         x_in = x * in_scale[None, :, None].to(x.dtype)
-        return torch.einsum("bsd,sdf->bf", x_in, self.W_enc) + self.b_enc
+        return self.reduction.partial_sum(torch.einsum("bsd,sdf->bf", x_in, self.W_enc), self.b_enc)
+
+    def selection_weight(self, local_weight: torch.Tensor) -> torch.Tensor:
+        """w_i = sum over all sources of ||W_dec[i, s]||, for activations that rank latents by it (no gradient
+        flows through a ranking; the ReLU penalty uses each rank's own share, so its gradient stays local)."""
+        return self.reduction.total(local_weight) if self.activation.ranks_by_decoder_norm else local_weight
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes [B, F] of raw activations [B, S, d]."""
-        return self.activation(self.encode_pre(x), self.decoder_norms().sum(dim=1))
+        return self.activation(self.encode_pre(x), self.selection_weight(self.decoder_norms().sum(dim=1)))
 
     def decode_normalized(self, codes: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """Normalised-space reconstruction [B, S, d] from codes [B, F]."""
@@ -142,8 +173,8 @@ class Crosscoder(nn.Module):
         if x.dim() != 3 or x.shape[1:] != (self.n_sources, self.d_model):
             raise ValueError(f"expected input [batch, {self.n_sources}, {self.d_model}], got {list(x.shape)}")
         pre = self.encode_pre(x)
-        latent_weight = self.decoder_norms().sum(dim=1)
-        codes = self.activation(pre, latent_weight)
+        latent_weight = self.decoder_norms().sum(dim=1)  # this module's sources
+        codes = self.activation(pre, self.selection_weight(latent_weight))
         normalized_reconstruction = self.decode_normalized(codes)
         normalized_input = x * self.input_scale[None, :, None].to(x.dtype)
 
@@ -173,9 +204,27 @@ class Crosscoder(nn.Module):
         aux_codes = torch.zeros_like(pre).scatter(1, indices, values)
         # No decoder bias: the dead latents must explain the error by their directions alone.
         aux_reconstruction = self.decode_normalized(aux_codes, with_bias=False)
-        residual_variance = (error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean()
+        # Over all sources (error is detached, so this is a plain sum over the snapshot group).
+        residual_variance = self.reduction.total((error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean())
         aux_mse = (aux_reconstruction - error).pow(2).sum(dim=(1, 2)).mean()
         return aux_mse / residual_variance.clamp_min(1e-8)
+
+
+def _initial_decoder(dict_size: int, n_sources: int, d_model: int, share: range) -> torch.Tensor:
+    """The whole crosscoder's random decoder [F, S, d] (one torch.randn draw), restricted to `share`.
+
+    A snapshot rank draws it in chunks of latents and keeps its columns, so no rank holds the whole tensor and
+    every layout starts from the one-rank weights. Chunked draws equal the single draw when every chunk (and
+    the whole) has a multiple of 16 elements (torch fills normals 16 at a time); otherwise draw it whole."""
+    if len(share) == n_sources:
+        return torch.randn(dict_size, n_sources, d_model)
+    row = n_sources * d_model
+    chunk = max(16, INIT_CHUNK_ELEMENTS // row // 16 * 16)
+    if (row * dict_size) % 16 or dict_size <= chunk:
+        return torch.randn(dict_size, n_sources, d_model)[:, share.start : share.stop].clone()
+    parts = [torch.randn(min(chunk, dict_size - first), n_sources, d_model)[:, share.start : share.stop].clone()
+             for first in range(0, dict_size, chunk)]
+    return torch.cat(parts)
 
 
 @torch.no_grad()

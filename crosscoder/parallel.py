@@ -1,7 +1,8 @@
 """The parallelism plan: accelerate + DeepSpeed set-up, kept apart from the model and from the loop.
 
 Under `accelerate launch` the launcher provides the process group; started as a plain script (the embedded
-default) we make a one-rank group ourselves, so the same DeepSpeed engine path runs everywhere.
+default) we make a one-rank group ourselves, so the same DeepSpeed engine path runs everywhere. The 2-D
+(data x snapshot) layout lives in `crosscoder.layout`; this module hands it to DeepSpeed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from crosscoder.config import ConfigError, RunConfig
+from crosscoder.layout import Layout, SnapshotParallelUnit
+from crosscoder.model import SNAPSHOT_DIMS
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -111,27 +114,57 @@ def full_parameters(model: nn.Module, only: list[nn.Parameter] | None = None) ->
         yield module
 
 
-def partitioned_init(accelerator) -> contextlib.AbstractContextManager:  # noqa: ANN001
-    """Under ZeRO-3, build the model inside deepspeed.zero.Init: each parameter is partitioned as soon as it is
-    made, so no rank holds the whole crosscoder (its optimizer state is partitioned by the engine anyway)."""
+def partitioned_init(accelerator, layout: Layout) -> contextlib.AbstractContextManager:  # noqa: ANN001
+    """Under ZeRO-3, build the model inside deepspeed.zero.Init: each parameter is partitioned (over the data
+    group) as soon as it is made, so no rank holds even its whole share of the crosscoder."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config)
+    if not layout.split:
+        return deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config)
+    return deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config, data_parallel_group=layout.data_group,
+                               mpu=SnapshotParallelUnit(layout))
 
 
-def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+@contextlib.contextmanager
+def with_model_parallel_unit(layout: Layout) -> Iterator[None]:
+    """Inside, `accelerator.prepare` builds the DeepSpeed engine with this layout's model-parallel unit.
+
+    accelerate 1.15 passes an `mpu` to deepspeed.initialize only for its Ulysses sequence parallelism (HF
+    models); its `_prepare_deepspeed` looks `deepspeed.initialize` up when called, so we wrap that one call
+    rather than copy accelerate's engine set-up. Everything else (config, optimizer and scheduler wrappers,
+    save/load) stays accelerate's. With one snapshot rank there is nothing to pass."""
+    if not layout.split:
+        yield
+        return
+    import deepspeed
+
+    original = deepspeed.initialize
+
+    def initialize(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        kwargs.setdefault("mpu", SnapshotParallelUnit(layout))
+        return original(*args, **kwargs)
+
+    deepspeed.initialize = initialize
+    try:
+        yield
+    finally:
+        deepspeed.initialize = original
+
+
+def full_state_dict(accelerator, engine, layout: Layout) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The whole state dict with full-precision parameters on rank 0, {} elsewhere. Collective: every rank calls it.
 
-    Parameters are gathered one at a time (the transient peak is the largest parameter, not the model), and only
-    rank 0 keeps them. Under bf16/fp16 the module holds 16-bit copies; the fp32 master weights live (sharded) in
-    the ZeRO optimizer, and those are what an exported dictionary should carry.
+    Parameters are gathered one at a time within each data group (the transient peak is the largest parameter,
+    not the model); the data-index-0 rank of each snapshot share keeps its share, and rank 0 concatenates the
+    shares in snapshot order. Under bf16/fp16 the module holds 16-bit copies; the fp32 master weights live
+    (sharded) in the ZeRO optimizer, and those are what an exported dictionary should carry.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
-    keep = accelerator.is_main_process
+    keep = layout.data_rank == 0
     module = accelerator.unwrap_model(engine)
     state = {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers()} if keep else {}
     for name, param in module.named_parameters():
@@ -141,12 +174,13 @@ def full_state_dict(accelerator, engine) -> dict[str, torch.Tensor]:  # noqa: AN
                 master = param.detach().float()
         if keep:
             state[name] = master.detach().cpu().clone()
-    return state
+    return layout.assemble(state, SNAPSHOT_DIMS)
 
 
 def teardown(accelerator) -> None:  # noqa: ANN001
     """Leave the process clean for the next job of a Hydra multirun in the same process."""
     import deepspeed.comm
+    import deepspeed.utils.groups
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -154,6 +188,7 @@ def teardown(accelerator) -> None:  # noqa: ANN001
     if dist.is_available() and dist.is_initialized():
         # Through DeepSpeed, so it also forgets its cached groups (the next job makes new ones).
         deepspeed.comm.destroy_process_group()
+    deepspeed.utils.groups.mpu = None  # DeepSpeed keeps the last engine's model-parallel unit module-wide
     accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()

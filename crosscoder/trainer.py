@@ -1,7 +1,8 @@
 """The training loop: paired activations in, a DeepSpeed-engine crosscoder step, metrics and exports out.
 
-The loop reads a plain iterator of [batch, S, d] tensors; where they come from is the data package's concern,
-how the model is sharded is `parallel`'s.
+The loop reads a plain iterator of [batch, S_j, d] tensors; where they come from is the data package's concern,
+how the model is sharded is `parallel`'s and `layout`'s (S_j: this rank's snapshots, all of them unless the
+run is split by snapshot).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from crosscoder.checkpoint import DictionaryMeta, export_dictionary, write_text_
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.data.stream import ActivationStream, build_activation_stream
+from crosscoder.layout import Layout, build_layout, check_layout
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
 from crosscoder.model import Crosscoder, input_scale_from, mean_squared_norms
 from crosscoder.parallel import (
@@ -34,6 +36,7 @@ from crosscoder.parallel import (
     full_state_dict,
     partitioned_init,
     teardown,
+    with_model_parallel_unit,
 )
 from crosscoder.preemption import StopRequest
 from crosscoder.sources import SourceInfo, describe_sources
@@ -90,12 +93,12 @@ def train(cfg: RunConfig) -> TrainResult:
     trainer_cfg, crosscoder_cfg = cfg.trainer, cfg.crosscoder
 
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
-    # world size from the launcher's environment.
+    # world size from the launcher's environment. The ranks of one snapshot group share their tokens, so the
+    # global batch is split over the data-parallel ranks only.
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if trainer_cfg.batch_size % world_size:
-        raise ConfigError(f"trainer.batch_size={trainer_cfg.batch_size} is not divisible by {world_size} ranks")
-    micro_batch = trainer_cfg.batch_size // world_size
+    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), trainer_cfg.batch_size)
+    micro_batch = trainer_cfg.batch_size // data_parallel
     accelerator = build_accelerator(cfg, micro_batch)
     state = PartialState()
     is_main = accelerator.is_main_process
@@ -111,35 +114,44 @@ def train(cfg: RunConfig) -> TrainResult:
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
             sources = describe_sources(cfg.sources, log=log)
+        layout = build_layout(cfg.parallel.snapshot_parallel, len(sources.specs))
+        share = layout.share
         total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
-        stream = build_activation_stream(cfg, sources, state.process_index, state.num_processes, micro_batch,
-                                         log=log, state=None if resumed is None else (resumed.rank, resumed.tensors))
+        stream = build_activation_stream(cfg, sources, layout.data_rank, layout.data_parallel, micro_batch, log=log,
+                                         state=None if resumed is None else (resumed.rank, resumed.tensors),
+                                         share=share)
         if resumed is None:
             _check_enough_tokens(stream, cfg, total_steps * micro_batch)
 
         zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-        with partitioned_init(accelerator):  # ZeRO-3: no rank ever holds the whole crosscoder
+        with partitioned_init(accelerator, layout):  # ZeRO-3: no rank ever holds even its whole share
             model = Crosscoder(
                 n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
                 activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
+                snapshot_share=share, reduction=layout.reduction,
             )
+        input_scale = model.input_scale.new_ones(len(sources.specs))  # every snapshot's, for the saved state
         if resumed is not None:
-            model.set_input_scale(torch.tensor(resumed.trainer["input_scale"]))
+            input_scale = torch.tensor(resumed.trainer["input_scale"])
         elif crosscoder_cfg.normalize_inputs:
-            # Mean squared norms, not scales, are averaged over ranks: the result is the one-rank estimate.
+            # Mean squared norms, not scales, are averaged over the data ranks: the result is the one-rank
+            # estimate. Each rank measures its own snapshots; summed over the world, the others' are zeros.
             first = stream.peek(crosscoder_cfg.norm_estimation_batches)
-            mean_sq = accelerator.reduce(mean_squared_norms(first).to(accelerator.device), "mean").cpu()
-            model.set_input_scale(input_scale_from(mean_sq, sources.d_model))
-            scales = zip(sources.specs, model.input_scale.tolist(), strict=True)
+            local = layout.scatter(mean_squared_norms(first)).to(accelerator.device)
+            mean_sq = (accelerator.reduce(local, "sum") / layout.data_parallel).cpu()
+            input_scale = input_scale_from(mean_sq, sources.d_model)
+            scales = zip(sources.specs, input_scale.tolist(), strict=True)
             log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
+        model.set_input_scale(input_scale[share.start : share.stop])
 
         optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(step, total_steps, trainer_cfg.lr_warmup_steps, trainer_cfg.lr_decay_fraction),
         )
-        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        with with_model_parallel_unit(layout):  # ZeRO over the data group only
+            engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         param_dtype = next(engine.parameters()).dtype
         dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens, accelerator.device)
         first_step = 0
@@ -155,11 +167,12 @@ def train(cfg: RunConfig) -> TrainResult:
                           resume_id=None if resumed is None else resumed.trainer.get("wandb_run_id"))
         progress = ProgressBar(total_steps - first_step, trainer_cfg.batch_size, enabled=is_main)
         source_names = [spec.name for spec in sources.specs]
-        log(f"training {total_steps} steps of {trainer_cfg.batch_size} tokens on {state.num_processes} rank(s), "
+        split = f" ({layout.describe()})" if layout.split else ""
+        log(f"training {total_steps} steps of {trainer_cfg.batch_size} tokens on {state.num_processes} rank(s){split}, "
             f"ZeRO-{zero_stage}, output in {output_dir}")
 
         def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
-            state_dict = full_state_dict(accelerator, engine)  # collective; whole only on rank 0
+            state_dict = full_state_dict(accelerator, engine, layout)  # collective; whole only on rank 0
             positions = gather_object([stream.state_dict()])  # collective too: where each rank's stream stands
             if is_main:
                 meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
@@ -177,7 +190,7 @@ def train(cfg: RunConfig) -> TrainResult:
         def save_state(step: int) -> Path:
             stream_scalars, stream_tensors = stream.full_state()
             trainer_state = {"scheduler": scheduler.state_dict(), "wandb_run_id": tracker.run_id,
-                             "input_scale": model.input_scale.tolist(), "zero_stage": zero_stage,
+                             "input_scale": input_scale.tolist(), "zero_stage": zero_stage,
                              "config": run_config}
             tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": dead.tokens_since_fired}
             path = save_training_state(accelerator, engine, states_root(output_dir), step, trainer_state,
@@ -188,8 +201,11 @@ def train(cfg: RunConfig) -> TrainResult:
         metrics: dict[str, Any] = {}
         loop_started, waited_before = time.perf_counter(), stream.wait_seconds
         window_started, window_waited = loop_started, waited_before
+        token_check_every = cfg.parallel.token_check_every
         for step in range(first_step, total_steps):
             x = next(stream).to(accelerator.device, dtype=param_dtype)
+            if token_check_every and step % token_check_every == 0:  # snapshot groups pair the same tokens
+                layout.check_same_tokens(stream.last_token_ids, step, accelerator.device)
             l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
             output = engine(x, l1_coeff, dead.dead_mask)
             accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
@@ -205,16 +221,18 @@ def train(cfg: RunConfig) -> TrainResult:
             stopping = bool(reduced[-1] > 0)
             done = step + 1
             if done % trainer_cfg.log_every == 0 or done == total_steps:
-                metrics = _step_metrics(accelerator, output, l1_coeff, scheduler, dead, source_names,
+                metrics = _step_metrics(accelerator, layout, output, l1_coeff, scheduler, dead, source_names,
                                         progress.tokens_per_second(done - first_step))
                 now = time.perf_counter()
                 # The share of loop time spent waiting on the activation stream (0 when data is never late).
                 metrics["data_wait_fraction"] = (stream.wait_seconds - window_waited) / max(now - window_started, 1e-9)
                 window_started, window_waited = now, stream.wait_seconds
                 with full_parameters(engine, [accelerator.unwrap_model(engine).W_dec]) as module:
-                    decoder_norms = module.decoder_norms().detach()
+                    local_norms = module.decoder_norms().detach().cpu()
+                decoder_norms = layout.assemble({"norms": local_norms}, {"norms": 1}).get("norms")  # [F, S], rank 0
                 tracker.log(metrics, step=done)
-                tracker.log_decoder_norms(decoder_norms, source_names, step=done)
+                if decoder_norms is not None:
+                    tracker.log_decoder_norms(decoder_norms, source_names, step=done)
             shown = {"loss": output.loss.item()}
             if metrics:  # quality figures from the last log step
                 shown.update(ev=metrics["explained_variance/mean"], l0=metrics["l0"])
@@ -296,19 +314,24 @@ def _shared_output_dir(configured: str) -> Path:
 
 
 def _step_metrics(
-    accelerator, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
+    accelerator, layout: Layout, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
     source_names: list[str], tokens_per_second: float,
 ) -> dict[str, float]:
-    """Loss parts and per-source quality, averaged over ranks."""
+    """Loss parts and per-source quality, averaged over the data ranks. Split by snapshot, each rank's losses are
+    its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
+    elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
+    same on every rank of a group."""
     recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
     local = torch.cat([
         torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
                      output.aux_loss.detach(), recon["l0"]]).float(),
-        recon["mse"].float(), recon["explained_variance"].float(),
+        layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
     ])
-    values = accelerator.reduce(local, "mean").tolist()
+    summed = accelerator.reduce(local, "sum")
+    values = (summed / layout.data_parallel).tolist()
     n = len(source_names)
-    loss, mse_loss, sparsity_loss, aux_loss, l0 = values[:5]
+    loss, mse_loss, sparsity_loss, aux_loss = values[:4]
+    l0 = summed[4].item() / accelerator.num_processes
     mse, ev = values[5 : 5 + n], values[5 + n :]
     metrics = {
         "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,

@@ -50,6 +50,7 @@ MUTABLE_SETTINGS = (
     "output_dir", "tracking", "trainer.resume", "trainer.state_every", "trainer.keep_states", "trainer.log_every",
     "trainer.checkpoint_every", "data.workers.device", "data.workers.threads", "data.workers.cpus",
     "data.workers.slots", "data.workers.start_timeout_s", "data.cache.dir", "sources.toy.cache_dir",
+    "parallel.token_check_every",
 )
 
 

@@ -19,7 +19,8 @@ PROCESSES_PER_MACHINE = {"cpu_2proc": 2, "1gpu": 1, "8gpu": 8, "2node_8gpu": 8}
 
 def test_every_launch_config_is_listed() -> None:
     names = {path.stem for path in LAUNCH_CONFIGS}
-    assert {"cpu_2proc_zero2", "cpu_2proc_zero3", "1gpu", "8gpu_zero2", "8gpu_zero3", "2node_8gpu_zero3"} <= names
+    assert {"cpu_2proc_zero2", "cpu_2proc_zero3", "1gpu", "8gpu_zero2", "8gpu_zero3", "2node_8gpu_zero3",
+            "8gpu_zero2_snapshot_parallel", "2node_8gpu_zero2_snapshot_parallel"} <= names
 
 
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.stem)
@@ -37,14 +38,16 @@ def test_launch_config_loads_and_matches_its_name(path: Path) -> None:
     assert f"--config_file launch/{path.name}" in path.read_text()  # its own usage line
 
 
-def test_slurm_script_launches_one_accelerate_per_node() -> None:
-    script = REPO / "launch" / "slurm_2node_zero3.sbatch"
+@pytest.mark.parametrize("script", sorted((REPO / "launch").glob("slurm_*.sbatch")), ids=lambda p: p.stem)
+def test_slurm_script_launches_one_accelerate_per_node(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --nodes=2" in text
     config = re.search(r"--config_file (\S+)", text)
     assert config and (REPO / config.group(1)).is_file()
     assert '--machine_rank "$SLURM_NODEID"' in text and "hydra.run.dir=" in text
+    if "snapshot_parallel" in script.stem:  # a snapshot group per node: the default the user can override
+        assert 'parallel.snapshot_parallel=8 "$@"' in text
 
 
 def test_dockerfile_installs_the_readme_pins() -> None:

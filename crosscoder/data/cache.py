@@ -255,14 +255,17 @@ def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: st
 class CacheReader:
     """Streams a complete cache's shards as ActivationBlocks, each rank reading only its own rows."""
 
-    def __init__(self, cache_dir: str | Path, rank: int = 0, world_size: int = 1, batch_rows: int = 0) -> None:
+    def __init__(self, cache_dir: str | Path, rank: int = 0, world_size: int = 1, batch_rows: int = 0,
+                 sources: range | None = None) -> None:
         """`batch_rows` > 0 reads in global batch order: rank r takes the r-th run of `batch_rows` rows out of every
         `world_size` runs, so N ranks with micro batch `batch_rows` see, batch for batch, the rows one rank with
-        the global batch sees (unshuffled). 0: each rank reads one contiguous range per shard (less I/O)."""
+        the global batch sees (unshuffled). 0: each rank reads one contiguous range per shard (less I/O).
+        `sources`: read only these snapshots' columns (a snapshot rank's share; all when None)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
         self.cache_dir = Path(cache_dir).expanduser()
         self.manifest = read_manifest(self.cache_dir)
+        self.sources = sources
         self.rank, self.world_size, self.batch_rows = rank, world_size, batch_rows
         self.n_shards = len(self.manifest.shards)
         counts = [int(shard["n_tokens"]) for shard in self.manifest.shards]
@@ -297,6 +300,8 @@ class CacheReader:
                 rows = self._rows(index)
                 if rows.numel() == 0:
                     continue
-                first, last = int(rows[0]), int(rows[-1]) + 1  # read only the span holding this rank's rows
-                activations = f.get_slice("activations")[first:last].float()[rows - first]
+                # Read only the span holding this rank's rows, and only its snapshots' columns of it.
+                first, last = int(rows[0]), int(rows[-1]) + 1
+                columns = slice(None) if self.sources is None else slice(self.sources.start, self.sources.stop)
+                activations = f.get_slice("activations")[first:last, columns].float()[rows - first]
             yield ActivationBlock(index, activations, token_ids[rows].clone())

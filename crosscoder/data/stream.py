@@ -1,8 +1,9 @@
 """The activation stream the trainer iterates: blocks (from workers, inline snapshots or a cache) -> shuffle
 buffer -> batches of exactly the rank's micro batch, with a position that a resumed run restarts from.
 
-Rank r of N reads disjoint tokens: online, its own document shards (one per worker); from a cache, its own
-row range of every cache shard.
+Data rank r of N reads disjoint tokens: online, its own document shards (one per worker); from a cache, its
+own row range of every cache shard. Split by snapshot, a rank reads (or runs) only its own snapshots' columns;
+the ranks of one snapshot group share a data rank and so read the same tokens in the same order.
 """
 
 from __future__ import annotations
@@ -112,39 +113,54 @@ class ActivationStream:
         self.close()
 
 
+def _columns(blocks: Iterator[ActivationBlock], share: range) -> Iterator[ActivationBlock]:
+    for block in blocks:
+        yield ActivationBlock(block.index, block.activations[:, share.start : share.stop].contiguous(),
+                              block.token_ids)
+
+
 def online_block_source(
-    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print
+    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print,
+    share: range | None = None,
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
-    """(blocks_from(start), close): this rank's blocks from index `start` on, made by the activation workers
-    (or inline, as one worker would, when data.workers.num_workers=0). Planted sources are generated inline."""
+    """(blocks_from(start), close): this data rank's blocks from index `start` on, made by the activation workers
+    (or inline, as one worker would, when data.workers.num_workers=0), for the snapshots in `share` (all when
+    None): only those are loaded. Planted sources are generated inline."""
+    share = range(len(info.specs)) if share is None else share
     if cfg.sources.kind == "planted":
         from crosscoder.toy.planted import planted_blocks
 
         block_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # as many rows as a model batch
         planted = cfg.sources.planted
-        return (lambda start: planted_blocks(planted, rank, world_size, start, block_tokens)), (lambda: None)
+        if len(share) == len(info.specs):
+            return (lambda start: planted_blocks(planted, rank, world_size, start, block_tokens)), (lambda: None)
+        # Synthetic and cheap: generate every snapshot and keep this rank's columns.
+        return (lambda start: _columns(planted_blocks(planted, rank, world_size, start, block_tokens), share),
+                lambda: None)
+    specs = info.specs[share.start : share.stop]
     bos, pad = special_token_ids(info.tokenizer)
     workers_cfg = cfg.data.workers
-    setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=info.specs, bos_id=bos, pad_id=pad,
+    setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=specs, bos_id=bos, pad_id=pad,
                         device=resolve_worker_device(workers_cfg.device), threads=workers_cfg.threads,
                         rank=rank, world_size=world_size, cpus=tuple(workers_cfg.cpus))
     if workers_cfg.num_workers == 0:
-        runners = load_runners(cfg.sources, info.specs, torch.device(setup.device))
+        runners = load_runners(cfg.sources, specs, torch.device(setup.device))
         return (lambda start: produce_blocks(setup, info.tokenizer, runners, 0, 1, start)), (lambda: None)
 
     max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS is never kept
-    pool = WorkerPool(workers_cfg, setup, len(info.specs), info.d_model, max_tokens)
+    pool = WorkerPool(workers_cfg, setup, len(specs), info.d_model, max_tokens)
     log(f"started {workers_cfg.num_workers} activation worker(s) on {setup.device}, "
-        f"{workers_cfg.slots} shared-memory slots each")
+        f"{workers_cfg.slots} shared-memory slots each, running {len(specs)} snapshot(s)")
     return pool.iter_blocks, pool.close
 
 
 def build_activation_stream(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
     position: StreamPosition | None = None, log: Callable[[str], None] = print,
-    state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None, share: range | None = None,
 ) -> ActivationStream:
     """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online.
+    `rank` / `world_size` are the data rank and data-parallel size; `share` the snapshots this rank reads.
 
     `position` restarts after every block the saved stream touched (rows it held are skipped); `state` (from
     `ActivationStream.full_state()`) restores the shuffle buffer too, so the batches are exactly the ones that
@@ -172,13 +188,14 @@ def build_activation_stream(
     if kind == "cache":
         # Unshuffled, ranks read in global batch order, so any number of ranks trains on the same batches.
         batch_rows = micro_batch if shuffle.buffer_tokens == 0 else 0
-        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size, batch_rows=batch_rows)
+        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size, batch_rows=batch_rows,
+                             sources=share)
         check_cache_matches(reader.manifest, info, cfg.data.cache.dir)
         log(f"reading activations from the cache {cfg.data.cache.dir} ({reader.tokens_per_rank} tokens for this rank)")
         stream = ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
                                   available_tokens=reader.tokens_from(start))
     else:
-        blocks, close = online_block_source(cfg, info, rank, world_size, log)
+        blocks, close = online_block_source(cfg, info, rank, world_size, log, share)
         stream = ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)
     if state is not None:
         stream._restore_lookahead(*state)
