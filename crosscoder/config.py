@@ -289,6 +289,9 @@ class ParallelConfig:
     token_check_every: int = 1
     """Steps between checks that a snapshot group's ranks train on the same tokens (one tiny all-reduce;
     0 disables)."""
+    sparse_topk_gradient: bool = True
+    """TopK / BatchTopK: the backward sums only the active entries of d pre over the snapshot group (their
+    codes are k-sparse and the same on every rank) instead of all B x F; identical result, less traffic."""
 
 
 @dataclass

@@ -64,11 +64,12 @@ class _SumOverGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, partial: torch.Tensor, bias: torch.Tensor, reduction: SnapshotReduction) -> torch.Tensor:  # noqa: ANN401
         ctx.reduction = reduction
+        reduction.gradient_support = None  # named by the model once this forward's codes are known
         return reduction.total(partial) + bias
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN401
-        whole = ctx.reduction.total(grad)
+        whole = ctx.reduction.total_gradient(grad)
         return whole, whole.sum(dim=0), None
 
 
@@ -82,6 +83,26 @@ class SnapshotReduction:
     size: int = 1
     bytes_reduced: int = 0
     """Message bytes all-reduced so far (what bench/memory_bench.py compares against the formula)."""
+    sparse_gradient: bool = True
+    """All-reduce only the entries of d pre inside `gradient_support` when the model names one (TopK)."""
+    gradient_support: torch.Tensor | None = None
+    """[B, F] bool: where the gradient of the last forward's pre-activations can be non-zero on any rank."""
+
+    def restrict_gradient(self, support: torch.Tensor) -> None:
+        """The codes are k-sparse and the same on every rank of the group (TopK: the selected and the AuxK
+        latents), so d pre is zero outside `support` on every rank: the backward then sums only those entries
+        (B x (k + aux_k) values instead of B x F; bench/topk_gradient_bench.py measures both)."""
+        if self.size > 1 and self.sparse_gradient:
+            self.gradient_support = support
+
+    def total_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The backward sum of d pre: dense, or over the named support only."""
+        support, self.gradient_support = self.gradient_support, None
+        if support is None:
+            return self.total(grad)
+        index = support.reshape(-1).nonzero().squeeze(1)
+        values = self.total(grad.reshape(-1).index_select(0, index))
+        return grad.new_zeros(grad.numel()).index_copy_(0, index, values).view_as(grad)
 
     def partial_sum(self, partial: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """[B, F] partials summed over the group, plus the shared [F] bias: all-reduced in forward, the gradient
@@ -185,8 +206,9 @@ class TokenDriftError(RuntimeError):
     """The snapshot ranks of one data index no longer see the same tokens."""
 
 
-def build_layout(snapshot_parallel: int, n_snapshots: int) -> Layout:
-    """This rank's layout; creates the process groups (collective: every rank calls it, in the same order)."""
+def build_layout(snapshot_parallel: int, n_snapshots: int, sparse_gradient: bool = True) -> Layout:
+    """This rank's layout; creates the process groups (collective: every rank calls it, in the same order).
+    `sparse_gradient`: see SnapshotReduction.restrict_gradient."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     shares = snapshot_shares(n_snapshots, snapshot_parallel)
@@ -207,8 +229,9 @@ def build_layout(snapshot_parallel: int, n_snapshots: int) -> Layout:
         group = dist.new_group(ranks)
         if j == snapshot_rank:
             data_group, data_group_ranks = group, ranks
+    reduction = SnapshotReduction(snapshot_group, snapshot_parallel, sparse_gradient=sparse_gradient)
     return Layout(data_parallel, snapshot_parallel, data_rank, snapshot_rank, shares, snapshot_group, data_group,
-                  data_group_ranks, SnapshotReduction(snapshot_group, snapshot_parallel))
+                  data_group_ranks, reduction)
 
 
 class SnapshotParallelUnit:

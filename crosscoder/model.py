@@ -175,6 +175,7 @@ class Crosscoder(nn.Module):
         pre = self.encode_pre(x)
         latent_weight = self.decoder_norms().sum(dim=1)  # this module's sources
         codes = self.activation(pre, self.selection_weight(latent_weight))
+        support = codes > 0 if self.activation.ranks_by_decoder_norm else None  # where d pre can be non-zero
         normalized_reconstruction = self.decode_normalized(codes)
         normalized_input = x * self.input_scale[None, :, None].to(x.dtype)
 
@@ -184,7 +185,11 @@ class Crosscoder(nn.Module):
         sparsity_loss = (codes * latent_weight).sum(dim=1).mean() if self.activation.penalised else zero
         aux_loss = zero
         if dead_mask is not None and self.activation.uses_aux_loss and bool(dead_mask.any()):
-            aux_loss = self._aux_loss(pre, dead_mask, error.detach())
+            aux_loss, aux_codes = self._aux_loss(pre, dead_mask, error.detach())
+            if support is not None:
+                support = support | (aux_codes > 0)
+        if support is not None:
+            self.reduction.restrict_gradient(support)
         loss = mse_loss + l1_coeff * sparsity_loss + self.aux_coeff * aux_loss
         return CrosscoderOutput(
             loss=loss,
@@ -196,8 +201,11 @@ class Crosscoder(nn.Module):
             normalized_reconstruction=normalized_reconstruction,
         )
 
-    def _aux_loss(self, pre: torch.Tensor, dead_mask: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top dead latents must explain the residual error, so they get gradient."""
+    def _aux_loss(
+        self, pre: torch.Tensor, dead_mask: torch.Tensor, error: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """AuxK (Gao et al. 2024): the top dead latents must explain the residual error, so they get gradient.
+        Returns the loss and the auxiliary codes [B, F]."""
         k_aux = min(self.aux_k, int(dead_mask.sum()))
         dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
         values, indices = dead_pre.topk(k_aux, dim=1)
@@ -207,7 +215,7 @@ class Crosscoder(nn.Module):
         # Over all sources (error is detached, so this is a plain sum over the snapshot group).
         residual_variance = self.reduction.total((error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean())
         aux_mse = (aux_reconstruction - error).pow(2).sum(dim=(1, 2)).mean()
-        return aux_mse / residual_variance.clamp_min(1e-8)
+        return aux_mse / residual_variance.clamp_min(1e-8), aux_codes
 
 
 def _initial_decoder(dict_size: int, n_sources: int, d_model: int, share: range) -> torch.Tensor:

@@ -114,7 +114,7 @@ def train(cfg: RunConfig) -> TrainResult:
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
             sources = describe_sources(cfg.sources, log=log)
-        layout = build_layout(cfg.parallel.snapshot_parallel, len(sources.specs))
+        layout = build_layout(cfg.parallel.snapshot_parallel, len(sources.specs), cfg.parallel.sparse_topk_gradient)
         share = layout.share
         total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
         stream = build_activation_stream(cfg, sources, layout.data_rank, layout.data_parallel, micro_batch, log=log,
@@ -245,12 +245,16 @@ def train(cfg: RunConfig) -> TrainResult:
                 save_state(done)
 
         dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
+        loaded = gather_object([stream.snapshots_loaded])  # what each rank's workers actually loaded
         wall = time.perf_counter() - started
         loop_seconds = time.perf_counter() - loop_started
         summary = {**metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
                    "data_wait_fraction_total": (stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
                    "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
-                   "resumed_from_step": first_step, "wandb_run_dir": tracker.run_dir}
+                   "resumed_from_step": first_step, "wandb_run_dir": tracker.run_dir,
+                   "layout": {"data_parallel": layout.data_parallel, "snapshot_parallel": layout.snapshot_parallel,
+                              "shares": [source_names[share.start : share.stop] for share in layout.shares]},
+                   "snapshots_loaded_per_rank": loaded}
         if is_main:
             write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
         tracker.finish(summary)

@@ -52,3 +52,11 @@ def tiny_snapshots(toy_cache: Path) -> list:
     from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
 
     return ensure_toy_snapshots(toy_cache, ToyLMConfig(**TINY_TOY), log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def activation_cache(tiny_snapshots: list, toy_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of the tiny toy run, written by `crosscoder-cache`, for every end-to-end test to share."""
+    from tests.launching import build_activation_cache
+
+    return build_activation_cache(toy_cache, tmp_path_factory.mktemp("cache-build"))

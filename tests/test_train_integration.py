@@ -3,15 +3,12 @@ offline W&B, and a Hydra multirun. These launch subprocesses, so they are few an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,57 +22,26 @@ from crosscoder.constants import (
     STREAM_POSITION_FILE,
     TRAINING_STATES_DIR,
 )
-from crosscoder.parallel import free_port
 from crosscoder.train import sweep_group
-from crosscoder.training_state import list_training_states
-from tests.conftest import PROCESS_ENV, TINY_TOY
+from tests.conftest import TINY_TOY
+from tests.launching import (
+    REPO,
+    in_order_overrides,
+    launch,
+    launch_two_ranks,
+    newest_state_step,
+    resume_overrides,
+    run,
+    signal_job,
+    single_wandb_run_file,
+    start_two_ranks,
+    tiny_overrides,
+    wait_for_job,
+    wait_until,
+)
 from tests.wandb_records import artifacts, history_keys, run_group
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def tiny_overrides(toy_cache: Path) -> list[str]:
-    steps = ",".join(str(s) for s in TINY_TOY["snapshot_steps"])
-    return [
-        f"sources.toy.cache_dir={toy_cache}",
-        f"sources.toy.hidden_size={TINY_TOY['hidden_size']}",
-        f"sources.toy.num_layers={TINY_TOY['num_layers']}",
-        f"sources.toy.train_steps={TINY_TOY['train_steps']}",
-        f"sources.toy.snapshot_steps=[{steps}]",
-        "data.seq_len=16", "data.model_batch_size=8", "data.toy_documents=200",
-        "data.shuffle.buffer_tokens=512", "data.workers.num_workers=1",
-        "crosscoder.dict_size=64", "crosscoder.norm_estimation_batches=2", "crosscoder.l1_warmup_steps=2",
-        "trainer.batch_size=128", "trainer.total_tokens=1024", "trainer.log_every=2",
-        "trainer.lr_warmup_steps=2", "tracking=offline",
-    ]
-
-
-def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
-    env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
-def single_wandb_run_file(run_dir: Path) -> Path:
-    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, f"expected exactly one W&B run (rank 0 only), found {runs}"
-    return runs[0]
-
-
-def launch_two_ranks(launch_config: str, toy_cache: Path, workdir: Path) -> tuple[Path, str]:
-    """A 2-process `accelerate launch` of the tiny run fed by one worker per rank; (run dir, its log)."""
-    run_dir = workdir / "run"
-    result = run([
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "launch" / launch_config), "--main_process_port", str(free_port()),
-        "-m", "crosscoder.train", *tiny_overrides(toy_cache),
-        "trainer.checkpoint_every=4", f"hydra.run.dir={run_dir}",
-    ], workdir)
-    return run_dir, result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -119,32 +85,6 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(zero2_run: tuple[Path, 
     assert [(p["kind"], p["rank"], p["world_size"]) for p in positions] == [("online", 0, 2), ("online", 1, 2)]
 
 
-@pytest.fixture(scope="module")
-def activation_cache(tiny_snapshots: list, toy_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache, written by the `crosscoder-cache` entry point, for the runs below to share."""
-    workdir = tmp_path_factory.mktemp("cache-build")
-    cache_dir = workdir / "acts"
-    result = run([sys.executable, "-m", "crosscoder.build_cache", *tiny_overrides(toy_cache),
-                  f"data.cache.dir={cache_dir}", "data.cache.tokens=3072", f"hydra.run.dir={workdir / 'log'}"],
-                 workdir)
-    assert f"activations in {cache_dir}" in result.stdout
-    assert (cache_dir / "manifest.json").is_file()
-    return cache_dir
-
-
-def launch(config: str | None, overrides: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` with a launch/ config (2 ranks), or a plain one-process run when config is None."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / config),
-                "--main_process_port", str(free_port())] if config else [sys.executable]
-    return run([*launcher, "-m", "crosscoder.train", *overrides], workdir)
-
-
-def in_order_overrides(toy_cache: Path, cache: Path, run_dir: Path) -> list[str]:
-    """From the cache, unshuffled: rank r of N reads the r-th micro batch of every global batch."""
-    return [*tiny_overrides(toy_cache), f"data.cache.dir={cache}", "data.shuffle.buffer_tokens=0",
-            "trainer.checkpoint_every=4", f"hydra.run.dir={run_dir}"]
-
-
 def test_one_rank_and_two_ranks_zero2_zero3_end_with_the_same_weights(activation_cache: Path, toy_cache: Path,
                                                                       tmp_path: Path) -> None:
     """Same seed, same global batches (the cache read in global batch order), fp32: 1 rank, 2 ranks ZeRO-2 and
@@ -177,71 +117,6 @@ def test_one_rank_and_two_ranks_zero2_zero3_end_with_the_same_weights(activation
         for name, tensor in one.state_dict().items():
             torch.testing.assert_close(zero2.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
             torch.testing.assert_close(zero3.state_dict()[name], zero2.state_dict()[name], rtol=0, atol=1e-6, msg=name)
-
-
-def resume_overrides(toy_cache: Path, cache: Path, run_dir: Path) -> list[str]:
-    """64 steps of 32 tokens from the cache, shuffled, a training state every 4 steps."""
-    return [*tiny_overrides(toy_cache), f"data.cache.dir={cache}", "trainer.batch_size=32",
-            "trainer.total_tokens=2048", "trainer.state_every=4", "trainer.log_every=8", f"hydra.run.dir={run_dir}"]
-
-
-def start_two_ranks(overrides: list[str], workdir: Path, log: Path) -> subprocess.Popen:
-    """A 2-rank launch in its own process group (so a signal reaches the launcher and both ranks)."""
-    inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
-    env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
-               "-m", "crosscoder.train", *overrides]
-    with log.open("w") as out:
-        return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended (exit {process.returncode}) first:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
-        time.sleep(0.02)
-
-
-def signal_job(process: subprocess.Popen, signum: int) -> None:
-    """Signal the launcher and every process under it, as a scheduler does to a job (the ranks run in sessions
-    of their own, so a process-group signal would miss them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, parent = stat.read_text().rsplit(")", 1)[1].split()[1:2][0], int(stat.parent.name)
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(pid), []).append(parent)
-    job, frontier = [], [process.pid]
-    while frontier:
-        pid = frontier.pop()
-        job.append(pid)
-        frontier.extend(children.get(pid, []))
-    for pid in job:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-def wait_for_job(process: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
-    """The launcher and the ranks have exited (the ranks hold their W&B runs open until then)."""
-    process.wait(timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while any(str(run_dir) in cmdline.read_text(errors="ignore") for cmdline in _cmdlines()):
-        assert time.monotonic() < deadline, "ranks of the job are still running"
-        time.sleep(0.1)
-
-
-def _cmdlines() -> list[Path]:
-    return [path for path in Path("/proc").glob("[0-9]*/cmdline") if path.parent.name != str(os.getpid())]
-
-
-def newest_state_step(run_dir: Path) -> int:
-    states = list_training_states(run_dir / TRAINING_STATES_DIR)
-    return int(states[0].name[5:]) if states else 0
 
 
 def test_two_ranks_killed_then_preempted_resume_to_the_uninterrupted_weights(activation_cache: Path,

@@ -60,7 +60,9 @@ class ActivationStream:
         self.wait_seconds = 0.0
         """Time spent inside `next()`: the trainer waiting for data."""
         self.last_token_ids: torch.Tensor | None = None
-        """Token ids of the rows of the last batch (for tests and debugging)."""
+        """Token ids of the rows of the last batch (the snapshot group's token check, tests, debugging)."""
+        self.snapshots_loaded: list[str] = []
+        """Names of the snapshots this rank's workers (or inline runners) loaded; empty when none run."""
 
     def __iter__(self) -> ActivationStream:
         return self
@@ -121,11 +123,12 @@ def _columns(blocks: Iterator[ActivationBlock], share: range) -> Iterator[Activa
 
 def online_block_source(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print,
-    share: range | None = None,
+    share: range | None = None, on_loaded: Callable[[list[str]], None] | None = None,
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
     """(blocks_from(start), close): this data rank's blocks from index `start` on, made by the activation workers
     (or inline, as one worker would, when data.workers.num_workers=0), for the snapshots in `share` (all when
-    None): only those are loaded. Planted sources are generated inline."""
+    None): only those are loaded, and `on_loaded` hears their names from whoever loaded them. Planted sources
+    are generated inline."""
     share = range(len(info.specs)) if share is None else share
     if cfg.sources.kind == "planted":
         from crosscoder.toy.planted import planted_blocks
@@ -145,10 +148,12 @@ def online_block_source(
                         rank=rank, world_size=world_size, cpus=tuple(workers_cfg.cpus))
     if workers_cfg.num_workers == 0:
         runners = load_runners(cfg.sources, specs, torch.device(setup.device))
+        if on_loaded is not None:
+            on_loaded([runner.name for runner in runners])
         return (lambda start: produce_blocks(setup, info.tokenizer, runners, 0, 1, start)), (lambda: None)
 
     max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS is never kept
-    pool = WorkerPool(workers_cfg, setup, len(specs), info.d_model, max_tokens)
+    pool = WorkerPool(workers_cfg, setup, len(specs), info.d_model, max_tokens, on_loaded)
     log(f"started {workers_cfg.num_workers} activation worker(s) on {setup.device}, "
         f"{workers_cfg.slots} shared-memory slots each, running {len(specs)} snapshot(s)")
     return pool.iter_blocks, pool.close
@@ -195,8 +200,14 @@ def build_activation_stream(
         stream = ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
                                   available_tokens=reader.tokens_from(start))
     else:
-        blocks, close = online_block_source(cfg, info, rank, world_size, log, share)
+        loaded: list[str] = []
+
+        def record(names: list[str]) -> None:
+            loaded.extend(name for name in names if name not in loaded)
+
+        blocks, close = online_block_source(cfg, info, rank, world_size, log, share, on_loaded=record)
         stream = ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)
+        stream.snapshots_loaded = loaded
     if state is not None:
         stream._restore_lookahead(*state)
     return stream

@@ -17,7 +17,7 @@ import queue
 import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,7 @@ def _worker_main(
             os.sched_setaffinity(0, setup.cpus)
         tokenizer = load_tokenizer(setup.specs[0], setup.sources.trust_remote_code)
         runners = load_runners(setup.sources, setup.specs, torch.device(setup.device))
-        results.put(("ready", worker, os.getpid()))
+        results.put(("ready", worker, os.getpid(), [runner.name for runner in runners]))
         while True:  # wait for the start position, unless the trainer goes away first
             if os.getppid() != parent_pid:
                 return
@@ -123,7 +123,8 @@ class WorkerPool:
     """W spawned workers making this rank's paired activation blocks; the trainer reads them in order."""
 
     def __init__(self, cfg: WorkersConfig, setup: WorkerSetup, n_sources: int, d_model: int,
-                 max_tokens: int) -> None:
+                 max_tokens: int, on_loaded: Callable[[list[str]], None] | None = None) -> None:
+        """`on_loaded` hears the names of the snapshots each worker loaded, once it is ready."""
         if cfg.num_workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {cfg.num_workers}")
         self.cfg, self.setup = cfg, setup
@@ -135,6 +136,7 @@ class WorkerPool:
         self.activation_slots: list[torch.Tensor] = []
         self.token_slots: list[torch.Tensor] = []
         self.ready = [False] * cfg.num_workers
+        self.on_loaded = on_loaded
         self.started = time.monotonic()
         self.stop = context.Event()
         self.blocks_received = 0
@@ -185,6 +187,8 @@ class WorkerPool:
             kind = message[0]
             if kind == "ready":
                 self.ready[worker] = True
+                if self.on_loaded is not None:
+                    self.on_loaded(message[3])
                 continue
             if kind == "error":
                 raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")

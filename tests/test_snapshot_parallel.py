@@ -1,0 +1,168 @@
+"""Snapshot-parallel runs end to end (`accelerate launch`, DeepSpeed on CPU over gloo): 2 ranks splitting the
+snapshots and 4 ranks as 2 data x 2 snapshot reach the one-rank weights; online, each rank's workers load
+only their snapshots, under a sweep of the accelerate launcher; a 4-rank run killed and resumed ends bit-identical.
+
+The tiny toy has 3 snapshots, so snapshot_parallel=2 splits them unevenly (2 + 1)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosscoder.checkpoint import load_decoder_norms, load_dictionary
+from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
+from tests.launching import (
+    REPO,
+    in_order_overrides,
+    launch,
+    newest_state_step,
+    resume_overrides,
+    run,
+    signal_job,
+    single_wandb_run_file,
+    start_two_ranks,
+    tiny_overrides,
+    wait_for_job,
+    wait_until,
+)
+from tests.wandb_records import history_keys
+
+pytestmark = pytest.mark.slow
+SPLIT = "parallel.snapshot_parallel=2"
+QUIET = ["tracking=disabled", "tracking.log_analysis=false"]  # W&B and the analysis of the split layout are
+# checked by the sweep test; here they only cost time
+# name: (launch config or None for one plain process, processes, snapshot ranks)
+LAYOUTS = {
+    "1 rank": (None, None, 1),
+    "2 data ranks": ("cpu_2proc_zero2.yaml", 2, 1),
+    "2 snapshot ranks": ("cpu_2proc_zero2.yaml", 2, 2),
+    "2x2 ZeRO-2": ("cpu_2proc_zero2.yaml", 4, 2),
+    "2x2 ZeRO-3": ("cpu_2proc_zero3.yaml", 4, 2),
+}
+RUNS = {"relu": ("1 rank", "2 snapshot ranks", "2x2 ZeRO-2", "2x2 ZeRO-3"),
+        "batchtopk": ("1 rank", "2 snapshot ranks", "2 data ranks", "2x2 ZeRO-3")}
+
+
+@pytest.fixture(scope="module")
+def layout_runs(activation_cache: Path, toy_cache: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[tuple[str, str], Path]:
+    """Each activation under each layout, from one cache read in global batch order, fp32, one seed. The gradient
+    clip is set low so that it acts at every step: a parameter counted twice (or not at all) in the norm would
+    change every update."""
+    workdir = tmp_path_factory.mktemp("layouts")
+    runs = {}
+    for activation, names in RUNS.items():
+        for name in names:
+            config, processes, snapshot_parallel = LAYOUTS[name]
+            run_dir = workdir / f"{activation}-{name.replace(' ', '-')}"
+            overrides = [*in_order_overrides(toy_cache, activation_cache, run_dir), f"crosscoder={activation}",
+                         "crosscoder.dict_size=64", "crosscoder.k=4", "trainer.grad_clip=0.05",
+                         f"parallel.snapshot_parallel={snapshot_parallel}", *QUIET]
+            result = launch(config, overrides, workdir, num_processes=processes)
+            if snapshot_parallel > 1:
+                data = (processes or 1) // snapshot_parallel
+                assert f"({data} data x 2 snapshot rank(s), 1/2 snapshot(s) each)" in result.stdout
+            runs[activation, name] = run_dir
+    return runs
+
+
+def _max_differences(reference: Path, other: Path) -> dict[str, float]:
+    ref, _ = load_dictionary(reference / DICTIONARY_DIR)
+    got, _ = load_dictionary(other / DICTIONARY_DIR)
+    assert got.W_dec.shape == ref.W_dec.shape == (64, 3, 32)
+    return {name: (got.state_dict()[name].float() - tensor.float()).abs().max().item()
+            for name, tensor in ref.state_dict().items() if tensor.dtype.is_floating_point}
+
+
+def test_relu_split_by_snapshot_and_by_data_and_snapshot_reaches_the_one_rank_weights(
+        layout_runs: dict[tuple[str, str], Path]) -> None:
+    """2 snapshot ranks, and 2 data x 2 snapshot ranks under ZeRO-2 and ZeRO-3, end with the one-rank dictionary.
+
+    Tolerance: only float32 summation order differs (a rank sums its snapshots' partial pre-activations, the
+    group adds the two partials; the data ranks average two micro-batch means). That is ~1e-7 relative per
+    step, which Adam's normalised update amplifies where a gradient entry nearly cancels, and the clip
+    (acting every step) passes on to all entries. Measured after 8 steps: max |diff| = 1.6e-6 on W_enc
+    (entries ~0.1-1; up to 1e-5 seen with other settings), <= 6e-9 on W_dec and the biases; ZeRO-2 vs ZeRO-3 of
+    the same layout 2.4e-7. We allow 3e-5 and 1e-6. Real faults are far larger:
+    b_enc updated from each rank's own loss only gave 3e-2 on W_enc, and turning the clip off moves W_enc by 6e-3."""
+    reference = layout_runs["relu", "1 rank"]
+    for name in ("2 snapshot ranks", "2x2 ZeRO-2", "2x2 ZeRO-3"):
+        differences = _max_differences(reference, layout_runs["relu", name])
+        assert differences["W_enc"] <= 3e-5, (name, differences)
+        assert max(v for k, v in differences.items() if k != "W_enc") <= 1e-6, (name, differences)
+    zero3 = _max_differences(layout_runs["relu", "2x2 ZeRO-2"], layout_runs["relu", "2x2 ZeRO-3"])
+    assert max(zero3.values()) <= 1e-6, zero3  # the same layout, partitioned differently
+
+    summary = json.loads((layout_runs["relu", "2x2 ZeRO-3"] / RUN_SUMMARY_FILE).read_text())
+    assert summary["layout"] == {"data_parallel": 2, "snapshot_parallel": 2, "shares": [["step0", "step4"], ["step12"]]}
+    assert summary["snapshots_loaded_per_rank"] == [[], [], [], []]  # from the cache: no model runs
+
+
+def test_batchtopk_split_by_snapshot_reaches_the_same_weights(layout_runs: dict[tuple[str, str], Path]) -> None:
+    """BatchTopK keeps the k x B largest scores of each rank's micro batch, so data parallelism changes what it
+    selects; the reference of 2 data x 2 snapshot ranks is therefore 2 data ranks with every snapshot, and that
+    of 2 snapshot ranks is one rank. Selection runs on the summed latent weights, identical on every rank of a
+    group. Measured: <= 3.8e-7 on W_enc, <= 9e-9 elsewhere; allowed 1e-5 and 1e-6 (a rank selecting on its own
+    snapshots' weights alone picks other latents: differences of order 1)."""
+    for reference, name in (("1 rank", "2 snapshot ranks"), ("2 data ranks", "2x2 ZeRO-3")):
+        differences = _max_differences(layout_runs["batchtopk", reference], layout_runs["batchtopk", name])
+        assert differences["W_enc"] <= 1e-5, (name, differences)
+        assert max(v for k, v in differences.items() if k != "W_enc") <= 1e-6, (name, differences)
+
+
+def test_online_snapshot_ranks_load_only_their_snapshots_in_a_sweep_of_launches(toy_cache: Path,
+                                                                                tiny_snapshots: list,
+                                                                                tmp_path: Path) -> None:
+    """A 2-value sweep through the accelerate launcher, each member 2 ranks with snapshot_parallel=2 and one
+    activation worker per rank: rank 0's worker loads step0 and step4, rank 1's step12 alone (they report what
+    they loaded); the token check runs every step and holds; W&B (one run per member) and the export have
+    all 3 snapshots."""
+    sweep_dir = tmp_path / "sweep"
+    result = run([
+        sys.executable, "-m", "crosscoder.train", "--multirun", "hydra/launcher=accelerate",
+        f"hydra.launcher.config_file={REPO / 'launch' / 'cpu_2proc_zero2.yaml'}", *tiny_overrides(toy_cache),
+        SPLIT, "crosscoder.l1_coeff=0.5,5", f"hydra.sweep.dir={sweep_dir}",
+    ], tmp_path)
+    assert result.stdout.count("(1 data x 2 snapshot rank(s), 1/2 snapshot(s) each), ZeRO-2") == 2
+    l0 = {}
+    for job in ("0", "1"):
+        summary = json.loads((sweep_dir / job / RUN_SUMMARY_FILE).read_text())
+        assert summary["snapshots_loaded_per_rank"] == [["step0", "step4"], ["step12"]]
+        l0[job] = summary["l0"]
+        keys = history_keys(single_wandb_run_file(sweep_dir / job))
+        for name in ("step0", "step4", "step12"):
+            assert {f"explained_variance/{name}", f"decoder_norm/mean/{name}", f"mse/{name}"} <= keys
+        norms = load_decoder_norms(sweep_dir / job / DICTIONARY_DIR)
+        assert norms.shape == (64, 3) and torch.isfinite(norms).all()
+    assert l0["1"] < l0["0"], f"a 10x larger lambda should give a sparser code: {l0}"
+
+
+def test_four_ranks_killed_and_resumed_end_bit_identical(activation_cache: Path, toy_cache: Path,
+                                                         tmp_path: Path) -> None:
+    """2 data x 2 snapshot ranks, shuffled from the cache, a state every 4 steps: SIGKILL after the first state,
+    then trainer.resume=auto ends with the uninterrupted run's dictionary, bit for bit."""
+    reference = tmp_path / "reference"
+    launch("cpu_2proc_zero2.yaml", [*resume_overrides(toy_cache, activation_cache, reference), SPLIT, *QUIET],
+           tmp_path, num_processes=4)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "killed.log"
+    process = start_two_ranks([*resume_overrides(toy_cache, activation_cache, run_dir), SPLIT, *QUIET], tmp_path,
+                              log, num_processes=4)
+    wait_until(lambda: newest_state_step(run_dir) > 0, process, log)
+    signal_job(process, signal.SIGKILL)
+    wait_for_job(process, run_dir)
+    killed_at = newest_state_step(run_dir)
+    assert not (run_dir / DICTIONARY_DIR).exists(), "the run finished before it was killed"
+
+    result = launch("cpu_2proc_zero2.yaml", [*resume_overrides(toy_cache, activation_cache, run_dir), SPLIT, *QUIET,
+                                             "trainer.resume=auto"], tmp_path, num_processes=4)
+    assert f"resumed from {run_dir / TRAINING_STATES_DIR / f'step_{killed_at:07d}'}" in result.stdout
+    resumed, _ = load_dictionary(run_dir / DICTIONARY_DIR)
+    uninterrupted, _ = load_dictionary(reference / DICTIONARY_DIR)
+    for name, tensor in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), f"{name} differs from the uninterrupted run"
