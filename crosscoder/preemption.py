@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 
@@ -27,3 +28,11 @@ class StopRequest:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
             self._previous = None
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM stopped the run after its training state was saved; `trainer.resume=auto` continues it."""
+
+    def __init__(self, step: int, state_dir: Path) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; training state saved in {state_dir}")
+        self.step, self.state_dir = step, state_dir

@@ -32,7 +32,9 @@ def _quiet_non_main_ranks() -> None:
 
 def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
     """Run a Hydra command on the typed config; a bad value is one line on stderr and exit status 2."""
-    from crosscoder.trainer import TrainingInterrupted
+    # Cheap imports only (no trainer, no DeepSpeed): every rank of a launch pays for them.
+    from crosscoder.layout import TokenDriftError
+    from crosscoder.preemption import TrainingInterrupted
     from crosscoder.training_state import CheckpointError
 
     try:
@@ -43,6 +45,9 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
     except CheckpointError as error:
         print(f"{command}: {error}", file=sys.stderr)
         sys.exit(2)
+    except TokenDriftError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        sys.exit(1)
     except TrainingInterrupted as stopped:
         print(f"{command}: {stopped}; continue it with trainer.resume=auto", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)

@@ -38,7 +38,7 @@ from crosscoder.parallel import (
     teardown,
     with_model_parallel_unit,
 )
-from crosscoder.preemption import StopRequest
+from crosscoder.preemption import StopRequest, TrainingInterrupted
 from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.tracking import ProgressBar, Tracker
 from crosscoder.training_state import (
@@ -77,14 +77,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay_fraction
 def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
     """lambda rises linearly from 0 so early training can find directions before being pushed to be sparse."""
     return l1_coeff * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else l1_coeff
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM stopped the run after its training state was saved; `trainer.resume=auto` continues it."""
-
-    def __init__(self, step: int, state_dir: Path) -> None:
-        super().__init__(f"stopped by SIGTERM at step {step}; training state saved in {state_dir}")
-        self.step, self.state_dir = step, state_dir
 
 
 def train(cfg: RunConfig) -> TrainResult:
