@@ -300,8 +300,17 @@ class CacheReader:
                 rows = self._rows(index)
                 if rows.numel() == 0:
                     continue
-                # Read only the span holding this rank's rows, and only its snapshots' columns of it.
-                first, last = int(rows[0]), int(rows[-1]) + 1
+                # Read only this rank's rows (contiguous runs of them: one, or one per global batch in global
+                # batch order) and only its snapshots' columns: never the whole shard.
                 columns = slice(None) if self.sources is None else slice(self.sources.start, self.sources.stop)
-                activations = f.get_slice("activations")[first:last, columns].float()[rows - first]
+                stored = f.get_slice("activations")
+                activations = torch.cat([stored[first:last, columns] for first, last in _runs(rows)]).float()
             yield ActivationBlock(index, activations, token_ids[rows].clone())
+
+
+def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """[(first, last + 1)] of each run of consecutive row numbers in the sorted `rows`."""
+    breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().squeeze(1) + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), rows.numel()]
+    return [(int(rows[start]), int(rows[end - 1]) + 1) for start, end in zip(starts, ends, strict=True)]

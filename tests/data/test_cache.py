@@ -125,6 +125,19 @@ def test_global_batch_order_gives_every_world_size_the_same_batches(tmp_path: Pa
     assert readers[0].tokens_from(2) == sum(b.token_ids.shape[0] for b in readers[0].iter_blocks(start=2))
 
 
+@pytest.mark.parametrize("batch_rows", [0, 4])
+def test_a_snapshot_rank_reads_only_its_columns_of_its_rows(tmp_path: Path, batch_rows: int) -> None:
+    """Split by snapshot (and by data rank, in either row order), a reader returns its rows' columns of its
+    snapshots only: exactly those entries of what the whole reader returns."""
+    cache_dir = write_cache(_cfg(tmp_path), _identity(), _blocks_from, 60, log=QUIET)
+    for rank in range(2):
+        whole = _read_all_rows(CacheReader(cache_dir, rank, 2, batch_rows=batch_rows))
+        for share in (range(0, 2), range(2, 3)):
+            part = _read_all_rows(CacheReader(cache_dir, rank, 2, batch_rows=batch_rows, sources=share))
+            assert torch.equal(part[1], whole[1])
+            assert torch.equal(part[0], whole[0][:, share.start : share.stop])
+
+
 def _read_all_rows(reader: CacheReader) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = list(reader.iter_blocks())
     return torch.cat([b.activations for b in blocks]), torch.cat([b.token_ids for b in blocks])
