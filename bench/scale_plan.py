@@ -24,8 +24,12 @@ GB = 1e9  # decimal gigabytes, as GPU memory and link bandwidth are quoted
 PRECISIONS = ("fp32", "bf16")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 # Bytes per parameter held before ZeRO partitioning: (params, grads, optimizer). bf16 keeps an fp32 master
-# plus two fp32 Adam moments (12); fp32 trains the parameters themselves, so the optimizer is the 2 moments (8).
+# plus two fp32 Adam moments (12). In fp32 DeepSpeed's ZeRO-1/2 optimizer still keeps its own fp32 copy of the
+# flat partition as the master (12, measured by bench/memory_bench.py: 12 Psi/N); ZeRO-3 (its partition is its
+# own master) and plain Adam (stage 0) update the parameters themselves, so the optimizer is the 2 moments (8).
 BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+FP32_MASTER_COPY = {0: False, 1: True, 2: True, 3: False}
+MASTER_BYTES = 4
 # Which of (params, grads, optimizer) each ZeRO stage partitions over the data group.
 PARTITIONED = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
 
@@ -54,7 +58,11 @@ def crosscoder_params(n_snapshots: int, d_model: int, dict_size: int) -> int:
 def zero_bytes_per_rank(params: int, data_parallel: int, zero_stage: int, precision: str) -> dict[str, int]:
     """Bytes of params / grads / optimizer state one rank holds for `params` parameters under a ZeRO stage.
 
-    Partitions are ceil(params / dp) long (DeepSpeed pads the flat buffer to a multiple of dp)."""
+    Partitions are ceil(params / dp) long (DeepSpeed pads the flat buffer to a multiple of dp). ZeRO-1 holds
+    all the gradients until the step boundary. Not counted: DeepSpeed's gradient reduction bucket
+    (reduce_bucket_size elements, 5e8 by default, allocated whatever the model's size), where ZeRO-2/3 hold every
+    gradient not yet reduced: all of them, on top of the partition, while params < reduce_bucket_size
+    (bench/memory_bench.py measures both)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if zero_stage not in PARTITIONED:
@@ -64,16 +72,26 @@ def zero_bytes_per_rank(params: int, data_parallel: int, zero_stage: int, precis
     shard = -(-params // data_parallel)
     held = [shard if part else params for part in PARTITIONED[zero_stage]]
     per_param = BYTES_PER_PARAM[precision]
+    if precision == "fp32" and FP32_MASTER_COPY[zero_stage]:
+        per_param = (per_param[0], per_param[1], per_param[2] + MASTER_BYTES)
     return {key: n * b for key, n, b in zip(("params", "grads", "optimizer"), held, per_param, strict=True)}
 
 
 def snapshot_allreduce_bytes(micro_batch: int, dict_size: int, element_bytes: int, ranks_by_decoder_norm: bool,
-                             snapshot_parallel: int) -> int:
+                             snapshot_parallel: int, *, active_per_token: int | None = None,
+                             aux_scalar: bool = False) -> int:
     """Message bytes per step per rank over the snapshot group: pre-activations and their gradient ([b, F]
-    each), plus the fp32 per-latent decoder norm [F] when latents are ranked by it (TopK/BatchTopK)."""
+    each), plus the fp32 per-latent decoder norm [F] when latents are ranked by it (TopK/BatchTopK).
+
+    `active_per_token`: with the sparse TopK gradient (parallel.sparse_topk_gradient) the backward sums only the
+    entries of d pre where some code is active, at most b x this many (k, plus aux_k while AuxK has dead
+    latents), instead of b x F; the bound is reached when the AuxK latents differ from the selected ones.
+    `aux_scalar`: AuxK with dead latents also sums one scalar (the residual variance over all snapshots)."""
     if snapshot_parallel == 1:
         return 0
-    return 2 * micro_batch * dict_size * element_bytes + (4 * dict_size if ranks_by_decoder_norm else 0)
+    gradient = micro_batch * (dict_size if active_per_token is None else min(active_per_token, dict_size))
+    return ((micro_batch * dict_size + gradient) * element_bytes + (4 * dict_size if ranks_by_decoder_norm else 0)
+            + (element_bytes if aux_scalar else 0))
 
 
 def data_parallel_grad_bytes(params: int, element_bytes: int, data_parallel: int) -> int:
@@ -90,14 +108,18 @@ def ring_link_bytes(message_bytes: float, group_size: int, collective: str) -> f
 
 
 def data_group_link_bytes(params: int, element_bytes: int, data_parallel: int, zero_stage: int) -> float:
-    """Bytes each rank sends per step over the data group: ZeRO-1/2 reduce-scatter the grads and all-gather the
-    updated params; ZeRO-3 all-gathers the params in forward and again in backward, then reduce-scatters."""
+    """Bytes each rank sends per step over the data group, as DeepSpeed does it by default (counted by
+    bench/memory_bench.py with its comms logger): ZeRO-1/2 all-reduce the gradient bucket
+    (zero_optimization.use_multi_rank_bucket_allreduce, on by default; each rank then keeps its partition) and
+    all-gather the updated params; ZeRO-3 all-gathers the params in forward and again in backward, then
+    reduce-scatters the gradients. Plain data parallel (stage 0) all-reduces the gradient."""
     message = data_parallel_grad_bytes(params, element_bytes, data_parallel)
-    gathers = 2 if zero_stage == 3 else 1
-    if zero_stage == 0:  # plain data parallel: one all-reduce of the gradient
+    if zero_stage == 0:
         return ring_link_bytes(message, data_parallel, "all_reduce")
-    return (ring_link_bytes(message, data_parallel, "reduce_scatter")
-            + gathers * ring_link_bytes(message, data_parallel, "all_gather"))
+    if zero_stage == 3:
+        return (ring_link_bytes(message, data_parallel, "reduce_scatter")
+                + 2 * ring_link_bytes(message, data_parallel, "all_gather"))
+    return ring_link_bytes(message, data_parallel, "all_reduce") + ring_link_bytes(message, data_parallel, "all_gather")
 
 
 def group_is_intra_node(ranks: Sequence[int], gpus_per_node: int) -> bool:
@@ -130,8 +152,9 @@ class BaseModel:
     context: int
 
     def params(self) -> int:
-        """Parameters without the LM head: embedding + per block (QKV/out/MLP 12d^2, biases and norms 13d)."""
-        return self.vocab * self.d_model + self.n_layers * (12 * self.d_model**2 + 13 * self.d_model)
+        """Parameters without the LM head: embedding + per block (QKV/out/MLP 12d^2, biases and norms 13d) + the
+        final layer norm (2d), what transformers' AutoModel loads (the MLP is 4d wide)."""
+        return self.vocab * self.d_model + self.n_layers * (12 * self.d_model**2 + 13 * self.d_model) + 2 * self.d_model
 
     def flop_per_token(self) -> float:
         """Forward FLOP per token up to the hook: dense 2*12d^2 per block plus attention 4*T*d per block."""
@@ -160,6 +183,7 @@ class Run:
     tokens: float
     ranks_by_decoder_norm: bool  # TopK / BatchTopK
     model_bytes: int  # bytes per parameter of a loaded snapshot model
+    active_per_token: int | None = None  # TopK k: the sparse backward sums b x k entries of d pre (no dead latents)
 
 
 # ---------------------------------------------------------------------------------------------- one layout
@@ -213,7 +237,8 @@ def project(run: Run, hw: Hardware, dp: int, sp: int) -> Projection:
     b = run.global_batch // dp
     shard = crosscoder_params(snapshots, model.d_model, run.dict_size)
     zero3 = zero_bytes_per_rank(shard, dp, 3, run.precision)
-    snap_msg = snapshot_allreduce_bytes(b, run.dict_size, e, run.ranks_by_decoder_norm, sp)
+    snap_msg = snapshot_allreduce_bytes(b, run.dict_size, e, run.ranks_by_decoder_norm, sp,
+                                        active_per_token=run.active_per_token)
     data_msg = data_parallel_grad_bytes(shard, e, dp)
     snap_link = ring_link_bytes(snap_msg, sp, "all_reduce")
     data_link = data_group_link_bytes(shard, e, dp, run.zero_stage)
@@ -333,6 +358,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
     add("--crosscoder", choices=("relu", "topk", "batchtopk"), default="batchtopk",
         help="topk/batchtopk also all-reduce the per-latent decoder norm [F]")
+    add("--k", type=int, default=64, help="topk/batchtopk: active latents per token (the sparse backward's entries)")
     return parser.parse_args(argv)
 
 
@@ -343,12 +369,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                   gpu_memory=args.gpu_memory_gb * GB)
     small = Run(model=PYTHIA_160M, n_snapshots=32, dict_size=24_576, global_batch=args.global_batch,
                 precision=args.precision, zero_stage=args.zero_stage, workers=args.workers, tokens=args.tokens,
-                ranks_by_decoder_norm=args.crosscoder != "relu", model_bytes=ELEMENT_BYTES[args.precision])
+                ranks_by_decoder_norm=args.crosscoder != "relu", model_bytes=ELEMENT_BYTES[args.precision],
+                active_per_token=None if args.crosscoder == "relu" else args.k)
     large = replace(small, model=PYTHIA_6_9B, dict_size=32_768)
     print("# Snapshot-parallel scale plan: projections from formulas, not measurements\n")
     print(f"Assumed: peak {hw.peak_flops / 1e12:.0f} TFLOP/s per GPU at efficiency eta={hw.efficiency}; NVLink "
           f"{args.intra_node_gbps:.0f} GB/s, inter-node {args.inter_node_gbps:.0f} GB/s per GPU per direction; "
-          f"{hw.gpus_per_node} GPUs/node; crosscoder={args.crosscoder}. Step time = compute + communication (no "
+          f"{hw.gpus_per_node} GPUs/node; crosscoder={args.crosscoder}"
+          f"{'' if args.crosscoder == 'relu' else f' k={args.k} (sparse backward, no dead latents)'}. "
+          "Step time = compute + communication (no "
           "overlap, ring collectives at the bottleneck link). Rank r = i*sp + j: a snapshot group is sp consecutive "
           "ranks, so when sp spans nodes the per-step snapshot all-reduce goes over the inter-node link. Not "
           "counted: CUDA context, allocator fragmentation, the snapshot models' transient forward activations.\n")

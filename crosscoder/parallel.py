@@ -71,8 +71,16 @@ def deepspeed_config(cfg: RunConfig, micro_batch_size: int, zero_stage: int) -> 
     }
     if cfg.trainer.grad_clip > 0:
         config["gradient_clipping"] = cfg.trainer.grad_clip
-    config.update(cfg.deepspeed.extra)
-    return config
+    return _merged(config, cfg.deepspeed.extra)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` laid over `base` key by key, so `zero_optimization: {reduce_bucket_size: ...}` keeps the stage."""
+    merged = dict(base)
+    for key, value in extra.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else value
+    return merged
 
 
 def build_accelerator(cfg: RunConfig, micro_batch_size: int):  # noqa: ANN201 (accelerate.Accelerator)

@@ -123,18 +123,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
                 snapshot_share=share, reduction=layout.reduction,
             )
-        input_scale = model.input_scale.new_ones(len(sources.specs))  # every snapshot's, for the saved state
-        if resumed is not None:
-            input_scale = torch.tensor(resumed.trainer["input_scale"])
-        elif crosscoder_cfg.normalize_inputs:
-            # Mean squared norms, not scales, are averaged over the data ranks: the result is the one-rank
-            # estimate. Each rank measures its own snapshots; summed over the world, the others' are zeros.
-            first = stream.peek(crosscoder_cfg.norm_estimation_batches)
-            local = layout.scatter(mean_squared_norms(first)).to(accelerator.device)
-            mean_sq = (accelerator.reduce(local, "sum") / layout.data_parallel).cpu()
-            input_scale = input_scale_from(mean_sq, sources.d_model)
-            scales = zip(sources.specs, input_scale.tolist(), strict=True)
-            log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
+        input_scale = _input_scale(cfg, accelerator, layout, stream, sources, resumed, log)  # every snapshot's
         model.set_input_scale(input_scale[share.start : share.stop])
 
         optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
@@ -270,6 +259,26 @@ def _resumable_state(
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
     check_same_run(resumed.trainer["config"], run_config, path)
     return resumed
+
+
+def _input_scale(
+    cfg: RunConfig, accelerator, layout: Layout, stream: ActivationStream, sources: SourceInfo,  # noqa: ANN001
+    resumed: TrainingState | None, log: Callable[[str], None],
+) -> torch.Tensor:
+    """[S] c_s of every snapshot: the saved one when resuming, ones without normalisation, else estimated from
+    the first batches. Mean squared norms, not scales, are averaged over the data ranks, so the result is the
+    one-rank estimate; each rank measures its own snapshots, and summed over the world the others' are zeros."""
+    if resumed is not None:
+        return torch.tensor(resumed.trainer["input_scale"])
+    if not cfg.crosscoder.normalize_inputs:
+        return torch.ones(len(sources.specs))
+    first = stream.peek(cfg.crosscoder.norm_estimation_batches)
+    local = layout.scatter(mean_squared_norms(first)).to(accelerator.device)
+    mean_sq = (accelerator.reduce(local, "sum") / layout.data_parallel).cpu()
+    input_scale = input_scale_from(mean_sq, sources.d_model)
+    scales = zip(sources.specs, input_scale.tolist(), strict=True)
+    log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
+    return input_scale
 
 
 def _dictionary_meta(

@@ -39,3 +39,14 @@ def test_deepspeed_config_reflects_the_run() -> None:
     zero3 = deepspeed_config(cfg, 8, 3)
     assert "gradient_clipping" not in zero3
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_extra_deepspeed_settings_are_laid_over_ours_key_by_key() -> None:
+    """`deepspeed.extra` tunes one ZeRO knob (e.g. the gradient bucket) without dropping the stage or offload."""
+    cfg = RunConfig(output_dir="/tmp/unused")
+    cfg.deepspeed.offload_optimizer = "cpu"
+    cfg.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 50_000_000}, "steps_per_print": 10}
+    config = deepspeed_config(cfg, micro_batch_size=8, zero_stage=2)
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"},
+                                           "reduce_bucket_size": 50_000_000}
+    assert config["steps_per_print"] == 10
