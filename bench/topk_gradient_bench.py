@@ -65,10 +65,22 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         model.zero_grad()
     if not all(torch.equal(a, b) for a, b in zip(grads["dense"], grads["sparse"], strict=True)):
         raise AssertionError("the sparse backward gave other gradients than the dense one")
+    # The backward all-reduce alone, on a [B, F] gradient whose support is k latents per token.
+    grad = torch.randn(args.batch, args.dict_size)
+    support = torch.zeros_like(grad, dtype=torch.bool).scatter(1, torch.randperm(args.dict_size)[: args.k]
+                                                               .expand(args.batch, -1), True)
+    reduce_timings: dict[str, list[float]] = {"dense": [], "sparse": []}
     for _ in range(args.rounds):
         for name, sparse in (("dense", False), ("sparse", True)):
             layout.reduction.sparse_gradient = sparse
             timings[name].append(_steps(model, optimizer, x, dead, args.steps))
+            dist.barrier()
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                if sparse:
+                    layout.reduction.restrict_gradient(support)
+                layout.reduction.total_gradient(grad)
+            reduce_timings[name].append((time.perf_counter() - started) / args.steps)
     if rank == 0:
         tokens = args.batch
         print(f"snapshot group of {world}, S={args.snapshots}, d={args.d_model}, F={args.dict_size}, "
@@ -76,8 +88,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
               f"per rank, median of {args.rounds} rounds x {args.steps} steps")
         medians = {name: statistics.median(values) for name, values in timings.items()}
         for name in ("dense", "sparse"):
+            reduce_ms = statistics.median(reduce_timings[name]) * 1e3
             print(f"  {name:6s} backward: {medians[name] * 1e3:8.1f} ms/step  {tokens / medians[name]:9,.0f} tok/s  "
-                  f"all-reduced {bytes_per_step[name] / 2**20:8.2f} MiB/step")
+                  f"all-reduced {bytes_per_step[name] / 2**20:8.2f} MiB/step; backward sum {reduce_ms:6.1f} ms")
         print(f"  sparse / dense: time {medians['sparse'] / medians['dense']:.2f}, "
               f"bytes {bytes_per_step['sparse'] / bytes_per_step['dense']:.3f}; gradients identical")
     dist.destroy_process_group()

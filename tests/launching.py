@@ -35,12 +35,14 @@ def tiny_overrides(toy_cache: Path) -> list[str]:
     ]
 
 
-def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def run(command: list[str], tmp_path: Path, returncode: int = 0) -> subprocess.CompletedProcess:
+    """Run a command in a clean offline environment; it must exit with `returncode`."""
     inherited = {k: v for k, v in os.environ.items() if k not in PROCESS_ENV}
     env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == returncode, (f"exit {result.returncode}\n{result.stdout[-4000:]}\n"
+                                             f"{result.stderr[-6000:]}")
     return result
 
 
@@ -62,14 +64,14 @@ def launch_two_ranks(launch_config: str, toy_cache: Path, workdir: Path) -> tupl
     return run_dir, result.stdout + result.stderr
 
 
-def launch(config: str | None, overrides: list[str], workdir: Path, num_processes: int | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(config: str | None, overrides: list[str], workdir: Path, num_processes: int | None = None,
+           returncode: int = 0) -> subprocess.CompletedProcess:
     """`accelerate launch` with a launch/ config (its 2 ranks, or `num_processes`), or a plain one-process run
     when config is None."""
     processes = ["--num_processes", str(num_processes)] if num_processes else []
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / config),
                 *processes, "--main_process_port", str(free_port())] if config else [sys.executable]
-    return run([*launcher, "-m", "crosscoder.train", *overrides], workdir)
+    return run([*launcher, "-m", "crosscoder.train", *overrides], workdir, returncode)
 
 
 def in_order_overrides(toy_cache: Path, cache: Path, run_dir: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Snapshot-parallel runs end to end (`accelerate launch`, DeepSpeed on CPU over gloo): 2 ranks splitting the
 snapshots and 4 ranks as 2 data x 2 snapshot reach the one-rank weights; online, each rank's workers load
-only their snapshots, under a sweep of the accelerate launcher; a 4-rank run killed and resumed ends bit-identical.
+only their snapshots, under a sweep of the accelerate launcher; ranks that read different tokens are stopped;
+a 4-rank run killed and resumed ends bit-identical.
 
 The tiny toy has 3 snapshots, so snapshot_parallel=2 splits them unevenly (2 + 1)."""
 
@@ -140,6 +141,19 @@ def test_online_snapshot_ranks_load_only_their_snapshots_in_a_sweep_of_launches(
         norms = load_decoder_norms(sweep_dir / job / DICTIONARY_DIR)
         assert norms.shape == (64, 3) and torch.isfinite(norms).all()
     assert l0["1"] < l0["0"], f"a 10x larger lambda should give a sparser code: {l0}"
+
+
+def test_snapshot_ranks_reading_different_tokens_stop_before_training_on_them(toy_cache: Path, tiny_snapshots: list,
+                                                                             tmp_path: Path) -> None:
+    """Induced drift: each rank's data seed taken from its RANK (a per-rank interpolation, an easy mistake)
+    gives the two snapshot ranks of one group different documents. The token check at step 0 stops both with
+    one line naming the group and the step (the launcher then exits 1), and nothing is exported."""
+    run_dir = tmp_path / "run"
+    result = launch("cpu_2proc_zero2.yaml", [*tiny_overrides(toy_cache), SPLIT, *QUIET, "data.seed='${oc.env:RANK}'",
+                                             f"hydra.run.dir={run_dir}"], tmp_path, returncode=1)
+    message = "crosscoder: the ranks of snapshot group(s) [0] (data index) trained on different tokens at step 0"
+    assert result.stderr.count(message) == 2, result.stderr[-4000:]  # both ranks, one line each
+    assert not (run_dir / DICTIONARY_DIR).exists()
 
 
 def test_four_ranks_killed_and_resumed_end_bit_identical(activation_cache: Path, toy_cache: Path,
