@@ -10,8 +10,8 @@ group all-reduces the partial pre-activations (forward) and their gradient (back
 TopK/BatchTopK the per-latent decoder norm [F]. The data group reduces the gradients of the rank's parameters.
 
 Everything here is a projection: step time = FLOP / (efficiency x peak) + bytes moved / link bandwidth, with no
-overlap of communication and compute, ring collectives, and the bottleneck link of each group. Standard library
-only, so it runs anywhere in well under a second; other code imports the formula functions.
+overlap of communication and compute, ring collectives, and the bottleneck link of each group. The shares are
+the trainer's own (`crosscoder.layout.snapshot_shares`); other code imports the formula functions.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from crosscoder.layout import snapshot_shares
 
 GB = 1e9  # decimal gigabytes, as GPU memory and link bandwidth are quoted
 PRECISIONS = ("fp32", "bf16")
@@ -35,19 +37,6 @@ PARTITIONED = {0: (False, False, False), 1: (False, False, True), 2: (False, Tru
 
 
 # --------------------------------------------------------------------------------------------- formulas
-
-
-def snapshot_shares(n_snapshots: int, snapshot_parallel: int) -> list[range]:
-    """The contiguous snapshot indices owned by each snapshot index j; the first S mod sp shares get one more."""
-    if not 1 <= snapshot_parallel <= n_snapshots:
-        raise ValueError(f"snapshot_parallel must be in 1..{n_snapshots}, got {snapshot_parallel}")
-    base, extra = divmod(n_snapshots, snapshot_parallel)
-    shares, start = [], 0
-    for j in range(snapshot_parallel):
-        size = base + (1 if j < extra else 0)
-        shares.append(range(start, start + size))
-        start += size
-    return shares
 
 
 def crosscoder_params(n_snapshots: int, d_model: int, dict_size: int) -> int:
