@@ -116,6 +116,7 @@ class ActivationStream:
 
 
 def _columns(blocks: Iterator[ActivationBlock], share: range) -> Iterator[ActivationBlock]:
+    """The same blocks with only the snapshots in `share`."""
     for block in blocks:
         yield ActivationBlock(block.index, block.activations[:, share.start : share.stop].contiguous(),
                               block.token_ids)
