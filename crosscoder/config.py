@@ -7,8 +7,11 @@ what types cannot (ranges, cross-field constraints).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -430,6 +433,30 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
+
+
+def unknown_keys(tree: dict[str, Any], schema: type | None = None, prefix: str = "") -> list[str]:
+    """Keys of a composed config (as a plain dict) that its schema (RunConfig by default) does not have, with a
+    close match if there is one. Hydra's `+key=value` adds a key even to a typed config, and the dataclass would
+    carry it unread."""
+    schema = schema or RunConfig
+    types = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    found = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            found.append(name + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif dataclasses.is_dataclass(types[key]) and isinstance(value, dict):  # free-form dicts are not checked
+            found += unknown_keys(value, types[key], name + ".")
+    return found
+
+
+def check_known_keys(tree: dict[str, Any]) -> None:
+    """Raise ConfigError naming every key the schema does not know (however it was spelled on the command line)."""
+    if found := unknown_keys(tree):
+        raise ConfigError(f"unknown configuration key(s): {', '.join(found)}")
 
 
 def register_configs() -> None:

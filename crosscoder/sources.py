@@ -40,7 +40,37 @@ def _step_from_name(name: str) -> int | None:
 
 
 def resolve_snapshots(cfg: SourcesConfig, log: Callable[[str], None] = print) -> list[SnapshotSpec]:
-    """Turn the sources config into snapshot specs, building the embedded toy snapshots if asked and missing."""
+    """Turn the sources config into snapshot specs, building the embedded toy snapshots if asked and missing;
+    refuse names that collide and known steps out of training order (both would give a silently wrong result)."""
+    specs = _resolve(cfg, log)
+    check_names_and_order(specs)
+    return specs
+
+
+def check_names_and_order(specs: list[SnapshotSpec]) -> None:
+    """Every snapshot names its metrics, W&B keys and feature-table columns, so names must be unique; the
+    crosscoder's snapshot axis is read as time, so snapshots whose steps are all known must come in training order."""
+    seen: dict[str, SnapshotSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(
+                f"snapshots {_describe(seen[spec.name])} and {_describe(spec)} are both named {spec.name!r}: their "
+                "metrics and decoder norms would overwrite each other; give the snapshot directories distinct names"
+            )
+        seen[spec.name] = spec
+    steps = [spec.step for spec in specs]
+    if None in steps:
+        return
+    for before, after in zip(specs, specs[1:], strict=False):
+        if after.step <= before.step:  # type: ignore[operator]
+            raise ConfigError(
+                f"snapshot {after.name!r} (step {after.step}) is listed after {before.name!r} (step {before.step}): "
+                "the snapshots must be listed in training order (the analysis reads their order as time); "
+                f"the steps as listed are {steps}"
+            )
+
+
+def _resolve(cfg: SourcesConfig, log: Callable[[str], None]) -> list[SnapshotSpec]:
     if cfg.kind == "toy":
         from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
 

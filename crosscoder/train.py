@@ -16,7 +16,7 @@ from typing import TypeVar
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from crosscoder.config import ConfigError, RunConfig, register_configs
+from crosscoder.config import ConfigError, RunConfig, check_known_keys, register_configs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 T = TypeVar("T")
@@ -38,6 +38,7 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
     from crosscoder.training_state import CheckpointError
 
     try:
+        check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
         return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as error:
         print(f"{command}: configuration error: {error}", file=sys.stderr)

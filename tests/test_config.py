@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 import crosscoder.train  # noqa: F401  (registers the schema in Hydra's ConfigStore)
-from crosscoder.config import ConfigError, CrosscoderConfig, RunConfig
+from crosscoder.config import ConfigError, CrosscoderConfig, RunConfig, check_known_keys
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -135,6 +136,20 @@ def test_unknown_key_fails_at_composition(tmp_path: Path) -> None:
     """A key the schema does not have is rejected when composing, naming it."""
     with pytest.raises(ConfigCompositionException, match="bogus"):
         _compose(["crosscoder.bogus=1"], tmp_path)
+
+
+def test_an_added_unknown_key_is_refused_however_it_is_spelled(tmp_path: Path) -> None:
+    """`+crosscoder.dict_sise=256` (what Hydra itself suggests for a typo) composes, but must not be ignored:
+    the check names it and the key it probably meant; free-form dicts (deepspeed.extra) take any key."""
+    cases = (("+crosscoder.dict_sise=256", "crosscoder.dict_sise (did you mean crosscoder.dict_size?)"),
+             ("+bogus=1", "bogus"), ("+data.cache.tokenz=5", "data.cache.tokenz (did you mean"))
+    for override, message in cases:
+        tree = OmegaConf.to_container(_compose([override], tmp_path), resolve=False)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_known_keys(tree)
+    check_known_keys(OmegaConf.to_container(_compose(["+deepspeed.extra.steps_per_print=5"], tmp_path),
+                                            resolve=False))
+    check_known_keys(OmegaConf.to_container(_compose([], tmp_path), resolve=False))
 
 
 def test_wrongly_typed_value_fails_at_composition(tmp_path: Path) -> None:

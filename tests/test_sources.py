@@ -238,3 +238,28 @@ def test_trust_remote_code_is_off_by_default(tiny_snapshots: list, monkeypatch: 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy(AutoModel.from_pretrained))
     load_sources(SourcesConfig(paths=[str(tiny_snapshots[0].path)]), CPU, log=lambda _: None)
     assert seen == [False, False]
+
+
+def test_snapshots_with_the_same_name_are_refused(tiny_snapshots: list, tmp_path: Path) -> None:
+    """`runA/step4` and `runB/step4` would write each other's metrics, W&B keys and feature-table columns."""
+    paths = []
+    for run in ("runA", "runB"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "step4").symlink_to(tiny_snapshots[1].path, target_is_directory=True)
+        paths.append(str(tmp_path / run / "step4"))
+    with pytest.raises(ConfigError, match=r"runA/step4.*runB/step4.*are both named 'step4'"):
+        resolve_snapshots(SourcesConfig(paths=paths))
+    with pytest.raises(ConfigError, match="both named 'step100'"):
+        resolve_snapshots(SourcesConfig(model="org/model", revisions=["step100", "step100"]))
+
+
+def test_snapshots_out_of_training_order_are_refused(tiny_snapshots: list) -> None:
+    """The snapshot axis is read as time: steps that go backwards (from names or given) are refused, naming
+    both snapshots; unknown steps (a revision like `main`) leave the order to the user."""
+    paths = [str(s.path) for s in tiny_snapshots]  # step0, step4, step12
+    with pytest.raises(ConfigError, match=r"'step4' \(step 4\) is listed after 'step12' \(step 12\)"):
+        resolve_snapshots(SourcesConfig(paths=[paths[0], paths[2], paths[1]]))
+    with pytest.raises(ConfigError, match=r"the steps as listed are \[5, 5, 7\]"):
+        resolve_snapshots(SourcesConfig(paths=paths, steps=[5, 5, 7]))
+    hub = resolve_snapshots(SourcesConfig(model="org/model", revisions=["step1000", "main", "step10"]))
+    assert [s.step for s in hub] == [1000, None, 10]

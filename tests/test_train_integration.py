@@ -205,6 +205,7 @@ def test_a_bad_value_exits_2_naming_it(tmp_path: Path) -> None:
     for module, override, message in (
         ("crosscoder.build_cache", "data.cache.dtype=float32", "crosscoder-cache: configuration error: data.cache.dir"),
         ("crosscoder.train", "data.workers.num_workers=-1", "data.workers.num_workers=-1"),
+        ("crosscoder.train", "+crosscoder.dict_sise=256", "crosscoder.dict_sise (did you mean crosscoder.dict_size?)"),
     ):
         result = subprocess.run([sys.executable, "-m", module, override, f"hydra.run.dir={tmp_path / module}"],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -78,11 +80,14 @@ def test_rows_are_the_same_token_in_every_snapshot(models: list[nn.Module]) -> N
     assert not torch.allclose(acts[:, 0], acts[:, 2], atol=1e-3)
 
 
-def test_one_snapshot_twice_gives_identical_sources(tiny_snapshots: list) -> None:
-    """The same snapshot loaded as two sources reads the same tokens, so both slices are equal."""
-    path = str(tiny_snapshots[1].path)
-    loaded = load_sources(SourcesConfig(paths=[path, path], hook="blocks.1.hook_resid_pre"), CPU,
-                          log=lambda _: None)
+def test_one_snapshot_twice_gives_identical_sources(tiny_snapshots: list, tmp_path: Path) -> None:
+    """The same snapshot loaded as two sources reads the same tokens, so both slices are equal. (Two names for
+    it: sources must be named uniquely.)"""
+    paths = []
+    for name in ("copyA", "copyB"):
+        (tmp_path / name).symlink_to(tiny_snapshots[1].path, target_is_directory=True)
+        paths.append(str(tmp_path / name))
+    loaded = load_sources(SourcesConfig(paths=paths, hook="blocks.1.hook_resid_pre"), CPU, log=lambda _: None)
     batch, keep = _batch()
     acts = paired_activations(batch, loaded.runners, BOS, PAD, CPU)
     assert acts.shape == (len(keep), 2, 32)
