@@ -18,6 +18,7 @@ for byte, as one process writes. The cache is one global token stream, so there 
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import hydra
 from omegaconf import DictConfig
 
 from crosscoder.config import ConfigError, RunConfig, register_configs
-from crosscoder.train import CONF_DIR, _quiet_non_main_ranks, run_command
+from crosscoder.train import CONF_DIR, _quiet_non_main_ranks, check_run_dir_writable, run_command
 
 register_configs()
 
@@ -325,6 +326,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_run_dir_writable(sys.argv[1:])
     _quiet_non_main_ranks()
     _hydra_main()
 

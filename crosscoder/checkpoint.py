@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from crosscoder.model import Crosscoder
+
+
+class DictionaryError(ValueError):
+    """An exported dictionary (or the state about to be exported) is unusable; the message names the file or the
+    tensor and the cause."""
 
 
 @dataclass
@@ -62,7 +68,10 @@ def export_dictionary(
     """Write a complete dictionary folder at `out_dir` (replacing an older one) from a full state dict.
 
     `extra_files` (name -> text) land in the same folder in the same atomic rename (e.g. stream positions).
+    A state with a NaN or infinite value raises DictionaryError before anything is written, so an older export
+    at `out_dir` stays as it was.
     """
+    check_finite(state_dict, "the state to export")
     model = build_model(meta)
     model.load_state_dict({name: tensor.detach().float().cpu() for name, tensor in state_dict.items()})
     decoder_norms = model.decoder_norms().detach().contiguous()
@@ -72,12 +81,15 @@ def export_dictionary(
     means = decoder_norms.mean(dim=0)
     meta.decoder_norm_mean = {name: means[i].item() for i, name in enumerate(meta.source_names)}
 
+    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    # Folding divides by the input scale: a finite state can still overflow here.
+    check_finite({**tensors, "decoder_norms": decoder_norms}, "the folded dictionary")
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out_dir, "tmp")
     tmp.mkdir()
     try:
-        tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         save_file({"decoder_norms": decoder_norms}, str(tmp / DECODER_NORMS_FILE),
                   metadata={"sources": json.dumps(meta.source_names)})
@@ -89,6 +101,18 @@ def export_dictionary(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise DictionaryError naming the first floating-point tensor with a NaN or infinite value."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                raise DictionaryError(
+                    f"{what} has {bad} non-finite value(s) (NaN or inf) in {name} {list(tensor.shape)}: the "
+                    "training diverged or the state is corrupt; nothing was exported"
+                )
 
 
 def temporary_sibling(path: Path, tag: str) -> Path:
@@ -114,25 +138,62 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def read_meta(path: Path) -> DictionaryMeta:
+def read_meta(path: str | Path) -> DictionaryMeta:
+    """The metadata (config.json) of an exported dictionary; DictionaryError naming the file when it is unusable."""
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} is not an exported dictionary: {CONFIG_FILE} is missing")
-    raw = json.loads(config_path.read_text())
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DictionaryError(f"{config_path} is truncated or not valid JSON ({error}); re-export it") from error
+    if not isinstance(raw, dict):
+        raise DictionaryError(f"{config_path} holds a JSON {type(raw).__name__}, not the dictionary's metadata; "
+                              "re-export it")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version={raw.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return DictionaryMeta(**raw)
+        raise DictionaryError(f"{config_path}: format_version={raw.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
+    try:
+        return DictionaryMeta(**raw)
+    except TypeError as error:  # a missing or unknown field
+        raise DictionaryError(f"{config_path} does not fit the dictionary metadata ({error}); re-export it") from error
+
+
+def read_tensors(file: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file (all, or `names`); DictionaryError naming the file when it is truncated,
+    not safetensors, or lacks a tensor."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file.parent} is not an exported dictionary: {file.name} is missing")
+    try:
+        if names is None:
+            return load_file(str(file))
+        with safe_open(str(file), framework="pt") as handle:
+            available = set(handle.keys())  # (the handle itself supports no `in`)
+            missing = [name for name in names if name not in available]
+            if missing:
+                raise DictionaryError(f"{file} has no tensor {', '.join(missing)}; re-export it")
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as error:
+        raise DictionaryError(f"{file} is truncated or not a safetensors file ({error}); re-export it") from error
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> tuple[Crosscoder, DictionaryMeta]:
-    """The exported crosscoder (eval mode, folded: it takes raw activations) and its metadata."""
+    """The exported crosscoder (eval mode, folded: it takes raw activations) and its metadata.
+
+    FileNotFoundError when a file is missing; DictionaryError naming the file when one is unusable."""
     path = Path(path)
     meta = read_meta(path)
     model = build_model(meta)
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    weights = path / WEIGHTS_FILE
+    try:
+        model.load_state_dict(read_tensors(weights))
+    except RuntimeError as error:  # missing, unexpected or wrongly shaped tensors
+        cause = " ".join(str(error).split())  # torch's message spans lines; the error is one
+        raise DictionaryError(f"{weights} does not match {path / CONFIG_FILE} ({cause}); re-export it") from error
     return model.to(device).eval(), meta
 
 
 def load_decoder_norms(path: str | Path) -> torch.Tensor:
-    """[F, S] per-latent, per-snapshot decoder norms of an exported dictionary."""
-    return load_file(str(Path(path) / DECODER_NORMS_FILE))["decoder_norms"]
+    """[F, S] per-latent, per-snapshot decoder norms of an exported dictionary (DictionaryError when unusable)."""
+    return read_tensors(Path(path) / DECODER_NORMS_FILE, ["decoder_norms"])["decoder_norms"]

@@ -179,21 +179,25 @@ class Layout:
         return whole
 
     # ---- the token check ---------------------------------------------------------------------------
-    def check_same_tokens(self, token_ids: torch.Tensor, step: int, device: torch.device) -> None:
+    def check_same_tokens(self, token_ids: torch.Tensor | None, step: int, device: torch.device) -> None:
         """Every rank of a snapshot group must be training on the same tokens in the same order (the crosscoder
         pairs row b of every snapshot). One small all-reduce over the world: each rank writes its batch's hash
         in its data index's slot (and its negation), MAX gives each slot's largest and smallest hash, and a
-        group whose two differ has drifted. Every rank sees the same table, so all stop together."""
+        group whose two differ has drifted. Every rank sees the same table, so all stop together. A rank with no
+        batch this step (`None`: its stream failed, and the step's health flags stop the run) takes part without
+        a vote."""
         if not self.split:
             return
-        digest = hashlib.sha256(token_ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).digest()
-        value = int.from_bytes(digest[:7], "little")  # 56 bits: exact in int64, and -value too
         floor = -(1 << 62)
         table = torch.full((2 * self.data_parallel,), floor, dtype=torch.int64, device=device)
-        table[self.data_rank], table[self.data_parallel + self.data_rank] = value, -value
+        if token_ids is not None:
+            digest = hashlib.sha256(token_ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).digest()
+            value = int.from_bytes(digest[:7], "little")  # 56 bits: exact in int64, and -value too
+            table[self.data_rank], table[self.data_parallel + self.data_rank] = value, -value
         dist.all_reduce(table, op=dist.ReduceOp.MAX)
         largest, smallest = table[: self.data_parallel], -table[self.data_parallel :]
-        drifted = (largest != smallest).nonzero().flatten().tolist()
+        voted = largest != floor  # a slot no rank wrote holds floor and -floor
+        drifted = ((largest != smallest) & voted).nonzero().flatten().tolist()
         if drifted:
             raise TokenDriftError(
                 f"the ranks of snapshot group(s) {drifted} (data index) trained on different tokens at step {step}: "

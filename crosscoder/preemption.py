@@ -1,7 +1,9 @@
-"""SIGTERM (SLURM preemption, `scancel`, a launcher stopping its job) asks the run to save and stop.
+"""SIGTERM (SLURM preemption, `scancel`, a launcher stopping its job) and Ctrl-C (SIGINT) ask the run to save
+and stop.
 
 The handler only sets a flag; the loop reduces it over all ranks with the step's other reduction, so every
-rank saves the same step together, then raises `TrainingInterrupted`.
+rank saves the same step together, then raises `TrainingInterrupted`. A second Ctrl-C stops at once (Python's
+KeyboardInterrupt), for a user who would rather not wait for the save.
 """
 
 from __future__ import annotations
@@ -11,28 +13,44 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class StopRequest:
-    """Installs a SIGTERM handler for its lifetime (main thread only; elsewhere it never fires)."""
+    """Installs SIGTERM and SIGINT handlers for its lifetime (main thread only; elsewhere they never fire)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: object = None
+        self.signum: int | None = None
+        """The first stop signal received, if any."""
+        self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in HANDLED_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        if self.signum is None:
+            self.signum = signum
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous = {}
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM stopped the run after its training state was saved; `trainer.resume=auto` continues it."""
+    """A stop signal stopped the run after its training state was saved; resuming continues it."""
 
-    def __init__(self, step: int, state_dir: Path) -> None:
-        super().__init__(f"stopped by SIGTERM at step {step}; training state saved in {state_dir}")
-        self.step, self.state_dir = step, state_dir
+    def __init__(self, step: int, state_dir: Path, signum: int = signal.SIGTERM) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at step {step}; training state saved in {state_dir}")
+        self.step, self.state_dir, self.signum = step, state_dir, signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

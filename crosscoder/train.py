@@ -7,11 +7,13 @@ crosscoder across its snapshots, offline, on CPU, in a few minutes.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -31,27 +33,86 @@ def _quiet_non_main_ranks() -> None:
 
 
 def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
-    """Run a Hydra command on the typed config; a bad value is one line on stderr and exit status 2."""
+    """Run a Hydra command on the typed config. Whatever stops it is one line on stderr with an exit status
+    that says what kind of stop it was (README, "When things go wrong"): 2 bad input, 1 a fault during the run,
+    128 + the signal for a stop asked by a signal; a stop that left a training state says how to resume."""
     # Cheap imports only (no trainer, no DeepSpeed): every rank of a launch pays for them.
+    from crosscoder.checkpoint import DictionaryError
+    from crosscoder.data.workers import WorkerError
+    from crosscoder.faults import EXIT_BAD_INPUT, EXIT_FAULT, RunFault, write_failure_reason
     from crosscoder.layout import TokenDriftError
     from crosscoder.preemption import TrainingInterrupted
     from crosscoder.training_state import CheckpointError
+
+    def stop(message: str, status: int, state_dir: Path | None = None) -> NoReturn:
+        resume = f"; continue it with: {resume_command(state_dir)}" if state_dir is not None else ""
+        print(f"{command}: {message}{resume}", file=sys.stderr)
+        sys.exit(status)
 
     try:
         check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
         return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as error:
-        print(f"{command}: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _discard_unstarted_run_dir()
+        stop(f"configuration error: {error}", EXIT_BAD_INPUT)
     except CheckpointError as error:
-        print(f"{command}: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TokenDriftError as error:
-        print(f"{command}: {error}", file=sys.stderr)
-        sys.exit(1)
+        stop(str(error), EXIT_BAD_INPUT)
     except TrainingInterrupted as stopped:
-        print(f"{command}: {stopped}; continue it with trainer.resume=auto", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        stop(str(stopped), stopped.exit_status, stopped.state_dir)
+    except RunFault as fault:
+        stop(str(fault), fault.exit_status, fault.state_dir)
+    except (TokenDriftError, WorkerError, DictionaryError) as error:
+        stop(str(error), EXIT_FAULT)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
+        stop("interrupted by a second Ctrl-C before the training state was saved; what was saved before stays",
+             128 + signal.SIGINT)
+    except OSError as error:
+        reason = write_failure_reason(error, Path(error.filename or "."))
+        if reason is None:
+            raise
+        stop(f"cannot write {error.filename}: {reason}", EXIT_BAD_INPUT)
+
+
+def resume_command(state_dir: Path) -> str:
+    """The command that continues this run in its own directory (the Hydra run dir of the state's run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(state_dir).resolve().parent.parent  # <run dir>/training_state/step_N
+    keep = [override for override in HydraConfig.get().overrides.task
+            if override.lstrip("+~").split("=", 1)[0] not in ("trainer.resume", "hydra.run.dir")]
+    arguments = [*keep, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    launcher = ("accelerate launch <your launch options> -m crosscoder.train"
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "crosscoder-train")
+    return " ".join([launcher, *(shlex.quote(argument) for argument in arguments)])
+
+
+def _discard_unstarted_run_dir() -> None:
+    """A run refused at start-up leaves no run directory behind (Hydra made it, with `.hydra/` and an empty log,
+    before the config was checked); a folder holding anything else is left alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    log_file = run_dir / f"{hydra_cfg.job.name}.log"
+    if {path.name for path in run_dir.iterdir()} <= {".hydra", log_file.name}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_run_dir_writable(argv: list[str]) -> None:
+    """Refuse a run directory on a read-only or unwritable file system before Hydra trips over it with a
+    traceback (Hydra creates it before any of our code runs)."""
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [argument.split("=", 1)[1] for argument in argv if argument.startswith(key)]
+    target = Path(given[-1]).expanduser() if given else Path.cwd()
+    existing = next(folder for folder in (target, *target.absolute().parents) if folder.exists())
+    if not os.access(existing, os.W_OK):
+        setting = f"{key}{given[-1]}" if given else f"the working directory {target}"
+        print(f"crosscoder: {setting}: {existing} is not writable (read-only file system or no permission); "
+              "pick another hydra.run.dir", file=sys.stderr)
+        sys.exit(2)
 
 
 def sweep_group(sweep_dir: str | Path) -> str:
@@ -81,6 +142,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"crosscoder: config folder {CONF_DIR} not found; install the package editable (pip install -e .)")
+    check_run_dir_writable(sys.argv[1:])
     _quiet_non_main_ranks()
     _hydra_main()
 

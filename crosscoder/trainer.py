@@ -8,6 +8,7 @@ run is split by snapshot).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,8 +25,25 @@ from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.report import analyze_dictionary
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, write_text_atomic
 from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import CHECKPOINTS_DIR, DICTIONARY_DIR, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.constants import (
+    CHECKPOINTS_DIR,
+    DICTIONARY_DIR,
+    RUN_SUMMARY_FILE,
+    STREAM_POSITION_FILE,
+    TRAINING_STATE_PATTERN,
+)
 from crosscoder.data.stream import ActivationStream, build_activation_stream
+from crosscoder.data.workers import WorkerError
+from crosscoder.faults import (
+    EXIT_BAD_INPUT,
+    EXIT_FAULT,
+    RunFault,
+    StepHealth,
+    local_health,
+    nonfinite_message,
+    read_health,
+    writing,
+)
 from crosscoder.layout import Layout, build_layout, check_layout
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
 from crosscoder.model import Crosscoder, input_scale_from, mean_squared_norms
@@ -47,6 +65,7 @@ from crosscoder.training_state import (
     load_engine_state,
     load_training_state,
     restore_rng,
+    resume_target,
     rng_tensors,
     save_training_state,
     select_training_state,
@@ -100,9 +119,12 @@ def train(cfg: RunConfig) -> TrainResult:
     stop = StopRequest()
     try:
         torch.manual_seed(trainer_cfg.seed)
-        output_dir = _shared_output_dir(cfg.output_dir)
+        configured_dir, resume = resume_target(trainer_cfg.resume, Path(cfg.output_dir))
+        output_dir = _shared_output_dir(str(configured_dir))
+        if output_dir != Path(cfg.output_dir).resolve():
+            log(f"continuing the run in {output_dir}")
         run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        resumed = _resumable_state(accelerator, cfg, output_dir, run_config, log)
+        resumed = _resumable_state(accelerator, resume, output_dir, run_config, log)
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
             sources = describe_sources(cfg.sources, log=log)
@@ -157,8 +179,9 @@ def train(cfg: RunConfig) -> TrainResult:
             positions = gather_object([stream.state_dict()])  # collective too: where each rank's stream stands
             if is_main:
                 meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
-                export_dictionary(state_dict, meta, out_dir,
-                                  extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
+                with writing("the dictionary", out_dir, last_state, _last_state_hint(last_state)):
+                    export_dictionary(state_dict, meta, out_dir,
+                                      extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
                 if cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
                     tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=dead.dead_mask.cpu(),
                                                             recovery=planted_recovery(out_dir)), step)
@@ -168,38 +191,62 @@ def train(cfg: RunConfig) -> TrainResult:
             accelerator.wait_for_everyone()
             return out_dir
 
+        last_state = None if resumed is None else resumed.path  # where the run can resume from now
+
         def save_state(step: int) -> Path:
+            nonlocal last_state
             stream_scalars, stream_tensors = stream.full_state()
             trainer_state = {"scheduler": scheduler.state_dict(), "wandb_run_id": tracker.run_id,
                              "input_scale": input_scale.tolist(), "zero_stage": zero_stage,
                              "config": run_config}
             tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": dead.tokens_since_fired}
-            path = save_training_state(accelerator, engine, states_root(output_dir), step, trainer_state,
-                                       stream_scalars, tensors, trainer_cfg.keep_states)
+            target = states_root(output_dir) / TRAINING_STATE_PATTERN.format(step=step)
+            with writing("the training state", target, last_state, _last_state_hint(last_state)):
+                path = save_training_state(accelerator, engine, states_root(output_dir), step, trainer_state,
+                                           stream_scalars, tensors, trainer_cfg.keep_states)
             log(f"saved training state at step {step} to {path}")
+            last_state = path
             return path
+
+        def halt(step: int, health: StepHealth, data_error: Exception | None, batch: torch.Tensor) -> None:
+            """Stop every rank together before the update of a step that met a fault; save what can resume."""
+            if not health.data_failed:
+                raise RunFault(nonfinite_message(health, step, crosscoder_cfg.normalize_inputs), last_state)
+            if data_error is None:  # this rank's batch was fine: keep it for the resumed run
+                stream.unread(batch, stream.last_token_ids)
+            saved = step > first_step  # else the state resumed from (or nothing) is already this point
+            state_dir = save_state(step) if saved else last_state
+            where = f"; the training state of step {step} is saved in {state_dir}" if saved else ""
+            if data_error is None:
+                raise RunFault(f"another rank's activation stream failed at step {step}{where}", state_dir)
+            status = EXIT_BAD_INPUT if isinstance(data_error, ConfigError) else EXIT_FAULT
+            raise RunFault(f"{data_error} (at step {step}){where}", state_dir, status)
 
         metrics: dict[str, Any] = {}
         loop_started, waited_before = time.perf_counter(), stream.wait_seconds
         window_started, window_waited = loop_started, waited_before
         token_check_every = cfg.parallel.token_check_every
+        batch_shape = (micro_batch, len(share), sources.d_model)
         for step in range(first_step, total_steps):
-            x = next(stream).to(accelerator.device, dtype=param_dtype)
+            batch, data_error = _next_batch(stream, batch_shape)
+            x = batch.to(accelerator.device, dtype=param_dtype)
             if token_check_every and step % token_check_every == 0:  # snapshot groups pair the same tokens
-                layout.check_same_tokens(stream.last_token_ids, step, accelerator.device)
+                layout.check_same_tokens(None if data_error else stream.last_token_ids, step, accelerator.device)
             l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
             output = engine(x, l1_coeff, dead.dead_mask)
+            # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
+            # batch or the loss, a failed stream, a stop signal) that stop every rank together.
+            local = torch.cat([(output.codes > 0).any(dim=0).float(),
+                               local_health(layout, x, output.loss, data_error is not None, stop.signum)])
+            reduced = accelerator.reduce(local, "sum")
+            health = read_health(reduced[crosscoder_cfg.dict_size :], source_names)
+            if not health.healthy:
+                halt(step, health, data_error, batch)
             accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-
-            # One reduction per step carries both which latents fired and whether any rank got SIGTERM.
-            local = torch.cat([(output.codes > 0).any(dim=0).float(),
-                               torch.tensor([float(stop.requested)], device=output.codes.device)])
-            reduced = accelerator.reduce(local, "sum")
-            dead.update(reduced[:-1] > 0, trainer_cfg.batch_size)
-            stopping = bool(reduced[-1] > 0)
+            dead.update(reduced[: crosscoder_cfg.dict_size] > 0, trainer_cfg.batch_size)
             done = step + 1
             if done % trainer_cfg.log_every == 0 or done == total_steps:
                 metrics = _step_metrics(accelerator, layout, output, l1_coeff, scheduler, dead, source_names,
@@ -220,11 +267,13 @@ def train(cfg: RunConfig) -> TrainResult:
             progress.update(done - first_step, shown, force=done == total_steps)
             if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and done < total_steps:
                 export(done, output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
-            if stopping and done < total_steps:
-                raise TrainingInterrupted(done, save_state(done))
+            if health.stop_signal is not None and done < total_steps:
+                raise TrainingInterrupted(done, save_state(done), health.stop_signal)
             if trainer_cfg.state_every and done % trainer_cfg.state_every == 0 and done < total_steps:
                 save_state(done)
 
+        if first_step < total_steps:  # a full disk at the export must not lose the run: resuming re-exports
+            save_state(total_steps)
         dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
         loaded = gather_object([stream.snapshots_loaded])  # what each rank's workers actually loaded
         wall = time.perf_counter() - started
@@ -237,7 +286,8 @@ def train(cfg: RunConfig) -> TrainResult:
                               "shares": [source_names[share.start : share.stop] for share in layout.shares]},
                    "snapshots_loaded_per_rank": loaded}
         if is_main:
-            write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
+            with writing("the run summary", output_dir / RUN_SUMMARY_FILE):
+                write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
         tracker.finish(summary)
         log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
         return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
@@ -250,10 +300,25 @@ def train(cfg: RunConfig) -> TrainResult:
         teardown(accelerator)
 
 
+def _next_batch(stream: ActivationStream, shape: tuple[int, ...]) -> tuple[torch.Tensor, Exception | None]:
+    """The stream's next batch, or zeros and the error when the stream failed (a dead worker, a corrupt shard):
+    the rank still takes part in the step's collectives, whose health flags then stop every rank together."""
+    try:
+        return next(stream), None
+    except (WorkerError, ConfigError) as error:
+        return torch.zeros(shape), error
+
+
+def _last_state_hint(last_state: Path | None) -> str:
+    if last_state is None:
+        return "; no training state had been saved yet"
+    return f"; the last complete training state is {last_state}"
+
+
 def _resumable_state(
-    accelerator, cfg: RunConfig, output_dir: Path, run_config: dict[str, Any], log: Callable[[str], None]  # noqa: ANN001
+    accelerator, resume: str, output_dir: Path, run_config: dict[str, Any], log: Callable[[str], None]  # noqa: ANN001
 ) -> TrainingState | None:
-    path = select_training_state(accelerator, cfg.trainer.resume, states_root(output_dir), log)
+    path = select_training_state(accelerator, resume, states_root(output_dir), log)
     if path is None:
         return None
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
@@ -275,10 +340,25 @@ def _input_scale(
     first = stream.peek(cfg.crosscoder.norm_estimation_batches)
     local = layout.scatter(mean_squared_norms(first)).to(accelerator.device)
     mean_sq = (accelerator.reduce(local, "sum") / layout.data_parallel).cpu()
+    _check_measurable(mean_sq, cfg, sources)
     input_scale = input_scale_from(mean_sq, sources.d_model)
     scales = zip(sources.specs, input_scale.tolist(), strict=True)
     log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
     return input_scale
+
+
+def _check_measurable(mean_sq: torch.Tensor, cfg: RunConfig, sources: SourceInfo) -> None:
+    """Refuse, naming the snapshot, activations whose scale cannot be measured: NaN/inf (bad weights, an
+    overflow, a bad cache) or all zeros (a dead hook)."""
+    for spec, value in zip(sources.specs, mean_sq.tolist(), strict=True):
+        if math.isfinite(value) and value > 0:
+            continue
+        cause = "all-zero" if value == 0 else "NaN/inf"
+        origin = f"the activation cache {cfg.data.cache.dir}" if cfg.data.cache.dir else "the snapshot's weights"
+        raise ConfigError(
+            f"snapshot {spec.name!r} gives {cause} activations at {sources.hook} in the first "
+            f"{cfg.crosscoder.norm_estimation_batches} batches (mean squared norm {value}): check {origin}"
+        )
 
 
 def _dictionary_meta(
@@ -314,7 +394,11 @@ def _shared_output_dir(configured: str) -> Path:
     chosen = [str(Path(configured).resolve())]
     broadcast_object_list(chosen, from_process=0)
     path = Path(chosen[0])
-    path.mkdir(parents=True, exist_ok=True)
+    with writing("the run directory", path):  # a read-only folder is refused now, not at the first save
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     return path
 
 

@@ -181,6 +181,17 @@ def verify_training_state(path: Path, rank: int = 0, world_size: int = 1) -> Non
             raise CheckpointError(f"{path / name} does not match its sha256 in the manifest (corrupt)")
 
 
+def resume_target(resume: str, output_dir: Path) -> tuple[Path, str]:
+    """(output dir, resume setting) for `trainer.resume`: a run directory (one holding `training_state/`)
+    continues in that directory from its newest complete state, as `auto` would there."""
+    if resume in ("none", "auto"):
+        return output_dir, resume
+    path = Path(resume).expanduser()
+    if (path / TRAINING_STATES_DIR).is_dir():
+        return path.resolve(), "auto"
+    return output_dir, resume
+
+
 def select_training_state(
     accelerator, resume: str, root: Path, log: Callable[[str], None] = print  # noqa: ANN001
 ) -> Path | None:
@@ -192,7 +203,8 @@ def select_training_state(
         return None
     candidates = list_training_states(root) if resume == "auto" else [Path(resume).expanduser()]
     if resume != "auto" and not candidates[0].is_dir():
-        raise ConfigError(f"trainer.resume={resume!r} is not a training-state folder")
+        raise ConfigError(f"trainer.resume={resume!r} is neither a training-state folder nor a run directory "
+                          f"with saved states (<run dir>/{TRAINING_STATES_DIR})")
     for candidate in candidates:
         try:
             verify_training_state(candidate, accelerator.process_index, accelerator.num_processes)

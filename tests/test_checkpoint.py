@@ -1,4 +1,5 @@
-"""Exported dictionaries: raw-space round trip, metadata, decoder norms, atomic replace, safetensors only."""
+"""Exported dictionaries: raw-space round trip, metadata, decoder norms, atomic replace, safetensors only;
+non-finite states refused, truncated or corrupt files named."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 import crosscoder.checkpoint as checkpoint
 from crosscoder.checkpoint import (
+    DictionaryError,
     DictionaryMeta,
     export_dictionary,
     load_decoder_norms,
@@ -173,3 +175,87 @@ def test_load_uses_safetensors_not_pickle(tmp_path: Path, monkeypatch: pytest.Mo
     norms = load_decoder_norms(out)
     torch.testing.assert_close(loaded.W_enc.detach(), model.W_enc.detach() * SCALE[:, None, None])
     assert norms.shape == (DICT_SIZE, N_SOURCES)
+
+
+@pytest.mark.parametrize(("tensor", "value"), [("W_dec", float("nan")), ("b_enc", float("inf")),
+                                               ("input_scale", float("nan"))])
+def test_export_refuses_a_non_finite_state_and_keeps_the_older_export(tensor: str, value: float,
+                                                                     tmp_path: Path) -> None:
+    """A NaN/inf anywhere in the state is a DictionaryError naming the tensor; nothing is written, so the
+    previous export of the same folder stays whole."""
+    out = tmp_path / "dictionary"
+    export_dictionary(_model("relu").state_dict(), _meta("relu", tokens_seen=7), out)
+    state = {name: t.clone() for name, t in _model("relu").state_dict().items()}
+    state[tensor].view(-1)[0] = value
+    with pytest.raises(DictionaryError, match=rf"1 non-finite value\(s\) .* in {tensor} .*nothing was exported"):
+        export_dictionary(state, _meta("relu", tokens_seen=8), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["dictionary"]
+    assert read_meta(out).tokens_seen == 7
+    load_dictionary(out)
+
+
+def test_export_refuses_a_state_that_overflows_when_folded(tmp_path: Path) -> None:
+    """A zero input scale is finite but folding divides by it: refused, naming the folded tensor."""
+    state = _model("relu").state_dict()
+    state["input_scale"] = torch.tensor([0.5, 0.0, 3.5])
+    with pytest.raises(DictionaryError, match=r"the folded dictionary has .* in W_dec"):
+        export_dictionary(state, _meta("relu"), tmp_path / "dictionary")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _exported(tmp_path: Path) -> Path:
+    return export_dictionary(_model("topk").state_dict(), _meta("topk"), tmp_path / "dictionary")
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, DECODER_NORMS_FILE])
+@pytest.mark.parametrize("keep", [0.5, 0.0, 20])
+def test_a_truncated_safetensors_file_is_named(name: str, keep: float, tmp_path: Path) -> None:
+    """A safetensors file cut short (half of it, empty, or inside its header) is a DictionaryError (a
+    ValueError) naming the file and the cause, from every loader that reads it."""
+    out = _exported(tmp_path)
+    data = (out / name).read_bytes()
+    (out / name).write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    load = (lambda: load_dictionary(out)) if name == WEIGHTS_FILE else (lambda: load_decoder_norms(out))
+    with pytest.raises(DictionaryError, match=rf"{re.escape(str(out / name))} is truncated or not a safetensors "
+                                              r"file \(.+\); re-export it"):
+        load()
+    assert issubclass(DictionaryError, ValueError)
+
+
+@pytest.mark.parametrize(("text", "cause"), [
+    ('{"sources": [', r"is truncated or not valid JSON"),
+    ("\xff\xfe not json", r"is truncated or not valid JSON"),
+    ("[1, 2]", r"holds a JSON list"),
+    ('{"format_version": 1, "hook": "blocks.0.hook_resid_pre"}', r"does not fit the dictionary metadata"),
+    ('{"format_version": 99}', r"format_version=99, expected 1"),
+])
+def test_an_unusable_config_json_is_named(text: str, cause: str, tmp_path: Path) -> None:
+    """config.json that does not parse, or parses into something else than the metadata: DictionaryError
+    naming the file."""
+    out = _exported(tmp_path)
+    (out / CONFIG_FILE).write_bytes(text.encode("latin-1"))
+    with pytest.raises(DictionaryError, match=re.escape(str(out / CONFIG_FILE)) + r".*" + cause):
+        read_meta(out)
+    with pytest.raises(DictionaryError, match=cause):
+        load_dictionary(out)
+
+
+def test_weights_that_do_not_fit_the_metadata_are_named(tmp_path: Path) -> None:
+    """Weights of another dictionary size than config.json says: one DictionaryError line naming both files."""
+    out = _exported(tmp_path)
+    other = export_dictionary(Crosscoder(N_SOURCES, D_MODEL, 2 * DICT_SIZE, "topk", k=K).state_dict(),
+                              DictionaryMeta(**{**_meta("topk").__dict__, "dict_size": 2 * DICT_SIZE}),
+                              tmp_path / "other")
+    (out / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(DictionaryError, match=rf"{re.escape(str(out / WEIGHTS_FILE))} does not match "
+                                              rf"{re.escape(str(out / CONFIG_FILE))} \(.*size mismatch") as error:
+        load_dictionary(out)
+    assert "\n" not in str(error.value)
+
+
+def test_decoder_norms_without_their_tensor_are_named(tmp_path: Path) -> None:
+    out = _exported(tmp_path)
+    checkpoint.save_file({"something_else": torch.zeros(2)}, str(out / DECODER_NORMS_FILE))
+    with pytest.raises(DictionaryError, match=rf"{re.escape(str(out / DECODER_NORMS_FILE))} has no tensor "
+                                              "decoder_norms"):
+        load_decoder_norms(out)

@@ -1,8 +1,11 @@
-"""Configuration: `RunConfig.validate()` names the bad value; the repo's conf/ composes into a RunConfig."""
+"""Configuration: `RunConfig.validate()` names the bad value (data.paths files included, checked before anything
+loads); the repo's conf/ composes into a RunConfig."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 import crosscoder.train  # noqa: F401  (registers the schema in Hydra's ConfigStore)
-from crosscoder.config import ConfigError, CrosscoderConfig, RunConfig, check_known_keys
+from crosscoder.config import TEXT_PROBE_BYTES, ConfigError, CrosscoderConfig, RunConfig, check_known_keys
+from tests.launching import run, tiny_overrides
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -76,6 +80,136 @@ def test_validate_names_the_bad_value(mutate: Callable[[RunConfig], None], messa
     mutate(cfg)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_a_run_of_zero_training_steps_is_refused() -> None:
+    """total_tokens below one batch would train 0 steps and export the untrained initial dictionary: refused,
+    naming both values; exactly one batch is one step, and fine."""
+    cfg = _valid()
+    cfg.trainer.batch_size, cfg.trainer.total_tokens = 512, 511
+    with pytest.raises(ConfigError, match=r"trainer\.total_tokens=511 .*trainer\.batch_size=512\).*zero steps"):
+        cfg.validate()
+    cfg.trainer.total_tokens = 512
+    cfg.validate()
+
+
+# ---- data.paths, checked before anything loads ---------------------------------------------------------------
+
+
+def _text_files(tmp_path: Path, *contents: str | bytes) -> RunConfig:
+    """A valid run reading one good .txt file, then one file per `contents` (str: UTF-8 text, bytes: raw)."""
+    cfg = _valid()
+    good = tmp_path / "good.txt"
+    good.write_text("A first document.\n\nA second one.\n")
+    paths = [good]
+    for i, content in enumerate(contents):
+        path = tmp_path / f"file{i}.txt"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        paths.append(path)
+    cfg.data.kind, cfg.data.paths = "text_files", [str(p) for p in paths]
+    return cfg
+
+
+def test_text_files_that_exist_and_hold_text_pass(tmp_path: Path) -> None:
+    """Readable non-blank files pass, .jsonl and `~` paths included; a text after a blank stretch counts."""
+    cfg = _text_files(tmp_path, '{"text": "a json document"}\n', "\n\n   \n\tlate text\n", "é" * 3000)
+    assert cfg.validate() is cfg
+    home = Path.home()
+    if tmp_path.is_relative_to(home):
+        cfg.data.paths = ["~/" + str((tmp_path / "good.txt").relative_to(home))]
+        cfg.validate()
+
+
+def _missing(folder: Path) -> Path:
+    return folder / "nope.txt"
+
+
+def _directory(folder: Path) -> Path:
+    (folder / "folder").mkdir()
+    return folder / "folder"
+
+
+def _empty(folder: Path) -> Path:
+    (folder / "empty.txt").touch()
+    return folder / "empty.txt"
+
+
+def _blank(folder: Path) -> Path:
+    (folder / "blank.txt").write_text(" \n\n\t \n" * 2000)  # beyond the first 4 KB read
+    return folder / "blank.txt"
+
+
+def _binary(folder: Path) -> Path:
+    (folder / "corpus.txt.gz").write_bytes(b"\x1f\x8b\x08\x00binary")
+    return folder / "corpus.txt.gz"
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_missing, r"data\.paths\[1\]='.*/nope\.txt' does not exist"),
+    (_directory, r"data\.paths\[1\]='.*/folder' is a directory"),
+    (_empty, r"data\.paths\[1\]='.*/empty\.txt' is empty$"),
+    (_blank, r"data\.paths\[1\]='.*/blank\.txt' is empty \(whitespace only\)"),
+    (_binary, r"data\.paths\[1\]='.*/corpus\.txt\.gz' is not UTF-8 text"),
+])
+def test_a_bad_text_file_is_named_by_index_and_path(make: Callable[[Path], Path], message: str,
+                                                    tmp_path: Path) -> None:
+    """Missing, a directory, empty, whitespace only, or binary: a ConfigError naming data.paths[i] and the path,
+    at validate() (before any snapshot or worker starts)."""
+    cfg = _text_files(tmp_path)
+    cfg.data.paths.append(str(make(tmp_path)))
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_no_text_files_and_an_unreadable_one_are_refused(tmp_path: Path) -> None:
+    cfg = _text_files(tmp_path)
+    cfg.data.paths = []
+    with pytest.raises(ConfigError, match=r"data\.paths must list at least one file for data\.kind=text_files"):
+        cfg.validate()
+    if os.geteuid() == 0:
+        return  # root reads any file
+    cfg = _text_files(tmp_path, "secret text")
+    Path(cfg.data.paths[1]).chmod(0)
+    with pytest.raises(ConfigError, match=r"data\.paths\[1\]='.*/file0\.txt' cannot be read \(Permission denied\)"):
+        cfg.validate()
+
+
+def test_the_blank_probe_is_bounded(tmp_path: Path) -> None:
+    """Only the first TEXT_PROBE_BYTES are read: a longer blank stretch is left to the token stream's own
+    check (no document), so start-up never reads a whole corpus."""
+    cfg = _text_files(tmp_path, " " * (TEXT_PROBE_BYTES + 10))
+    cfg.validate()
+
+
+def test_text_files_are_not_checked_when_training_from_a_complete_cache(tmp_path: Path) -> None:
+    """A complete activation cache holds the tokens, so its corpus may be gone; an incomplete one is built from
+    the corpus, so the files are checked."""
+    cfg = _text_files(tmp_path, "")
+    cache = tmp_path / "acts"
+    cache.mkdir()
+    cfg.data.cache.dir = str(cache)
+    with pytest.raises(ConfigError, match="is empty"):
+        cfg.validate()
+    (cache / "manifest.json").write_text("{}")
+    cfg.validate()
+
+
+@pytest.mark.slow
+def test_train_entry_point_refuses_an_empty_text_file_before_loading_anything(tmp_path: Path) -> None:
+    """`python -m crosscoder.train data.kind=text_files` with an empty file: exit 2, one line naming the key
+    and the file, before any snapshot is built or any activation worker starts."""
+    good, empty = tmp_path / "good.txt", tmp_path / "empty.txt"
+    good.write_text("Some text to read.\n")
+    empty.write_text("\n  \n")
+    toy_cache = tmp_path / "toy"  # its own: the session's may already hold snapshots
+    result = run([sys.executable, "-m", "crosscoder.train", *tiny_overrides(toy_cache), "data.kind=text_files",
+                  f"data.paths=['{good}','{empty}']", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, returncode=2)
+    assert result.stderr.strip().splitlines() == [
+        f"crosscoder: configuration error: data.paths[1]={str(empty)!r} is empty (whitespace only)"
+    ], result.stderr
+    assert "activation worker" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not toy_cache.exists(), "the toy snapshots were built before the data paths were checked"
 
 
 def test_k_larger_than_dict_size_is_fine_for_relu() -> None:

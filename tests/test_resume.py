@@ -60,20 +60,21 @@ def assert_same_weights(run_dir: Path, expected: dict[str, torch.Tensor]) -> Non
 def test_states_are_kept_with_retention_and_record_the_run(finished_run: tuple) -> None:
     _, run_dir, _ = finished_run
     states = list_training_states(run_dir / TRAINING_STATES_DIR)
-    assert [path.name for path in states] == ["step_0000006", "step_0000003"]  # keep_states=2; none at the end
+    # keep_states=2, the newest saved just before the final export (so a failed export loses nothing)
+    assert [path.name for path in states] == ["step_0000009", "step_0000006"]
     saved = json.loads((states[0] / TRAINER_STATE_FILE).read_text())
-    assert saved["step"] == 6 and saved["world_size"] == 1 and saved["wandb_run_id"]
+    assert saved["step"] == STEPS and saved["world_size"] == 1 and saved["wandb_run_id"]
     assert not list((run_dir / TRAINING_STATES_DIR).glob(".*")), "a temporary state folder was left behind"
 
 
 def test_resume_from_a_state_ends_with_the_uninterrupted_weights(finished_run: tuple, tmp_path: Path,
                                                                   clean_process_env: None) -> None:  # noqa: F811
     cfg, run_dir, expected = finished_run
-    state = run_dir / TRAINING_STATES_DIR / "step_0000003"
+    state = run_dir / TRAINING_STATES_DIR / "step_0000006"
     cfg.output_dir, cfg.trainer.resume = str(tmp_path / "resumed"), str(state)
     result = train(cfg)
     assert result.steps == STEPS
-    assert json.loads((result.output_dir / "summary.json").read_text())["resumed_from_step"] == 3
+    assert json.loads((result.output_dir / "summary.json").read_text())["resumed_from_step"] == 6
     assert_same_weights(result.output_dir, expected)
     # The W&B run continues: the resumed run logs under the saved run id.
     run_id = json.loads((state / TRAINER_STATE_FILE).read_text())["wandb_run_id"]
@@ -86,7 +87,7 @@ def test_auto_refuses_a_corrupt_state_and_uses_the_previous(finished_run: tuple,
     cfg, run_dir, expected = finished_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir / TRAINING_STATES_DIR, copy / TRAINING_STATES_DIR)
-    newest = copy / TRAINING_STATES_DIR / "step_0000006"
+    newest = copy / TRAINING_STATES_DIR / "step_0000009"
     rank_file = newest / "rank_00000.safetensors"
     data = bytearray(rank_file.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte, same size
@@ -98,21 +99,22 @@ def test_auto_refuses_a_corrupt_state_and_uses_the_previous(finished_run: tuple,
     cfg.trainer.resume = "auto"
     train(cfg)
     out = capsys.readouterr().out
-    assert "refusing training state" in out and "step_0000006" in out and "resumed from" in out
+    assert "refusing training state" in out and "step_0000009" in out and "resumed from" in out
+    assert "step_0000006 at step 6" in out
     assert_same_weights(copy, expected)
 
 
 def test_partial_state_and_other_settings_are_refused(finished_run: tuple, tmp_path: Path,
                                                       clean_process_env: None) -> None:  # noqa: F811
     cfg, run_dir, _ = finished_run
-    partial = tmp_path / "step_0000003"
-    shutil.copytree(run_dir / TRAINING_STATES_DIR / "step_0000003", partial)
+    partial = tmp_path / "step_0000006"
+    shutil.copytree(run_dir / TRAINING_STATES_DIR / "step_0000006", partial)
     (partial / TRAINING_STATE_MANIFEST).unlink()  # a save killed before its last write
     cfg.output_dir, cfg.trainer.resume = str(tmp_path / "out"), str(partial)
     with pytest.raises(CheckpointError, match="manifest.json is missing: the save did not finish"):
         train(cfg)
 
-    cfg.trainer.resume = str(run_dir / TRAINING_STATES_DIR / "step_0000003")
+    cfg.trainer.resume = str(run_dir / TRAINING_STATES_DIR / "step_0000006")
     cfg.crosscoder.l1_coeff = 9.0
     with pytest.raises(ConfigError, match=r"crosscoder.l1_coeff=0.5, this run has crosscoder.l1_coeff=9.0"):
         train(cfg)

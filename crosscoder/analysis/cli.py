@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from crosscoder.analysis.contexts import CONTEXTS_TITLE, contexts_section, top_contexts, unsupported_reason
 from crosscoder.analysis.evolution import Evolution
@@ -13,17 +14,18 @@ from crosscoder.analysis.html import leading_features
 from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
-from crosscoder.checkpoint import DictionaryMeta
+from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
 
+PROG = "crosscoder-analyze"
 CONTEXTS_PER_CELL = 3
 """Contexts shown per latent and snapshot in the report."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="crosscoder-analyze",
+        prog=PROG,
         description="Feature-evolution analysis of an exported crosscoder dictionary: trajectories, emergence, "
                     "classes, drift, snapshot similarity; writes PNGs, features.csv, summary.json and report.html.",
     )
@@ -60,7 +62,14 @@ def contexts_sections(dictionary: Path, evo: Evolution, meta: DictionaryMeta, pe
     return [(CONTEXTS_TITLE, contexts_section(result, evo))]
 
 
+def _fail(message: str) -> NoReturn:
+    """A bad dictionary is one line on stderr and exit status 2 (no usage text: the arguments were fine)."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Analyse one exported dictionary; a missing, truncated or corrupt dictionary file exits 2 naming it."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.contexts < 0 or args.context_tokens <= 0:
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dictionary = check_dictionary_dir(args.dictionary)
     except FileNotFoundError as error:
-        parser.error(str(error))  # exit status 2, message names the path
+        _fail(str(error))  # the message names the path
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
         log(f"loading {dictionary}")
@@ -85,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
                                     recovery=planted, evolution=evolution, log=log)
-    except (ValueError, FileNotFoundError) as error:  # e.g. an unsupported format_version
-        parser.error(f"{args.dictionary}: {error}")
+    except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named
+        _fail(str(error))
+    except ValueError as error:  # e.g. weights and decoder norms of different shapes
+        _fail(f"{args.dictionary}: {error}")
     print(f"report: {result.report}", flush=True)
 
 

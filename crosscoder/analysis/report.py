@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from crosscoder.analysis.evolution import Evolution, FeatureTable, analyze_evolution, feature_table
 from crosscoder.analysis.html import render_report
@@ -32,7 +31,14 @@ from crosscoder.analysis.plots import (
     plot_similarity,
     plot_trajectory_heatmap,
 )
-from crosscoder.checkpoint import DictionaryMeta, load_decoder_norms, read_meta, replace_dir, temporary_sibling
+from crosscoder.checkpoint import (
+    DictionaryMeta,
+    load_decoder_norms,
+    read_meta,
+    read_tensors,
+    replace_dir,
+    temporary_sibling,
+)
 from crosscoder.constants import (
     ANALYSIS_DIR,
     ANALYSIS_FEATURES_FILE,
@@ -85,8 +91,7 @@ def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = 
     path = check_dictionary_dir(dictionary_dir)
     meta = read_meta(path)
     norms = load_decoder_norms(path)
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:  # W_dec only: W_enc is as large
-        w_dec = weights.get_tensor("W_dec")
+    w_dec = read_tensors(path / WEIGHTS_FILE, ["W_dec"])["W_dec"]  # W_dec only: W_enc is as large
     if w_dec.shape[:2] != norms.shape:
         raise ValueError(f"{path}: W_dec {list(w_dec.shape)} and decoder norms {list(norms.shape)} disagree")
     evo = analyze_evolution(w_dec, norms, names=meta.source_names, steps=[s.get("step") for s in meta.sources],

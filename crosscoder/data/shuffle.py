@@ -81,6 +81,10 @@ class ShuffleBuffer:
             # for the next round: the rest of this round's slots are distinct from the ones refilled.
             self._round = torch.randperm(self.capacity, generator=self.generator)[: self.serve_rows]
             self._round_position = 0
+        if not self._draining:
+            # Fetch the refill's rows before taking the batch: a block source that fails (a dead worker, a corrupt
+            # shard) then leaves the buffer exactly between two batches, so a state saved after it resumes exactly.
+            self._prefetch(self.batch_size)
         chunk = self._round[self._round_position : self._round_position + self.batch_size]
         self._round_position += self.batch_size
         batch = self._take(chunk)
@@ -113,6 +117,11 @@ class ShuffleBuffer:
         else:
             self._rows, self._row_ids = block.activations, block.token_ids
         return True
+
+    def _prefetch(self, n_rows: int) -> None:
+        """Take whole blocks from the stream until `n_rows` rows are pending (or the stream ends)."""
+        while (self._rows is None or self._rows.shape[0] < n_rows) and self._next_block():
+            pass
 
     def _fill(self, slots: torch.Tensor) -> torch.Tensor:
         """Write stream rows into `slots`; return the slots left empty because the stream ended."""

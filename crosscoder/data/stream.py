@@ -81,6 +81,11 @@ class ActivationStream:
             self._lookahead.append(next(self._batches))
         return [activations for activations, _ in list(self._lookahead)[:n]]
 
+    def unread(self, activations: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Put back the batch `next()` just served (a step that did not train on it), so it is served again and
+        a state saved now still holds it."""
+        self._lookahead.appendleft((activations, token_ids))
+
     def position(self) -> StreamPosition:
         """Restart point: a stream built from it skips every block this one has touched (rows still in the
         shuffle buffer are dropped, never served twice)."""

@@ -34,18 +34,26 @@ def iter_documents(cfg: DataConfig, shard: int = 0, n_shards: int = 1) -> Iterat
     if not 0 <= shard < n_shards:
         raise ValueError(f"shard {shard} is not in [0, {n_shards})")
     if cfg.kind == "hf_dataset":
-        yield from _iter_hf_dataset(cfg, shard, n_shards)
-        return
+        return _iter_hf_dataset(cfg, shard, n_shards)
+    return _iter_local(_local_corpus(cfg, n_shards), cfg.seed, shard, n_shards)
+
+
+def _local_corpus(cfg: DataConfig, n_shards: int) -> list[str]:
+    """Every document of a local corpus, with at least one for each of the `n_shards` stream shards."""
     documents = _load_documents(cfg)
     if not documents:
         raise ConfigError(f"data.kind={cfg.kind!r} produced no documents")
     if len(documents) < n_shards:
         raise ConfigError(f"data.kind={cfg.kind!r} produced {len(documents)} documents, fewer than the "
                           f"{n_shards} stream shards (ranks x workers)")
+    return documents
+
+
+def _iter_local(documents: list[str], seed: int, shard: int, n_shards: int) -> Iterator[str]:
     epoch = 0
     while True:
         order = list(range(len(documents)))
-        random.Random(cfg.seed + epoch).shuffle(order)
+        random.Random(seed + epoch).shuffle(order)
         for index in order[shard::n_shards]:
             yield documents[index]
         epoch += 1
@@ -60,15 +68,16 @@ def _load_documents(cfg: DataConfig) -> list[str]:
     if not cfg.paths:
         raise ConfigError("data.paths must list at least one file for data.kind=text_files")
     documents: list[str] = []
-    for raw in cfg.paths:
+    for index, raw in enumerate(cfg.paths):
         path = Path(raw).expanduser()
         if not path.is_file():
-            raise ConfigError(f"data.paths entry {raw!r} does not exist")
+            raise ConfigError(f"data.paths[{index}]={raw!r} does not exist")
+        # UTF-8 whatever the locale: the same files give the same tokens on every machine.
         if path.suffix == ".jsonl":
-            with path.open() as lines:
+            with path.open(encoding="utf-8") as lines:
                 documents += [json.loads(line)[cfg.text_field] for line in lines if line.strip()]
         else:
-            documents += [block.strip() for block in path.read_text().split("\n\n") if block.strip()]
+            documents += [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
     return documents
 
 
@@ -110,15 +119,31 @@ def iter_token_batches(
     """Packed [model_batch_size, seq_len] batches of one document shard (see `iter_documents`).
 
     `start` skips the shard's first `start` batches (a resumed stream): they are tokenized, never yielded.
+    A local shard whose whole epoch is shorter than one sequence is a ConfigError once that epoch is tokenized
+    (every row would hold the same few tokens, repeated); so is a hub dataset that ends before one batch.
     """
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in [0, {n_shards})")
     bos, _ = special_token_ids(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     body = cfg.seq_len - 1
+    epoch_documents: int | None = None  # documents of this shard per epoch of a local corpus
+    if cfg.kind == "hf_dataset":
+        documents = _iter_hf_dataset(cfg, shard, n_shards)
+    else:
+        corpus = _local_corpus(cfg, n_shards)
+        documents = _iter_local(corpus, cfg.seed, shard, n_shards)
+        epoch_documents = len(range(shard, len(corpus), n_shards))
     pending: list[int] = []
     rows: list[list[int]] = []
     batch_index = 0
-    for document_ids in _tokenized(iter_documents(cfg, shard, n_shards), tokenizer):
+    first_epoch_tokens = 0
+    for n_documents, document_ids in enumerate(_tokenized(documents, tokenizer), 1):
         pending += document_ids + [eos]
+        if epoch_documents is not None and n_documents <= epoch_documents:
+            first_epoch_tokens += len(document_ids) + 1
+            if n_documents == epoch_documents and first_epoch_tokens < body:
+                raise ConfigError(_short_corpus(cfg, shard, n_shards, epoch_documents, first_epoch_tokens))
         while len(pending) >= body:
             rows.append([bos] + pending[:body])
             pending = pending[body:]
@@ -128,3 +153,16 @@ def iter_token_batches(
                     yield TokenBatch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
                 rows = []
                 batch_index += 1
+    if batch_index == 0:  # only a finite (hub) stream gets here
+        raise ConfigError(f"data.dataset={cfg.dataset!r} (split {cfg.split!r}, stream shard {shard} of {n_shards}) "
+                          f"ended before one batch of data.model_batch_size={cfg.model_batch_size} sequences of "
+                          f"data.seq_len={cfg.seq_len} tokens")
+
+
+def _short_corpus(cfg: DataConfig, shard: int, n_shards: int, n_documents: int, n_tokens: int) -> str:
+    """Why a local corpus cannot fill one sequence, naming the files (or the toy corpus) and data.seq_len."""
+    corpus = f"data.paths={cfg.paths}" if cfg.kind == "text_files" else f"data.toy_documents={cfg.toy_documents}"
+    of_shard = f" in stream shard {shard} of {n_shards} (ranks x workers)" if n_shards > 1 else ""
+    return (f"{corpus}: the {n_documents} document(s){of_shard} tokenize to {n_tokens} tokens (EOS included), "
+            f"fewer than one sequence of data.seq_len={cfg.seq_len} (BOS + {cfg.seq_len - 1}): every sequence would "
+            "repeat the same text; give more text or a smaller data.seq_len")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from crosscoder.config import DataConfig, SourcesConfig, WorkersConfig
+from crosscoder.config import ConfigError, DataConfig, SourcesConfig, WorkersConfig
 from crosscoder.data.activations import ActivationBlock, paired_block
 from crosscoder.data.tokens import iter_token_batches
 from crosscoder.sources import SnapshotRunner, SnapshotSpec, load_runners, load_tokenizer
@@ -81,9 +81,11 @@ def _worker_main(
 ) -> None:
     """A worker's life: load tokenizer and snapshots, wait for the start position, then make blocks until
     stopped; wait for a free slot before writing each one."""
-    # A SIGTERM to the job (SLURM preemption, Ctrl-C of the launcher) is the trainer's to handle: it saves its
-    # training state and stops the workers; a worker dying first would only turn that into a data error.
+    # A SIGTERM to the job (SLURM preemption, a launcher stopping it) or a Ctrl-C in the terminal (SIGINT, sent to
+    # the whole foreground process group) is the trainer's to handle: it saves its training state and stops the
+    # workers; a worker dying first would only turn that into a data error.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         torch.set_num_threads(setup.threads)
         if setup.cpus:  # cores of their own, so the workers and the trainer do not take turns on the same ones
@@ -115,8 +117,18 @@ def _worker_main(
             token_slots[slot, :n_tokens].copy_(block.token_ids)
             results.put(("block", block.index, slot, n_tokens))
         results.put(("end", worker))
+    except ConfigError as error:  # bad input (a snapshot refused at load, a bad data file): one line will do
+        results.put(("error", worker, traceback.format_exc(), str(error)))
     except BaseException:  # noqa: BLE001 - whatever it was, the trainer must hear of it
-        results.put(("error", worker, traceback.format_exc()))
+        results.put(("error", worker, traceback.format_exc(), None))
+
+
+def _raise_worker_error(worker: int, message: tuple) -> None:
+    """A worker's ("error", worker, traceback, config_message) report as the trainer's exception: bad input as a
+    one-line ConfigError, anything else with the worker's traceback."""
+    if message[3] is not None:
+        raise ConfigError(f"activation worker {worker}: {message[3]}")
+    raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")
 
 
 class WorkerPool:
@@ -191,7 +203,7 @@ class WorkerPool:
                     self.on_loaded(message[3])
                 continue
             if kind == "error":
-                raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")
+                _raise_worker_error(worker, message)
             if kind == "end":
                 return None
             _, got_index, slot, n_tokens = message
@@ -211,12 +223,15 @@ class WorkerPool:
             try:  # it may have sent its traceback just before exiting
                 message = self.results[worker].get(timeout=POLL_SECONDS)
                 if message[0] == "error":
-                    raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")
+                    _raise_worker_error(worker, message)
             except queue.Empty:
                 pass
+            code = process.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
+                f"exited with code {code}"
             raise WorkerError(
-                f"activation worker {worker} (pid {process.pid}) died with exit code {process.exitcode} "
-                "and no traceback (killed? out of memory?)"
+                f"activation worker {worker} (pid {process.pid}) {how} without a word "
+                "(out of memory? killed by hand or by the OOM killer?)"
             )
         waited = time.monotonic() - self.started
         if not self.ready[worker] and waited > self.cfg.start_timeout_s:

@@ -1,14 +1,20 @@
-"""crosscoder-analyze end to end on an exported dictionary, and its error on a bad path."""
+"""crosscoder-analyze end to end on an exported dictionary, and its one-line errors on a bad path or a truncated
+or corrupt dictionary file."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from crosscoder.analysis.cli import _parser, main
+from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
 from tests.analysis.conftest import EXPECTED_CLASSES
+from tests.launching import REPO
 
 
 def test_cli_end_to_end(dictionary_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,3 +43,42 @@ def test_cli_rejects_a_folder_that_is_not_a_dictionary(tmp_path: Path, capsys: p
     assert exit_info.value.code == 2
     assert f"{tmp_path / 'nowhere'} is not an exported dictionary: no such folder" in capsys.readouterr().err
 
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path: Path) -> None:
+    path.write_text(path.read_text()[:40])  # cut inside the JSON object
+
+
+@pytest.mark.parametrize(("name", "damage", "cause"), [
+    (WEIGHTS_FILE, _truncate, "is truncated or not a safetensors file"),
+    (DECODER_NORMS_FILE, _truncate, "is truncated or not a safetensors file"),
+    (CONFIG_FILE, _garble, "is truncated or not valid JSON"),
+])
+def test_cli_names_a_truncated_or_corrupt_dictionary_file(name: str, damage: Callable[[Path], None], cause: str,
+                                                          dictionary_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Each damaged file gives exit status 2 and one stderr line naming that file and the cause; no report."""
+    damage(dictionary_dir / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(dictionary_dir)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("crosscoder-analyze: "), error
+    assert f"{dictionary_dir / name} {cause} (" in error and "re-export it" in error
+    assert "usage:" not in error and "Traceback" not in error
+    assert not (dictionary_dir / "analysis").exists()
+
+
+def test_analyze_entry_point_reports_a_truncated_weights_file_in_one_line(dictionary_dir: Path) -> None:
+    """Through the real command (`python -m crosscoder.analysis.cli`): exit 2, one stderr line, no traceback."""
+    _truncate(dictionary_dir / WEIGHTS_FILE)
+    result = subprocess.run([sys.executable, "-m", "crosscoder.analysis.cli", str(dictionary_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"crosscoder-analyze: {dictionary_dir / WEIGHTS_FILE} is truncated or not a safetensors "
+                           "file (") and line.endswith("); re-export it"), line

@@ -1,5 +1,5 @@
 """Token streams: BOS-led packed sequences, seeded order, disjoint document shards, resumable starts,
-local text files."""
+local text files; a corpus (or shard) too short for one sequence, and a hub stream that yields none, are errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from crosscoder.config import ConfigError, DataConfig
+from crosscoder.data import tokens
 from crosscoder.data.tokens import TokenBatch, iter_documents, iter_token_batches, special_token_ids
 
 
@@ -160,3 +161,43 @@ def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
     empty.write_text("\n\n  \n")
     with pytest.raises(ConfigError, match="no documents"):
         next(iter_documents(DataConfig(kind="text_files", paths=[str(empty)])))
+
+
+def test_a_corpus_shorter_than_one_sequence_is_an_error(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """A corpus whose whole epoch tokenizes to fewer than seq_len - 1 tokens would fill every row with the same
+    text repeated: a ConfigError naming the files, the token count and data.seq_len, raised when the stream
+    starts (after one epoch is tokenized). Exactly one sequence's worth is fine."""
+    text = "tiny corpus"
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    short = tmp_path / "short.txt"
+    short.write_text(text + "\n")
+    cfg = DataConfig(kind="text_files", paths=[str(short)], seq_len=n + 2, model_batch_size=2)
+    with pytest.raises(ConfigError, match=rf"data\.paths=\[{re.escape(repr(str(short)))}\]: the 1 document\(s\) "
+                                          rf"tokenize to {n} tokens .*fewer than one sequence of "
+                                          rf"data\.seq_len={n + 2} "):
+        next(iter_token_batches(cfg, tokenizer))
+    cfg.seq_len = n + 1  # BOS + the corpus once
+    [batch] = _take(cfg, tokenizer, 1)
+    assert batch.input_ids.shape == (2, n + 1)
+
+
+def test_a_short_stream_shard_is_named(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """With several stream shards (ranks x workers) the check is per shard: the one holding only a short
+    document is named, the others stream."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Hi.\n\n" + " ".join(["a much longer document about rivers"] * 20) + "\n")
+    cfg = DataConfig(kind="text_files", paths=[str(corpus)], seq_len=32, model_batch_size=1, seed=0)
+    short_shard = next(k for k in range(2) if next(iter_documents(cfg, k, 2)) == "Hi.")
+    with pytest.raises(ConfigError, match=rf"in stream shard {short_shard} of 2 .*data\.seq_len=32"):
+        next(iter_token_batches(cfg, tokenizer, shard=short_shard, n_shards=2))
+    assert len(_take(cfg, tokenizer, 2, shard=1 - short_shard, n_shards=2)) == 2
+
+
+def test_a_hub_stream_that_ends_before_one_batch_is_an_error(tokenizer: PreTrainedTokenizerBase,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub dataset is read once: if it ends before one batch, that is a ConfigError naming it, not an empty
+    stream."""
+    monkeypatch.setattr(tokens, "_iter_hf_dataset", lambda cfg, shard, n_shards: iter(["just a few words"]))
+    cfg = DataConfig(kind="hf_dataset", dataset="someone/tiny", seq_len=16, model_batch_size=2)
+    with pytest.raises(ConfigError, match=r"data\.dataset='someone/tiny' .*ended before one batch"):
+        next(iter_token_batches(cfg, tokenizer))
