@@ -22,7 +22,8 @@ CACHE_HEADER_FILE = "build.json"
 must match it."""
 CACHE_SHARD_PATTERN = "shard_{index:06d}.safetensors"
 """Activation cache: one file per `data.cache.shard_batches` model batches, in stream order."""
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+"""2: shards hold `row_checksums` and the manifest's sources carry snapshot fingerprints."""
 STREAM_POSITION_FILE = "stream_position.json"
 """Per-rank activation stream positions saved with each checkpoint, so a resumed run sees no token twice."""
 ANALYSIS_DIR = "analysis"

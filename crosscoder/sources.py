@@ -12,13 +12,16 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from crosscoder.config import ConfigError, HookPoint, SourcesConfig
+from crosscoder.fingerprint import check_same_snapshots as check_same_snapshots  # re-exported for callers
+from crosscoder.fingerprint import snapshot_fingerprint
 
 STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,12 +29,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class SnapshotSpec:
-    """Where one snapshot lives and which training step it is."""
+    """Where one snapshot lives, which training step it is, and (once `describe_sources` has run) what it is:
+    `fingerprint` is `crosscoder.fingerprint.snapshot_fingerprint`, compared whenever a cache or a training
+    state made from these snapshots is read back."""
 
     name: str
     path: str
     revision: str | None = None
     step: int | None = None
+    fingerprint: str | None = None
 
 
 def _step_from_name(name: str) -> int | None:
@@ -132,7 +138,25 @@ def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote
     except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
         raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
     model.eval().requires_grad_(False)
+    check_finite_parameters(model, spec)
     return model
+
+
+def check_finite_parameters(model: nn.Module, spec: SnapshotSpec) -> None:
+    """Refuse a snapshot with a NaN/inf weight, naming the first such parameter: its activations would be NaN (or
+    silently huge) and poison the crosscoder. One pass over the weights: a sum is finite only if every term is, so
+    the element-wise test runs only on a parameter whose sum is not (which a finite overflow can also cause)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.numel() == 0 or torch.isfinite(parameter.sum(dtype=torch.float32)):
+                continue
+            bad = ~torch.isfinite(parameter)
+            if bad.any():
+                raise ConfigError(
+                    f"snapshot {spec.name!r} ({_describe(spec)}) has non-finite weights: parameter {name!r} holds "
+                    f"{int(bad.sum())} NaN/inf values of {parameter.numel()}; the checkpoint is corrupt or its "
+                    "training diverged"
+                )
 
 
 def _describe(spec: SnapshotSpec) -> str:
@@ -234,6 +258,57 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
         raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
 
 
+def _class_names(mapping: dict[str, Any], model_type: str | None = None) -> set[str]:
+    """The class names of an HF auto mapping (of one model type, or of all); a value may be a tuple of names."""
+    values = mapping.values() if model_type is None else [mapping.get(model_type, ())]
+    return {name for value in values for name in ((value,) if isinstance(value, str) else value)}
+
+
+def check_causal_decoder(model_config: Any, spec: SnapshotSpec) -> None:  # noqa: ANN401 (HF config type)
+    """Refuse a snapshot that is not a decoder-only causal LM (from its config, before any weights load).
+
+    The crosscoder reads one residual stream per token, and the token stream, the analysis and the spliced-in
+    evaluation all assume token t saw only tokens <= t: an encoder-decoder (T5) or a bidirectional encoder (BERT)
+    would train without complaint on activations that mean something else. Refused: `is_encoder_decoder`; a model
+    type with a masked-LM head (bert, roberta, ...) or an encoder base model unless its config sets `is_decoder`
+    (or XLM's `causal`); `architectures` none of which is a causal-LM class (nor a head of a causal model type: its
+    base model, the one AutoModel loads and the hooks read, is the same causal decoder); without `architectures`, a
+    model type that transformers has no causal LM for.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    causal_types = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model_type = getattr(model_config, "model_type", None) or ""
+    architectures = [str(a) for a in getattr(model_config, "architectures", None) or []]
+    shown = f"architecture {', '.join(architectures)}" if architectures else f"model_type {model_type!r}"
+    reason = None
+    # Types whose attention is bidirectional unless configured as a decoder (bert-generation's base is an encoder).
+    bidirectional = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | {
+        kind for kind in causal_types if any("Encoder" in name for name in _class_names(auto.MODEL_MAPPING_NAMES, kind))
+    }
+    if getattr(model_config, "is_encoder_decoder", False):
+        reason = "an encoder-decoder model"
+    elif model_type in bidirectional and not (getattr(model_config, "is_decoder", False)
+                                              or getattr(model_config, "causal", False)):
+        reason = "a bidirectional encoder (its config does not set is_decoder=True)"
+    elif architectures:
+        accepted = _class_names(causal_types)
+        if model_type in causal_types:
+            for heads in (auto.MODEL_MAPPING_NAMES, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                          auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+                          auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES):
+                accepted |= _class_names(heads, model_type)
+        if not any(a in accepted or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            reason = "not a causal language model"
+    elif model_type not in causal_types:
+        reason = "not a causal language model type"
+    if reason is not None:
+        raise ConfigError(
+            f"snapshot {spec.name!r} ({_describe(spec)}, {shown}) is {reason}: the crosscoder reads the residual "
+            "stream of a decoder-only causal LM (token t sees only tokens <= t); use causal-LM snapshots"
+        )
+
+
 def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
     """Synthetic snapshots (`sources.kind=planted`): the revision is a hash of the planted config, so a cache of
     them is never reused for another planted problem."""
@@ -244,9 +319,12 @@ def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
 
 
 def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> SourceInfo:
-    """Resolve the snapshots and check they are compatible, reading only tokenizers and configs (cheap)."""
+    """Resolve the snapshots and check they are compatible, reading only tokenizers and configs (cheap): one
+    tokenizer, one width, the hook within every model, every model a decoder-only causal LM; then fingerprint
+    each (a few MB of each local snapshot's weight files; a hub snapshot's commit and config)."""
     if cfg.kind == "planted":  # no model, no tokenizer: activations come from crosscoder.toy.planted
-        return SourceInfo(specs=planted_specs(cfg), tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
+        specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in planted_specs(cfg)]
+        return SourceInfo(specs=specs, tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
     hook = HookPoint.parse(cfg.hook)
     specs = resolve_snapshots(cfg, log=log)
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
@@ -254,6 +332,7 @@ def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> 
     widths = []
     for spec in specs:
         model_config = load_model_config(spec, cfg.trust_remote_code)
+        check_causal_decoder(model_config, spec)
         width = int(model_config.hidden_size)
         if widths and width != widths[0]:
             raise ConfigError(
@@ -266,6 +345,9 @@ def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> 
                 f"sources.hook={cfg.hook}: snapshot {spec.name!r} has only {n_layers} blocks (0..{n_layers - 1})"
             )
         widths.append(width)
+    # Once per run, after the cheap checks: what each snapshot is, so a cache or a training state made from other
+    # weights under the same names is refused (crosscoder.fingerprint).
+    specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in specs]
     return SourceInfo(specs=specs, tokenizer=tokenizers[0], d_model=widths[0], hook=cfg.hook)
 
 

@@ -108,12 +108,13 @@ class Tracker:
         artifact.add_dir(str(path))
         self.run.log_artifact(artifact, aliases=aliases + [f"step-{step}"])
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
+        """Close the W&B run; a non-zero `exit_code` marks it failed in W&B (a stopped run can still resume)."""
         if self.run is None:
             return
         if summary:
             self.run.summary.update(summary)
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
         self.run = None
 
 

@@ -44,6 +44,7 @@ from crosscoder.faults import (
     read_health,
     writing,
 )
+from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.layout import Layout, build_layout, check_layout
 from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
 from crosscoder.model import Crosscoder, input_scale_from, mean_squared_norms
@@ -117,6 +118,7 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker: Tracker | None = None
     stream: ActivationStream | None = None
     stop = StopRequest()
+    stopped_by: str | None = None
     try:
         torch.manual_seed(trainer_cfg.seed)
         configured_dir, resume = resume_target(trainer_cfg.resume, Path(cfg.output_dir))
@@ -128,6 +130,8 @@ def train(cfg: RunConfig) -> TrainResult:
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with accelerator.main_process_first():
             sources = describe_sources(cfg.sources, log=log)
+        if resumed is not None:  # the same snapshot names may hold other weights now
+            check_same_snapshots(resumed.trainer["sources"], sources.specs, f"the training state {resumed.path}")
         layout = build_layout(cfg.parallel.snapshot_parallel, len(sources.specs), cfg.parallel.sparse_topk_gradient)
         share = layout.share
         total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
@@ -197,6 +201,7 @@ def train(cfg: RunConfig) -> TrainResult:
             nonlocal last_state
             stream_scalars, stream_tensors = stream.full_state()
             trainer_state = {"scheduler": scheduler.state_dict(), "wandb_run_id": tracker.run_id,
+                             "sources": [asdict(spec) for spec in sources.specs],
                              "input_scale": input_scale.tolist(), "zero_stage": zero_stage,
                              "config": run_config}
             tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": dead.tokens_since_fired}
@@ -291,12 +296,15 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.finish(summary)
         log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
         return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
+    except BaseException as error:
+        stopped_by = f"{type(error).__name__}: {error}"
+        raise
     finally:
         stop.restore()
         if stream is not None:
             stream.close()
-        if tracker is not None:
-            tracker.finish()  # no-op after a normal finish; closes the W&B run if training failed
+        if tracker is not None:  # no-op after a normal finish; a stopped run is marked failed, with the cause
+            tracker.finish({"stopped_by": stopped_by} if stopped_by else None, exit_code=1 if stopped_by else 0)
         teardown(accelerator)
 
 

@@ -43,7 +43,8 @@ from crosscoder.constants import (
 )
 
 ENGINE_TAG = "state"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+"""2: the snapshots' fingerprints are saved (a resume onto other weights is refused)."""
 # Settings a resumed run may change: where it logs, how often it saves, how its workers are placed. Anything
 # else (the data, the model, the schedule) would make the resumed run a different run.
 MUTABLE_SETTINGS = (
@@ -64,7 +65,8 @@ class TrainingState:
 
     path: Path
     trainer: dict[str, Any]
-    """trainer_state.json: step, scheduler, wandb_run_id, input_scale, world_size, zero_stage, config."""
+    """trainer_state.json: step, scheduler, wandb_run_id, input_scale, world_size, zero_stage, sources (with their
+    fingerprints), config."""
     rank: dict[str, Any]
     """This rank's scalars: stream position and shuffle-buffer bookkeeping."""
     tensors: dict[str, torch.Tensor]

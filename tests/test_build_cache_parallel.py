@@ -70,7 +70,7 @@ def assert_same_cache(built: Path, reference: Path) -> None:
     assert sorted(path.name for path in built.glob("shard_*.safetensors")) == shards
     for name in shards:
         ours, theirs = load_file(str(built / name)), load_file(str(reference / name))
-        assert ours.keys() == theirs.keys() == {"activations", "token_ids"}
+        assert ours.keys() == theirs.keys() == {"activations", "token_ids", "row_checksums"}
         for key in ours:
             assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape, (name, key)
             assert ours[key].view(-1).view(torch.uint8).equal(theirs[key].view(-1).view(torch.uint8)), (name, key)

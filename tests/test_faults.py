@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from crosscoder.config import ConfigError
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR, WEIGHTS_FILE
 from crosscoder.faults import StorageError
 from crosscoder.trainer import train
@@ -236,3 +238,52 @@ def test_a_full_disk_at_the_final_export_keeps_a_state_that_finishes_it(
     result = train(cfg)
     assert result.steps == 6 and (result.dictionary_dir / WEIGHTS_FILE).is_file()
     assert json.loads((tmp_path / "run" / RUN_SUMMARY_FILE).read_text())["resumed_from_step"] == 6
+
+
+def copy_snapshots(tiny_snapshots: list, folder: Path) -> list[Path]:
+    """The tiny snapshots copied to `folder` under their own names (step0, step4, step12)."""
+    copies = []
+    for snapshot in tiny_snapshots:
+        copies.append(folder / snapshot.path.name)
+        shutil.copytree(snapshot.path, copies[-1])
+    return copies
+
+
+def local_sources(paths: list[Path]) -> list[str]:
+    return ["sources.kind=hf", f"sources.paths=[{','.join(str(path) for path in paths)}]",
+            "sources.hook=blocks.1.hook_resid_pre"]
+
+
+def test_a_snapshot_with_nan_weights_is_one_line_naming_it(tiny_snapshots: list, toy_cache: Path,
+                                                            tmp_path: Path) -> None:
+    """NaN weights in one snapshot, found by the activation worker that loads it: exit 2, one line naming the
+    snapshot and the parameter, nothing left but the refusal."""
+    paths = copy_snapshots(tiny_snapshots, tmp_path / "snapshots")
+    weights_file = paths[1] / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    name = next(key for key in tensors if key.endswith("mlp.dense_h_to_4h.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    result = run(train_command(*tiny_overrides(toy_cache), *local_sources(paths), f"hydra.run.dir={run_dir}"),
+                 tmp_path, returncode=2)
+    line = last_line(result)
+    assert line.startswith("crosscoder: configuration error: activation worker 0:")
+    assert str(paths[1]) in line and "NaN/inf" in line and "Traceback" not in result.stderr
+    assert not (run_dir / DICTIONARY_DIR).exists()
+
+
+@pytest.mark.usefixtures("clean_process_env")
+def test_resuming_onto_other_weights_under_the_same_names_is_refused(tiny_snapshots: list, toy_cache: Path,
+                                                                      tmp_path: Path) -> None:
+    """A run's snapshot folder now holds another checkpoint (same names): resuming is refused naming it."""
+    paths = copy_snapshots(tiny_snapshots, tmp_path / "snapshots")
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.sources.kind, cfg.sources.paths = "hf", [str(path) for path in paths]
+    cfg.trainer.total_tokens, cfg.trainer.state_every = 128 * 4, 2
+    train(cfg)
+    shutil.copyfile(paths[1] / "model.safetensors", paths[2] / "model.safetensors")  # step12 now holds step4
+    cfg.trainer.resume = "auto"
+    with pytest.raises(ConfigError, match=r"the training state .*step_0000004 was made from a different snapshot "
+                                          r"'step12' \(fingerprint"):
+        train(cfg)

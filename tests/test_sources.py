@@ -1,4 +1,5 @@
-"""Sources: hook parsing, the hooked forward (and that it stops early), snapshot resolution and checks."""
+"""Sources: hook parsing, the hooked forward (and that it stops early), snapshot resolution and checks (tokenizer,
+width, causal decoders only, finite weights)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,30 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertLMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from crosscoder.config import ConfigError, SourcesConfig
-from crosscoder.sources import HookPoint, SnapshotRunner, load_sources, resolve_snapshots
+from crosscoder.sources import (
+    HookPoint,
+    SnapshotRunner,
+    SnapshotSpec,
+    check_causal_decoder,
+    describe_sources,
+    load_sources,
+    resolve_snapshots,
+)
 from crosscoder.toy.tiny_lm import train_tokenizer
 
 CPU = torch.device("cpu")
@@ -263,3 +284,74 @@ def test_snapshots_out_of_training_order_are_refused(tiny_snapshots: list) -> No
         resolve_snapshots(SourcesConfig(paths=paths, steps=[5, 5, 7]))
     hub = resolve_snapshots(SourcesConfig(model="org/model", revisions=["step1000", "main", "step10"]))
     assert [s.step for s in hub] == [1000, None, 10]
+
+
+# ---- causal decoders only, finite weights -----------------------------------------------------------------
+
+DECODER_TYPES = ["gpt_neox", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
+                 "phi3", "opt", "bloom", "falcon", "gptj", "gpt_neo", "olmo", "olmo2", "stablelm", "starcoder2",
+                 "cohere", "codegen", "gpt_bigcode", "granite", "mamba"]
+
+
+def _snapshot_of(model: nn.Module, directory: Path, tokenizer_from: Path) -> Path:
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_decoder_only_causal_lms_pass_the_causal_check(model_type: str, tmp_path: Path) -> None:
+    """HF's own config of each decoder family, saved as its causal LM saves it (and as a base model, and with no
+    `architectures`), read back as describe_sources reads it: accepted."""
+    for architectures in ([MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], [MODEL_MAPPING_NAMES[model_type]], None):
+        config = AutoConfig.for_model(model_type)
+        config.architectures = architectures
+        config.save_pretrained(tmp_path)
+        check_causal_decoder(AutoConfig.from_pretrained(tmp_path), SnapshotSpec("step0", str(tmp_path)))
+
+
+def test_encoders_and_encoder_decoders_are_refused_naming_snapshot_and_architecture(
+    tiny_snapshots: list, tmp_path: Path
+) -> None:
+    """Random-init BERT (bidirectional) and T5 (encoder-decoder) snapshots of the toy's width and tokenizer are
+    refused by describe_sources before any weights load; BERT configured as a decoder (is_decoder) is causal."""
+    reference = tiny_snapshots[0].path
+    vocab = len(AutoTokenizer.from_pretrained(reference))
+    shape = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    bert = _snapshot_of(BertForMaskedLM(BertConfig(**shape)), tmp_path / "bert-step1", reference)
+    t5 = _snapshot_of(T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64,
+                                                            num_layers=2, num_heads=4)),
+                      tmp_path / "t5-step2", reference)
+    for path, match in ((bert, r"architecture BertForMaskedLM\) is a bidirectional encoder"),
+                        (t5, r"architecture T5ForConditionalGeneration\) is an encoder-decoder model")):
+        with pytest.raises(ConfigError, match=match) as error:
+            describe_sources(SourcesConfig(paths=[str(reference), str(path)]), log=lambda _: None)
+        assert f"snapshot {path.name!r}" in str(error.value) and "decoder-only causal LM" in str(error.value)
+    decoder = _snapshot_of(BertLMHeadModel(BertConfig(**shape, is_decoder=True)), tmp_path / "bert-dec-step3",
+                           reference)
+    describe_sources(SourcesConfig(paths=[str(reference), str(decoder)]), log=lambda _: None)
+    no_architectures = BertConfig(**shape)
+    with pytest.raises(ConfigError, match=r"model_type 'bert'\) is a bidirectional encoder"):
+        check_causal_decoder(no_architectures, SnapshotSpec("x", "x"))
+    vision = AutoConfig.for_model("vit")
+    with pytest.raises(ConfigError, match=r"model_type 'vit'\) is not a causal language model type"):
+        check_causal_decoder(vision, SnapshotSpec("x", "x"))
+    remote = AutoConfig.for_model("gpt2")
+    remote.architectures = ["MyCustomForMaskedLM"]
+    with pytest.raises(ConfigError, match=r"architecture MyCustomForMaskedLM\) is not a causal language model"):
+        check_causal_decoder(remote, SnapshotSpec("x", "x"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_snapshot_with_non_finite_weights_is_refused_naming_the_parameter(
+    tiny_snapshots: list, tmp_path: Path, bad: float
+) -> None:
+    reference = tiny_snapshots[1].path
+    model = GPTNeoXForCausalLM.from_pretrained(reference)
+    with torch.no_grad():
+        model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[3, 5] = bad
+    broken = _snapshot_of(model, tmp_path / "diverged-step4", reference)
+    cfg = SourcesConfig(paths=[str(tiny_snapshots[0].path), str(broken)], hook="blocks.1.hook_resid_pre")
+    with pytest.raises(ConfigError, match=r"'layers\.1\.mlp\.dense_h_to_4h\.weight' holds 1 NaN/inf") as error:
+        load_sources(cfg, CPU, log=lambda _: None)
+    assert str(broken) in str(error.value)

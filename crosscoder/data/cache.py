@@ -4,6 +4,11 @@ A hyper-parameter sweep then runs the snapshots once instead of once per run. Th
 (what is being built, written first), shard files (each written under a temporary name and renamed, so a shard
 under its final name is complete) and `manifest.json` (written last, so its presence means the cache is
 complete). An interrupted build resumes after its last complete shard.
+
+A shard holds `activations` [n, S, d] in the cache dtype, `token_ids` [n] (hashed into the manifest) and
+`row_checksums` [n, S] int64 (`activation_checksums`): the reader verifies exactly the rows and snapshot columns it
+read, from the bytes it already holds, so a corrupted shard is refused instead of trained on. The snapshots a
+cache was built from are compared by fingerprint (crosscoder.fingerprint), not only by name.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,6 +31,7 @@ from crosscoder.checkpoint import temporary_sibling, write_text_atomic
 from crosscoder.config import CacheConfig, ConfigError, DataConfig
 from crosscoder.constants import CACHE_FORMAT_VERSION, CACHE_HEADER_FILE, CACHE_MANIFEST_FILE, CACHE_SHARD_PATTERN
 from crosscoder.data.activations import ActivationBlock
+from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.sources import DTYPES, SourceInfo
 
 STREAM_KEYS = ("kind", "paths", "dataset", "dataset_config", "split", "text_field", "seq_len", "model_batch_size",
@@ -49,6 +56,36 @@ def cache_identity(info: SourceInfo, data_cfg: DataConfig, dtype: str) -> dict[s
 def token_hash(token_ids: torch.Tensor) -> str:
     """sha256 of the int64 token ids: proves a shard holds the tokens the manifest says (cheap to recompute)."""
     return hashlib.sha256(token_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def activation_checksums(activations: torch.Tensor) -> torch.Tensor:
+    """[n, S] int64 checksums of [n, S, d] activations (any dtype): for each (row, snapshot), the bytes of its d
+    values read as little-endian unsigned words w_0, w_1, ... (8 bytes each, or 4 or 2 when d's bytes are not a
+    multiple of 8), Σ_j (2j + 1)·w_j mod 2^64, stored as int64.
+
+    Exact and order-independent (integer arithmetic modulo 2^64, well defined for numpy's unsigned types), so the
+    builder and any reader agree bit for bit; a single flipped bit changes word j by ±2^k and the sum by
+    ±(2j + 1)·2^k, never 0 mod 2^64 as the weight is odd; the position weights also catch moved values. The
+    words are the stored bytes themselves (no conversion), so one matrix-vector product is the whole cost.
+    """
+    n, n_sources, d = activations.shape
+    if n * n_sources == 0:
+        return torch.zeros(n, n_sources, dtype=torch.int64)
+    raw = activations.contiguous().view(torch.uint8).reshape(n * n_sources, d * activations.element_size())
+    row_bytes = raw.shape[1]
+    word = next(size for size in (8, 4, 2, 1) if row_bytes % size == 0)
+    words = raw.numpy().view({8: np.uint64, 4: np.uint32, 2: np.uint16, 1: np.uint8}[word])
+    weights = np.arange(words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    sums = words @ weights if word == 8 else words.astype(np.uint64) @ weights
+    return torch.from_numpy(np.ascontiguousarray(sums).view(np.int64)).reshape(n, n_sources)
+
+
+def nonfinite_columns(activations: torch.Tensor) -> list[int]:
+    """The snapshot columns of [n, S, d] activations holding a NaN or an inf. A column's sum is finite only if
+    all its values are, so the (slower) element-wise test runs only on a column whose sum is not."""
+    sums = activations.sum(dim=(0, 2), dtype=torch.float32)
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    return [c for c in suspects if not bool(torch.isfinite(activations[:, c]).all())]
 
 
 def _first_difference(old: Any, new: Any, where: str) -> str | None:
@@ -87,15 +124,23 @@ def _shard_path(cache_dir: Path, index: int) -> Path:
     return cache_dir / CACHE_SHARD_PATTERN.format(index=index)
 
 
-def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[ActivationBlock]) -> dict[str, Any]:
-    """Write one shard under a temporary name, then rename: a shard under its final name is always complete."""
+def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[ActivationBlock],
+                 names: list[str] | None = None) -> dict[str, Any]:
+    """Write one shard under a temporary name, then rename: a shard under its final name is always complete.
+    NaN/inf activations are refused here (naming the snapshots of `names`), not written for a run to train on."""
     activations = torch.cat([b.activations for b in blocks]).contiguous()
+    if bad := nonfinite_columns(activations):
+        shown = ", ".join(repr(names[c]) if names and c < len(names) else f"column {c}" for c in bad)
+        raise ConfigError(f"the activations of snapshot(s) {shown} in blocks {blocks[0].index}..{blocks[-1].index} "
+                          f"(activation cache shard {path.name}) hold NaN/inf: the snapshot's weights are bad or "
+                          "its activations overflow the dtype (sources.dtype / data.cache.dtype float16?)")
     token_ids = torch.cat([b.token_ids for b in blocks]).to(torch.int64).contiguous()
     entry = {"file": path.name, "first_block": index * shard_batches, "n_blocks": len(blocks),
              "n_tokens": int(token_ids.shape[0]), "token_hash": token_hash(token_ids)}
     tmp = temporary_sibling(path, "tmp")
     try:
-        save_file({"activations": activations, "token_ids": token_ids}, str(tmp),
+        save_file({"activations": activations, "token_ids": token_ids,
+                   "row_checksums": activation_checksums(activations)}, str(tmp),
                   metadata={key: str(value) for key, value in entry.items() if key != "file"})
         os.replace(tmp, path)
     finally:
@@ -104,13 +149,14 @@ def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[Activa
 
 
 def _append_shards(
-    cache_dir: Path, cfg: CacheConfig, shards: list[dict[str, Any]], done: int,
+    cache_dir: Path, cfg: CacheConfig, identity: dict[str, Any], shards: list[dict[str, Any]], done: int,
     blocks_from: Callable[[int], Iterator[ActivationBlock]], total_tokens: int, log: Callable[[str], None],
 ) -> int:
     """Stream blocks from the first missing shard on, writing full shards (appended to `shards`) until
     `total_tokens` are on disk; returns the tokens on disk. Blocks after the last full shard are dropped."""
     start_time = last_log = time.monotonic()
     written, pending = 0, []
+    names = [str(source.get("name")) for source in identity.get("sources", [])]
     stream = blocks_from(len(shards) * cfg.shard_batches)
     try:
         for block in stream:
@@ -121,7 +167,7 @@ def _append_shards(
                                            block.token_ids.cpu()))
             if len(pending) < cfg.shard_batches:
                 continue
-            entry = _write_shard(_shard_path(cache_dir, len(shards)), len(shards), cfg.shard_batches, pending)
+            entry = _write_shard(_shard_path(cache_dir, len(shards)), len(shards), cfg.shard_batches, pending, names)
             shards.append(entry)
             pending = []
             done, written = done + entry["n_tokens"], written + entry["n_tokens"]
@@ -190,7 +236,7 @@ def write_cache(cfg: CacheConfig, identity: dict[str, Any], blocks_from: Callabl
         log(f"activation cache {cache_dir}: resuming after {len(shards)} complete shards ({done} tokens)")
 
     if done < total_tokens:
-        done = _append_shards(cache_dir, cfg, shards, done, blocks_from, total_tokens, log)
+        done = _append_shards(cache_dir, cfg, identity, shards, done, blocks_from, total_tokens, log)
     if done < total_tokens:
         raise RuntimeError(f"the activation stream ended after {done} tokens, before the {total_tokens} asked for")
 
@@ -234,7 +280,9 @@ def read_manifest(cache_dir: str | Path) -> CacheManifest:
 def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: str | Path) -> None:
     """Refuse a cache of other snapshots or another hook: training on it would silently learn the wrong models.
 
-    A local snapshot directory may have moved since the build, so only hub-id paths are compared.
+    A local snapshot directory may have moved since the build, so only hub-id paths are compared; what each
+    snapshot holds is compared by fingerprint (`check_same_snapshots`): other weights under the same names (another
+    model's `step0, step100`) are refused.
     """
     built = manifest.identity.get("sources", [])
     where = f"activation cache {cache_dir}"
@@ -247,6 +295,7 @@ def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: st
             if old.get(key) != getattr(spec, key):
                 raise ConfigError(f"{where}: snapshot {i} has {key}={old.get(key)!r} in the cache but "
                                   f"{key}={getattr(spec, key)!r} in the sources")
+    check_same_snapshots(built, info.specs, where)
     for key, now in (("hook", info.hook), ("d_model", info.d_model)):
         if manifest.identity.get(key) != now:
             raise ConfigError(f"{where} was built at {key}={manifest.identity.get(key)!r}, the sources have {now!r}")
@@ -286,12 +335,22 @@ class CacheReader:
         return torch.arange(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
     def iter_blocks(self, start: int = 0) -> Iterator[ActivationBlock]:
-        """Shards start, start + 1, ... once each, as float32; block index = shard index (what resuming counts)."""
+        """Shards start, start + 1, ... once each, as float32; block index = shard index (what resuming counts).
+
+        Every block is verified before it is yielded: the shard's token hash, the activation checksums of exactly
+        the rows and snapshot columns read, and that no activation is NaN/inf; a ConfigError names the shard."""
         for index in range(start, self.n_shards):
-            entry = self.manifest.shards[index]
-            path = self.cache_dir / entry["file"]
-            if not path.is_file():
-                raise ConfigError(f"activation cache shard {path} is missing; rebuild the cache")
+            block = self._read_shard(index)
+            if block is not None:
+                yield block
+
+    def _read_shard(self, index: int) -> ActivationBlock | None:
+        """This rank's rows (and snapshots) of shard `index`, verified; None when the rank has no rows there."""
+        entry = self.manifest.shards[index]
+        path = self.cache_dir / entry["file"]
+        if not path.is_file():
+            raise ConfigError(f"activation cache shard {path} is missing; rebuild the cache")
+        try:
             with safe_open(str(path), "pt") as f:
                 token_ids = f.get_tensor("token_ids")
                 if token_hash(token_ids) != entry["token_hash"]:
@@ -299,13 +358,45 @@ class CacheReader:
                                       "(token hash mismatch); rebuild the cache")
                 rows = self._rows(index)
                 if rows.numel() == 0:
-                    continue
+                    return None
                 # Read only this rank's rows (contiguous runs of them: one, or one per global batch in global
                 # batch order) and only its snapshots' columns: never the whole shard.
                 columns = slice(None) if self.sources is None else slice(self.sources.start, self.sources.stop)
-                stored = f.get_slice("activations")
-                activations = torch.cat([stored[first:last, columns] for first, last in _runs(rows)]).float()
-            yield ActivationBlock(index, activations, token_ids[rows].clone())
+                runs = _runs(rows)
+                stored, checksums = f.get_slice("activations"), f.get_slice("row_checksums")
+                raw = torch.cat([stored[first:last, columns] for first, last in runs])
+                expected = torch.cat([checksums[first:last, columns] for first, last in runs])
+        except ConfigError:
+            raise
+        except Exception as error:  # safetensors' SafetensorError (corrupt header, truncated file), a missing tensor
+            raise ConfigError(f"activation cache shard {path} is unreadable ({type(error).__name__}: {error}); "
+                              "rebuild the cache") from error
+        self._verify(path, rows, raw, expected)
+        activations = raw.float()
+        if bad := nonfinite_columns(activations):
+            raise ConfigError(f"activation cache shard {path} holds NaN/inf activations of snapshot(s) "
+                              f"{self._names(bad)}; the snapshot's weights or the build were bad")
+        return ActivationBlock(index, activations, token_ids[rows].clone())
+
+    def _verify(self, path: Path, rows: torch.Tensor, raw: torch.Tensor, expected: torch.Tensor) -> None:
+        """Refuse activations whose checksums are not the stored ones, naming the shard rows and snapshots."""
+        actual = activation_checksums(raw)
+        if torch.equal(actual, expected):
+            return
+        where = (actual != expected).nonzero()
+        bad_rows = rows[where[:, 0]]
+        raise ConfigError(
+            f"activation cache shard {path} is corrupt (activation checksum mismatch in rows "
+            f"{int(bad_rows.min())}..{int(bad_rows.max())}, snapshot(s) {self._names(where[:, 1].unique().tolist())}"
+            "); rebuild the cache"
+        )
+
+    def _names(self, columns: list[int]) -> str:
+        """The snapshot names of columns of what this reader reads (its `sources` share, or all)."""
+        names = [str(s.get("name")) for s in self.manifest.identity.get("sources", [])]
+        offset = self.sources.start if self.sources is not None else 0
+        return ", ".join(repr(names[offset + c]) if offset + c < len(names) else f"column {offset + c}"
+                         for c in columns)
 
 
 def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
