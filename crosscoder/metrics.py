@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # the layout imports torch.distributed; metrics need only its type
+    from crosscoder.layout import Layout
 
 
 @torch.no_grad()
@@ -45,3 +50,34 @@ def decoder_norm_summary(decoder_norms: torch.Tensor, source_names: list[str]) -
     """Per-source mean decoder norm, keyed by snapshot name."""
     means = decoder_norms.float().mean(dim=0)
     return {name: means[i].item() for i, name in enumerate(source_names)}
+
+
+def step_metrics(
+    accelerator, layout: Layout, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
+    source_names: list[str], tokens_per_second: float,
+) -> dict[str, float]:
+    """Loss parts and per-source quality, averaged over the data ranks. Split by snapshot, each rank's losses are
+    its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
+    elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
+    same on every rank of a group."""
+    recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
+    local = torch.cat([
+        torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
+                     output.aux_loss.detach(), recon["l0"]]).float(),
+        layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
+    ])
+    summed = accelerator.reduce(local, "sum")
+    values = (summed / layout.data_parallel).tolist()
+    n = len(source_names)
+    loss, mse_loss, sparsity_loss, aux_loss = values[:4]
+    l0 = summed[4].item() / accelerator.num_processes
+    mse, ev = values[5 : 5 + n], values[5 + n :]
+    metrics = {
+        "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,
+        "l0": l0, "dead_fraction": dead.dead_fraction, "lr": scheduler.get_last_lr()[0], "l1_coeff": l1_coeff,
+        "tokens_per_second": tokens_per_second, "explained_variance/mean": sum(ev) / n,
+    }
+    for name, source_mse, source_ev in zip(source_names, mse, ev, strict=True):
+        metrics[f"mse/{name}"] = source_mse
+        metrics[f"explained_variance/{name}"] = source_ev
+    return metrics

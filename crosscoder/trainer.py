@@ -8,7 +8,6 @@ run is split by snapshot).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import OmegaConf
 
@@ -45,9 +43,10 @@ from crosscoder.faults import (
     writing,
 )
 from crosscoder.fingerprint import check_same_snapshots
-from crosscoder.layout import Layout, build_layout, check_layout
-from crosscoder.metrics import DeadLatentTracker, reconstruction_metrics
-from crosscoder.model import Crosscoder, input_scale_from, mean_squared_norms
+from crosscoder.layout import build_layout, check_layout
+from crosscoder.metrics import DeadLatentTracker, step_metrics
+from crosscoder.model import Crosscoder
+from crosscoder.normalization import estimate_input_scale
 from crosscoder.parallel import (
     build_accelerator,
     ensure_process_group_env,
@@ -58,6 +57,7 @@ from crosscoder.parallel import (
     with_model_parallel_unit,
 )
 from crosscoder.preemption import StopRequest, TrainingInterrupted
+from crosscoder.schedules import l1_coefficient, lr_multiplier
 from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.tracking import ProgressBar, Tracker
 from crosscoder.training_state import (
@@ -84,228 +84,281 @@ class TrainResult:
     final_metrics: dict[str, Any]
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
-    """Linear warm-up, constant, then linear decay to 0 over the last `decay_fraction` of training."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_start = int(total_steps * (1 - decay_fraction))
-    if decay_fraction > 0 and step >= decay_start:
-        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
-    return 1.0
-
-
-def l1_coefficient(step: int, l1_coeff: float, warmup_steps: int) -> float:
-    """lambda rises linearly from 0 so early training can find directions before being pushed to be sparse."""
-    return l1_coeff * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else l1_coeff
-
-
 def train(cfg: RunConfig) -> TrainResult:
+    """Train one crosscoder as the config says (every rank of a launch calls this); see `TrainingRun`."""
     cfg.validate()
     started = time.perf_counter()
-    trainer_cfg, crosscoder_cfg = cfg.trainer, cfg.crosscoder
-
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
     # world size from the launcher's environment. The ranks of one snapshot group share their tokens, so the
     # global batch is split over the data-parallel ranks only.
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), trainer_cfg.batch_size)
-    micro_batch = trainer_cfg.batch_size // data_parallel
-    accelerator = build_accelerator(cfg, micro_batch)
-    state = PartialState()
-    is_main = accelerator.is_main_process
-    log = print if is_main else (lambda *_: None)
-    tracker: Tracker | None = None
-    stream: ActivationStream | None = None
+    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), cfg.trainer.batch_size)
+    accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel)
     stop = StopRequest()
-    stopped_by: str | None = None
+    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop)
     try:
-        torch.manual_seed(trainer_cfg.seed)
-        configured_dir, resume = resume_target(trainer_cfg.resume, Path(cfg.output_dir))
-        output_dir = _shared_output_dir(str(configured_dir))
-        if output_dir != Path(cfg.output_dir).resolve():
-            log(f"continuing the run in {output_dir}")
-        run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        resumed = _resumable_state(accelerator, resume, output_dir, run_config, log)
-        # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
-        with accelerator.main_process_first():
-            sources = describe_sources(cfg.sources, log=log)
-        if resumed is not None:  # the same snapshot names may hold other weights now
-            check_same_snapshots(resumed.trainer["sources"], sources.specs, f"the training state {resumed.path}")
-        layout = build_layout(cfg.parallel.snapshot_parallel, len(sources.specs), cfg.parallel.sparse_topk_gradient)
-        share = layout.share
-        total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
-        stream = build_activation_stream(cfg, sources, layout.data_rank, layout.data_parallel, micro_batch, log=log,
-                                         state=None if resumed is None else (resumed.rank, resumed.tensors),
-                                         share=share)
-        if resumed is None:
-            _check_enough_tokens(stream, cfg, total_steps * micro_batch)
+        run.start()
+        return run.train(started)
+    except BaseException as error:
+        run.stopped_by = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        stop.restore()
+        run.close()
+        teardown(accelerator)
 
-        zero_stage = accelerator.state.deepspeed_plugin.zero_stage
-        with partitioned_init(accelerator, layout):  # ZeRO-3: no rank ever holds even its whole share
+
+class TrainingRun:
+    """One run on this rank, from start-up to the export: the stream, the engine, the tracker, and the training
+    state it can resume from. Every method is collective (all ranks call it, in the same order) unless it says
+    otherwise."""
+
+    def __init__(self, cfg: RunConfig, accelerator, micro_batch: int, stop: StopRequest) -> None:  # noqa: ANN001
+        self.cfg, self.accelerator, self.micro_batch, self.stop = cfg, accelerator, micro_batch, stop
+        self.is_main = accelerator.is_main_process
+        self.log: Callable[[str], None] = print if self.is_main else (lambda *_: None)
+        self.stream: ActivationStream | None = None
+        self.tracker: Tracker | None = None
+        self.last_state: Path | None = None
+        """The newest complete training state of this run: where it can resume from now."""
+        self.metrics: dict[str, Any] = {}
+        """Figures of the last log step."""
+        self.stopped_by: str | None = None
+
+    # ---- start-up ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        torch.manual_seed(self.cfg.trainer.seed)
+        self._open_run()
+        self._open_stream()
+        self._build_engine()
+        self._restore()
+        self._start_tracking()
+
+    def _open_run(self) -> None:
+        """The run directory, the state to resume from, the snapshots (configs only) and the layout."""
+        cfg, log = self.cfg, self.log
+        configured_dir, resume = resume_target(cfg.trainer.resume, Path(cfg.output_dir))
+        self.output_dir = _shared_output_dir(str(configured_dir))
+        if self.output_dir != Path(cfg.output_dir).resolve():
+            log(f"continuing the run in {self.output_dir}")
+        self.run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.resumed = _resumable_state(self.accelerator, resume, self.output_dir, self.run_config, log)
+        # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
+        with self.accelerator.main_process_first():
+            self.sources = describe_sources(cfg.sources, log=log)
+        if self.resumed is not None:  # the same snapshot names may hold other weights now
+            check_same_snapshots(self.resumed.trainer["sources"], self.sources.specs,
+                                 f"the training state {self.resumed.path}")
+            self.last_state = self.resumed.path
+        self.source_names = [spec.name for spec in self.sources.specs]
+        self.layout = build_layout(cfg.parallel.snapshot_parallel, len(self.sources.specs),
+                                   cfg.parallel.sparse_topk_gradient)
+        self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
+
+    def _open_stream(self) -> None:
+        resumed, layout = self.resumed, self.layout
+        self.stream = build_activation_stream(
+            self.cfg, self.sources, layout.data_rank, layout.data_parallel, self.micro_batch, log=self.log,
+            state=None if resumed is None else (resumed.rank, resumed.tensors), share=layout.share)
+        if resumed is None:
+            _check_enough_tokens(self.stream, self.cfg, self.total_steps * self.micro_batch)
+
+    def _build_engine(self) -> None:
+        """The crosscoder (this rank's share), its input scales, Adam and the schedule, inside DeepSpeed."""
+        cfg, crosscoder_cfg, trainer_cfg, layout = self.cfg, self.cfg.crosscoder, self.cfg.trainer, self.layout
+        share, total_steps = layout.share, self.total_steps
+        self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        with partitioned_init(self.accelerator, layout):  # ZeRO-3: no rank ever holds even its whole share
             model = Crosscoder(
-                n_sources=len(sources.specs), d_model=sources.d_model, dict_size=crosscoder_cfg.dict_size,
+                n_sources=len(self.sources.specs), d_model=self.sources.d_model, dict_size=crosscoder_cfg.dict_size,
                 activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
                 snapshot_share=share, reduction=layout.reduction,
             )
-        input_scale = _input_scale(cfg, accelerator, layout, stream, sources, resumed, log)  # every snapshot's
-        model.set_input_scale(input_scale[share.start : share.stop])
-
+        self.aux_k = model.aux_k
+        self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
+                                        self.log)  # every snapshot's
+        model.set_input_scale(self.input_scale[share.start : share.stop])
         optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(step, total_steps, trainer_cfg.lr_warmup_steps, trainer_cfg.lr_decay_fraction),
         )
         with with_model_parallel_unit(layout):  # ZeRO over the data group only
-            engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        param_dtype = next(engine.parameters()).dtype
-        dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens, accelerator.device)
-        first_step = 0
-        if resumed is not None:
-            load_engine_state(engine, resumed.path)
-            scheduler.load_state_dict(resumed.trainer["scheduler"])
-            dead.tokens_since_fired.copy_(resumed.tensors["tokens_since_fired"])
-            restore_rng(resumed.tensors)
-            first_step = resumed.step
-            log(f"resumed from {resumed.path} at step {first_step}")
+            self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.param_dtype = next(self.engine.parameters()).dtype
+        self.dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens,
+                                      self.accelerator.device)
 
-        tracker = Tracker(cfg.tracking, run_config, output_dir, is_main,
-                          resume_id=None if resumed is None else resumed.trainer.get("wandb_run_id"))
-        progress = ProgressBar(total_steps - first_step, trainer_cfg.batch_size, enabled=is_main)
-        source_names = [spec.name for spec in sources.specs]
+    def _restore(self) -> None:
+        self.first_step = 0
+        resumed = self.resumed
+        if resumed is None:
+            return
+        load_engine_state(self.engine, resumed.path)
+        self.scheduler.load_state_dict(resumed.trainer["scheduler"])
+        self.dead.tokens_since_fired.copy_(resumed.tensors["tokens_since_fired"])
+        restore_rng(resumed.tensors)
+        self.first_step = resumed.step
+        self.log(f"resumed from {resumed.path} at step {self.first_step}")
+
+    def _start_tracking(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        resume_id = None if self.resumed is None else self.resumed.trainer.get("wandb_run_id")
+        self.tracker = Tracker(cfg.tracking, self.run_config, self.output_dir, self.is_main, resume_id=resume_id)
+        self.progress = ProgressBar(self.total_steps - self.first_step, cfg.trainer.batch_size, enabled=self.is_main)
         split = f" ({layout.describe()})" if layout.split else ""
-        log(f"training {total_steps} steps of {trainer_cfg.batch_size} tokens on {state.num_processes} rank(s){split}, "
-            f"ZeRO-{zero_stage}, output in {output_dir}")
+        self.log(f"training {self.total_steps} steps of {cfg.trainer.batch_size} tokens on "
+                 f"{self.accelerator.num_processes} rank(s){split}, ZeRO-{self.zero_stage}, "
+                 f"output in {self.output_dir}")
 
-        def export(step: int, out_dir: Path, aliases: list[str]) -> Path:
-            state_dict = full_state_dict(accelerator, engine, layout)  # collective; whole only on rank 0
-            positions = gather_object([stream.state_dict()])  # collective too: where each rank's stream stands
-            if is_main:
-                meta = _dictionary_meta(sources, cfg, model.aux_k, step, run_config)
-                with writing("the dictionary", out_dir, last_state, _last_state_hint(last_state)):
-                    export_dictionary(state_dict, meta, out_dir,
-                                      extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
-                if cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
-                    tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=dead.dead_mask.cpu(),
-                                                            recovery=planted_recovery(out_dir)), step)
-                tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen},
-                                       aliases)
-                log(f"exported dictionary at step {step} to {out_dir}")
-            accelerator.wait_for_everyone()
-            return out_dir
+    # ---- the loop ------------------------------------------------------------------------------------
+    def train(self, started: float) -> TrainResult:
+        loop_started, waited_before = time.perf_counter(), self.stream.wait_seconds
+        self._window = (loop_started, waited_before)  # (time, stream wait) at the last log step
+        for step in range(self.first_step, self.total_steps):
+            self._step(step)
+        if self.first_step < self.total_steps:  # a full disk at the export must not lose the run: resuming
+            self.save_state(self.total_steps)  # re-exports
+        return self._finish(started, loop_started, waited_before)
 
-        last_state = None if resumed is None else resumed.path  # where the run can resume from now
+    def _step(self, step: int) -> None:
+        cfg, crosscoder_cfg, layout, device = self.cfg, self.cfg.crosscoder, self.layout, self.accelerator.device
+        batch, data_error = _next_batch(self.stream, (self.micro_batch, len(layout.share), self.sources.d_model))
+        x = batch.to(device, dtype=self.param_dtype)
+        if cfg.parallel.token_check_every and step % cfg.parallel.token_check_every == 0:
+            # Snapshot groups pair the same tokens.
+            layout.check_same_tokens(None if data_error else self.stream.last_token_ids, step, device)
+        l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
+        output = self.engine(x, l1_coeff, self.dead.dead_mask)
+        # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
+        # batch or the loss, a failed stream, a stop signal) that stop every rank together.
+        local = torch.cat([(output.codes > 0).any(dim=0).float(),
+                           local_health(layout, x, output.loss, data_error is not None, self.stop.signum)])
+        reduced = self.accelerator.reduce(local, "sum")
+        health = read_health(reduced[crosscoder_cfg.dict_size :], self.source_names)
+        if not health.healthy:
+            self._halt(step, health, data_error, batch)
+        self.accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        self.dead.update(reduced[: crosscoder_cfg.dict_size] > 0, cfg.trainer.batch_size)
+        self._report(step + 1, output, l1_coeff)
+        self._after_step(step + 1, health)
 
-        def save_state(step: int) -> Path:
-            nonlocal last_state
-            stream_scalars, stream_tensors = stream.full_state()
-            trainer_state = {"scheduler": scheduler.state_dict(), "wandb_run_id": tracker.run_id,
-                             "sources": [asdict(spec) for spec in sources.specs],
-                             "input_scale": input_scale.tolist(), "zero_stage": zero_stage,
-                             "config": run_config}
-            tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": dead.tokens_since_fired}
-            target = states_root(output_dir) / TRAINING_STATE_PATTERN.format(step=step)
-            with writing("the training state", target, last_state, _last_state_hint(last_state)):
-                path = save_training_state(accelerator, engine, states_root(output_dir), step, trainer_state,
-                                           stream_scalars, tensors, trainer_cfg.keep_states)
-            log(f"saved training state at step {step} to {path}")
-            last_state = path
-            return path
+    def _report(self, done: int, output, l1_coeff: float) -> None:  # noqa: ANN001
+        """Metrics and decoder norms every log step; the progress line (main process) every step."""
+        trainer_cfg = self.cfg.trainer
+        if done % trainer_cfg.log_every == 0 or done == self.total_steps:
+            metrics = step_metrics(self.accelerator, self.layout, output, l1_coeff, self.scheduler, self.dead,
+                                    self.source_names, self.progress.tokens_per_second(done - self.first_step))
+            now, (window_started, window_waited) = time.perf_counter(), self._window
+            # The share of loop time spent waiting on the activation stream (0 when data is never late).
+            waited = self.stream.wait_seconds - window_waited
+            metrics["data_wait_fraction"] = waited / max(now - window_started, 1e-9)
+            self._window = (now, self.stream.wait_seconds)
+            with full_parameters(self.engine, [self.accelerator.unwrap_model(self.engine).W_dec]) as module:
+                local_norms = module.decoder_norms().detach().cpu()
+            decoder_norms = self.layout.assemble({"norms": local_norms}, {"norms": 1}).get("norms")  # [F, S], rank 0
+            self.tracker.log(metrics, step=done)
+            if decoder_norms is not None:
+                self.tracker.log_decoder_norms(decoder_norms, self.source_names, step=done)
+            self.metrics = metrics
+        shown = {"loss": output.loss.item()}
+        if self.metrics:  # quality figures from the last log step
+            shown.update(ev=self.metrics["explained_variance/mean"], l0=self.metrics["l0"])
+        self.progress.update(done - self.first_step, shown, force=done == self.total_steps)
 
-        def halt(step: int, health: StepHealth, data_error: Exception | None, batch: torch.Tensor) -> None:
-            """Stop every rank together before the update of a step that met a fault; save what can resume."""
-            if not health.data_failed:
-                raise RunFault(nonfinite_message(health, step, crosscoder_cfg.normalize_inputs), last_state)
-            if data_error is None:  # this rank's batch was fine: keep it for the resumed run
-                stream.unread(batch, stream.last_token_ids)
-            saved = step > first_step  # else the state resumed from (or nothing) is already this point
-            state_dir = save_state(step) if saved else last_state
-            where = f"; the training state of step {step} is saved in {state_dir}" if saved else ""
-            if data_error is None:
-                raise RunFault(f"another rank's activation stream failed at step {step}{where}", state_dir)
-            status = EXIT_BAD_INPUT if isinstance(data_error, ConfigError) else EXIT_FAULT
-            raise RunFault(f"{data_error} (at step {step}){where}", state_dir, status)
+    def _after_step(self, done: int, health: StepHealth) -> None:
+        """Intermediate exports, a stop asked by a signal, periodic training states."""
+        trainer_cfg, more = self.cfg.trainer, done < self.total_steps
+        if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and more:
+            self.export(done, self.output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
+        if health.stop_signal is not None and more:
+            raise TrainingInterrupted(done, self.save_state(done), health.stop_signal)
+        if trainer_cfg.state_every and done % trainer_cfg.state_every == 0 and more:
+            self.save_state(done)
 
-        metrics: dict[str, Any] = {}
-        loop_started, waited_before = time.perf_counter(), stream.wait_seconds
-        window_started, window_waited = loop_started, waited_before
-        token_check_every = cfg.parallel.token_check_every
-        batch_shape = (micro_batch, len(share), sources.d_model)
-        for step in range(first_step, total_steps):
-            batch, data_error = _next_batch(stream, batch_shape)
-            x = batch.to(accelerator.device, dtype=param_dtype)
-            if token_check_every and step % token_check_every == 0:  # snapshot groups pair the same tokens
-                layout.check_same_tokens(None if data_error else stream.last_token_ids, step, accelerator.device)
-            l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
-            output = engine(x, l1_coeff, dead.dead_mask)
-            # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
-            # batch or the loss, a failed stream, a stop signal) that stop every rank together.
-            local = torch.cat([(output.codes > 0).any(dim=0).float(),
-                               local_health(layout, x, output.loss, data_error is not None, stop.signum)])
-            reduced = accelerator.reduce(local, "sum")
-            health = read_health(reduced[crosscoder_cfg.dict_size :], source_names)
-            if not health.healthy:
-                halt(step, health, data_error, batch)
-            accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            dead.update(reduced[: crosscoder_cfg.dict_size] > 0, trainer_cfg.batch_size)
-            done = step + 1
-            if done % trainer_cfg.log_every == 0 or done == total_steps:
-                metrics = _step_metrics(accelerator, layout, output, l1_coeff, scheduler, dead, source_names,
-                                        progress.tokens_per_second(done - first_step))
-                now = time.perf_counter()
-                # The share of loop time spent waiting on the activation stream (0 when data is never late).
-                metrics["data_wait_fraction"] = (stream.wait_seconds - window_waited) / max(now - window_started, 1e-9)
-                window_started, window_waited = now, stream.wait_seconds
-                with full_parameters(engine, [accelerator.unwrap_model(engine).W_dec]) as module:
-                    local_norms = module.decoder_norms().detach().cpu()
-                decoder_norms = layout.assemble({"norms": local_norms}, {"norms": 1}).get("norms")  # [F, S], rank 0
-                tracker.log(metrics, step=done)
-                if decoder_norms is not None:
-                    tracker.log_decoder_norms(decoder_norms, source_names, step=done)
-            shown = {"loss": output.loss.item()}
-            if metrics:  # quality figures from the last log step
-                shown.update(ev=metrics["explained_variance/mean"], l0=metrics["l0"])
-            progress.update(done - first_step, shown, force=done == total_steps)
-            if trainer_cfg.checkpoint_every and done % trainer_cfg.checkpoint_every == 0 and done < total_steps:
-                export(done, output_dir / CHECKPOINTS_DIR / f"step_{done:07d}", aliases=[])
-            if health.stop_signal is not None and done < total_steps:
-                raise TrainingInterrupted(done, save_state(done), health.stop_signal)
-            if trainer_cfg.state_every and done % trainer_cfg.state_every == 0 and done < total_steps:
-                save_state(done)
+    def _halt(self, step: int, health: StepHealth, data_error: Exception | None, batch: torch.Tensor) -> None:
+        """Stop every rank together before the update of a step that met a fault; save what can resume."""
+        if not health.data_failed:
+            raise RunFault(nonfinite_message(health, step, self.cfg.crosscoder.normalize_inputs), self.last_state)
+        if data_error is None:  # this rank's batch was fine: keep it for the resumed run
+            self.stream.unread(batch, self.stream.last_token_ids)
+        saved = step > self.first_step  # else the state resumed from (or nothing) is already this point
+        state_dir = self.save_state(step) if saved else self.last_state
+        where = f"; the training state of step {step} is saved in {state_dir}" if saved else ""
+        if data_error is None:
+            raise RunFault(f"another rank's activation stream failed at step {step}{where}", state_dir)
+        status = EXIT_BAD_INPUT if isinstance(data_error, ConfigError) else EXIT_FAULT
+        raise RunFault(f"{data_error} (at step {step}){where}", state_dir, status)
 
-        if first_step < total_steps:  # a full disk at the export must not lose the run: resuming re-exports
-            save_state(total_steps)
-        dictionary_dir = export(total_steps, output_dir / DICTIONARY_DIR, aliases=["latest"])
-        loaded = gather_object([stream.snapshots_loaded])  # what each rank's workers actually loaded
+    # ---- what a run writes ---------------------------------------------------------------------------
+    def save_state(self, step: int) -> Path:
+        stream_scalars, stream_tensors = self.stream.full_state()
+        trainer_state = {"scheduler": self.scheduler.state_dict(), "wandb_run_id": self.tracker.run_id,
+                         "sources": [asdict(spec) for spec in self.sources.specs],
+                         "input_scale": self.input_scale.tolist(), "zero_stage": self.zero_stage,
+                         "config": self.run_config}
+        tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": self.dead.tokens_since_fired}
+        root = states_root(self.output_dir)
+        with writing("the training state", root / TRAINING_STATE_PATTERN.format(step=step), self.last_state,
+                     _last_state_hint(self.last_state)):
+            path = save_training_state(self.accelerator, self.engine, root, step, trainer_state, stream_scalars,
+                                       tensors, self.cfg.trainer.keep_states)
+        self.log(f"saved training state at step {step} to {path}")
+        self.last_state = path
+        return path
+
+    def export(self, step: int, out_dir: Path, aliases: list[str]) -> Path:
+        state_dict = full_state_dict(self.accelerator, self.engine, self.layout)  # whole only on rank 0
+        positions = gather_object([self.stream.state_dict()])  # collective too: where each rank's stream stands
+        if self.is_main:
+            meta = _dictionary_meta(self.sources, self.cfg, self.aux_k, step, self.run_config)
+            with writing("the dictionary", out_dir, self.last_state, _last_state_hint(self.last_state)):
+                export_dictionary(state_dict, meta, out_dir,
+                                  extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
+            if self.cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
+                self.tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=self.dead.dead_mask.cpu(),
+                                                             recovery=planted_recovery(out_dir)), step)
+            self.tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen}, aliases)
+            self.log(f"exported dictionary at step {step} to {out_dir}")
+        self.accelerator.wait_for_everyone()
+        return out_dir
+
+    def _finish(self, started: float, loop_started: float, waited_before: float) -> TrainResult:
+        total_steps, batch_size, layout = self.total_steps, self.cfg.trainer.batch_size, self.layout
+        dictionary_dir = self.export(total_steps, self.output_dir / DICTIONARY_DIR, aliases=["latest"])
+        loaded = gather_object([self.stream.snapshots_loaded])  # what each rank's workers actually loaded
         wall = time.perf_counter() - started
         loop_seconds = time.perf_counter() - loop_started
-        summary = {**metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
-                   "data_wait_fraction_total": (stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
-                   "tokens_seen": total_steps * trainer_cfg.batch_size, "dictionary_dir": str(dictionary_dir),
-                   "resumed_from_step": first_step, "wandb_run_dir": tracker.run_dir,
-                   "layout": {"data_parallel": layout.data_parallel, "snapshot_parallel": layout.snapshot_parallel,
-                              "shares": [source_names[share.start : share.stop] for share in layout.shares]},
-                   "snapshots_loaded_per_rank": loaded}
-        if is_main:
-            with writing("the run summary", output_dir / RUN_SUMMARY_FILE):
-                write_text_atomic(output_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2))
-        tracker.finish(summary)
-        log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
-        return TrainResult(output_dir, dictionary_dir, total_steps, total_steps * trainer_cfg.batch_size, wall, metrics)
-    except BaseException as error:
-        stopped_by = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        stop.restore()
-        if stream is not None:
-            stream.close()
-        if tracker is not None:  # no-op after a normal finish; a stopped run is marked failed, with the cause
-            tracker.finish({"stopped_by": stopped_by} if stopped_by else None, exit_code=1 if stopped_by else 0)
-        teardown(accelerator)
+        summary = {
+            **self.metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
+            "data_wait_fraction_total": (self.stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
+            "tokens_seen": total_steps * batch_size, "dictionary_dir": str(dictionary_dir),
+            "resumed_from_step": self.first_step, "wandb_run_dir": self.tracker.run_dir,
+            "layout": {"data_parallel": layout.data_parallel, "snapshot_parallel": layout.snapshot_parallel,
+                       "shares": [self.source_names[share.start : share.stop] for share in layout.shares]},
+            "snapshots_loaded_per_rank": loaded,
+        }
+        if self.is_main:
+            summary_file = self.output_dir / RUN_SUMMARY_FILE
+            with writing("the run summary", summary_file):
+                write_text_atomic(summary_file, json.dumps(summary, indent=2))
+        self.tracker.finish(summary)
+        self.log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
+        return TrainResult(self.output_dir, dictionary_dir, total_steps, total_steps * batch_size, wall, self.metrics)
+
+    def close(self) -> None:
+        """Stop the workers and close the W&B run (not collective): after a normal finish only the workers are
+        left; a stopped run is marked failed in W&B, with the cause."""
+        if self.stream is not None:
+            self.stream.close()
+        if self.tracker is not None:
+            stopped = self.stopped_by is not None
+            self.tracker.finish({"stopped_by": self.stopped_by} if stopped else None, exit_code=1 if stopped else 0)
 
 
 def _next_batch(stream: ActivationStream, shape: tuple[int, ...]) -> tuple[torch.Tensor, Exception | None]:
@@ -332,41 +385,6 @@ def _resumable_state(
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
     check_same_run(resumed.trainer["config"], run_config, path)
     return resumed
-
-
-def _input_scale(
-    cfg: RunConfig, accelerator, layout: Layout, stream: ActivationStream, sources: SourceInfo,  # noqa: ANN001
-    resumed: TrainingState | None, log: Callable[[str], None],
-) -> torch.Tensor:
-    """[S] c_s of every snapshot: the saved one when resuming, ones without normalisation, else estimated from
-    the first batches. Mean squared norms, not scales, are averaged over the data ranks, so the result is the
-    one-rank estimate; each rank measures its own snapshots, and summed over the world the others' are zeros."""
-    if resumed is not None:
-        return torch.tensor(resumed.trainer["input_scale"])
-    if not cfg.crosscoder.normalize_inputs:
-        return torch.ones(len(sources.specs))
-    first = stream.peek(cfg.crosscoder.norm_estimation_batches)
-    local = layout.scatter(mean_squared_norms(first)).to(accelerator.device)
-    mean_sq = (accelerator.reduce(local, "sum") / layout.data_parallel).cpu()
-    _check_measurable(mean_sq, cfg, sources)
-    input_scale = input_scale_from(mean_sq, sources.d_model)
-    scales = zip(sources.specs, input_scale.tolist(), strict=True)
-    log("input scales: " + ", ".join(f"{spec.name}={value:.3g}" for spec, value in scales))
-    return input_scale
-
-
-def _check_measurable(mean_sq: torch.Tensor, cfg: RunConfig, sources: SourceInfo) -> None:
-    """Refuse, naming the snapshot, activations whose scale cannot be measured: NaN/inf (bad weights, an
-    overflow, a bad cache) or all zeros (a dead hook)."""
-    for spec, value in zip(sources.specs, mean_sq.tolist(), strict=True):
-        if math.isfinite(value) and value > 0:
-            continue
-        cause = "all-zero" if value == 0 else "NaN/inf"
-        origin = f"the activation cache {cfg.data.cache.dir}" if cfg.data.cache.dir else "the snapshot's weights"
-        raise ConfigError(
-            f"snapshot {spec.name!r} gives {cause} activations at {sources.hook} in the first "
-            f"{cfg.crosscoder.norm_estimation_batches} batches (mean squared norm {value}): check {origin}"
-        )
 
 
 def _dictionary_meta(
@@ -408,34 +426,3 @@ def _shared_output_dir(configured: str) -> Path:
         probe.write_text("")
         probe.unlink()
     return path
-
-
-def _step_metrics(
-    accelerator, layout: Layout, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
-    source_names: list[str], tokens_per_second: float,
-) -> dict[str, float]:
-    """Loss parts and per-source quality, averaged over the data ranks. Split by snapshot, each rank's losses are
-    its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
-    elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
-    same on every rank of a group."""
-    recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
-    local = torch.cat([
-        torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
-                     output.aux_loss.detach(), recon["l0"]]).float(),
-        layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
-    ])
-    summed = accelerator.reduce(local, "sum")
-    values = (summed / layout.data_parallel).tolist()
-    n = len(source_names)
-    loss, mse_loss, sparsity_loss, aux_loss = values[:4]
-    l0 = summed[4].item() / accelerator.num_processes
-    mse, ev = values[5 : 5 + n], values[5 + n :]
-    metrics = {
-        "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,
-        "l0": l0, "dead_fraction": dead.dead_fraction, "lr": scheduler.get_last_lr()[0], "l1_coeff": l1_coeff,
-        "tokens_per_second": tokens_per_second, "explained_variance/mean": sum(ev) / n,
-    }
-    for name, source_mse, source_ev in zip(source_names, mse, ev, strict=True):
-        metrics[f"mse/{name}"] = source_mse
-        metrics[f"explained_variance/{name}"] = source_ev
-    return metrics

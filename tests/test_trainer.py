@@ -12,7 +12,8 @@ from crosscoder.build_cache import build_cache
 from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import RUN_SUMMARY_FILE, STREAM_POSITION_FILE
-from crosscoder.trainer import l1_coefficient, lr_multiplier, train
+from crosscoder.schedules import l1_coefficient, lr_multiplier
+from crosscoder.trainer import train
 from tests.conftest import PROCESS_ENV, TINY_TOY, tiny_toy_config
 
 
