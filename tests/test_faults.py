@@ -42,7 +42,11 @@ def train_command(*overrides: str) -> list[str]:
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("crosscoder:")]
+    return last_line_of(result, "crosscoder:")
+
+
+def last_line_of(result: subprocess.CompletedProcess, prefix: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
     assert lines, result.stderr[-3000:]
     return lines[-1]
 
@@ -287,3 +291,29 @@ def test_resuming_onto_other_weights_under_the_same_names_is_refused(tiny_snapsh
     with pytest.raises(ConfigError, match=r"the training state .*step_0000004 was made from a different snapshot "
                                           r"'step12' \(fingerprint"):
         train(cfg)
+
+
+def test_a_cache_build_on_a_full_disk_names_it_and_keeps_its_complete_shards(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, tmpfs: callable) -> None:
+    """`crosscoder-cache` into a folder too small for it: one line naming the shard and the full disk (exit 2);
+    the shards already complete stay, under their final names only."""
+    cache_dir = tmpfs("400k") / "acts"
+    result = run([sys.executable, "-m", "crosscoder.build_cache", *tiny_overrides(toy_cache),
+                  f"data.cache.dir={cache_dir}", "data.cache.tokens=3072", "data.cache.shard_batches=1",
+                  f"hydra.run.dir={tmp_path / 'log'}"], tmp_path, returncode=2)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("crosscoder-cache:"))
+    assert "cannot write the activation cache shard" in line and "no space left on the device" in line
+    assert "Traceback" not in result.stderr
+    assert list(cache_dir.glob("shard_*.safetensors")) and not list(cache_dir.glob(".shard_*"))
+
+
+def test_crosscoder_analyze_into_a_read_only_folder_is_one_line(activation_cache: Path, toy_cache: Path,
+                                                                 tmp_path: Path, tmpfs: callable) -> None:
+    run_dir = tmp_path / "run"
+    run(train_command(*tiny_overrides(toy_cache), f"data.cache.dir={activation_cache}", "tracking=disabled",
+                      f"hydra.run.dir={run_dir}"), tmp_path)
+    read_only = tmpfs(read_only=True)
+    result = run([sys.executable, "-m", "crosscoder.analysis.cli", str(run_dir / DICTIONARY_DIR),
+                  "--out", str(read_only / "report")], tmp_path, returncode=2)
+    assert last_line_of(result, "crosscoder-analyze:").endswith("the file system is read-only ([Errno 30] "
+                                                                "Read-only file system)")

@@ -17,6 +17,7 @@ from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir,
 from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
+from crosscoder.faults import write_failure_reason
 
 PROG = "crosscoder-analyze"
 CONTEXTS_PER_CELL = 3
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error))
     except ValueError as error:  # e.g. weights and decoder norms of different shapes
         _fail(f"{args.dictionary}: {error}")
+    except OSError as error:  # the report folder: a full disk, read-only, no permission
+        reason = write_failure_reason(error, Path(error.filename or args.out or args.dictionary))
+        if reason is None:
+            raise
+        _fail(f"cannot write {error.filename}: {reason}")
     print(f"report: {result.report}", flush=True)
 
 

@@ -31,6 +31,7 @@ from crosscoder.checkpoint import temporary_sibling, write_text_atomic
 from crosscoder.config import CacheConfig, ConfigError, DataConfig
 from crosscoder.constants import CACHE_FORMAT_VERSION, CACHE_HEADER_FILE, CACHE_MANIFEST_FILE, CACHE_SHARD_PATTERN
 from crosscoder.data.activations import ActivationBlock
+from crosscoder.faults import writing
 from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.sources import DTYPES, SourceInfo
 
@@ -138,11 +139,13 @@ def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[Activa
     entry = {"file": path.name, "first_block": index * shard_batches, "n_blocks": len(blocks),
              "n_tokens": int(token_ids.shape[0]), "token_hash": token_hash(token_ids)}
     tmp = temporary_sibling(path, "tmp")
+    hint = "; the complete shards stay: free space and rerun the same command to continue the build"
     try:
-        save_file({"activations": activations, "token_ids": token_ids,
-                   "row_checksums": activation_checksums(activations)}, str(tmp),
-                  metadata={key: str(value) for key, value in entry.items() if key != "file"})
-        os.replace(tmp, path)
+        with writing("the activation cache shard", path, hint=hint):
+            save_file({"activations": activations, "token_ids": token_ids,
+                       "row_checksums": activation_checksums(activations)}, str(tmp),
+                      metadata={key: str(value) for key, value in entry.items() if key != "file"})
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return entry
