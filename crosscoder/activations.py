@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crosscoder.sparse import sorted_flat, sorted_pairs
+
 
 class Activation(nn.Module):
     penalised: bool = False
@@ -50,9 +52,15 @@ class TopK(Activation):
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         values = pre.relu()
-        score = values * latent_weight.detach()
-        indices = score.topk(self.k, dim=-1).indices
-        return torch.zeros_like(values).scatter(-1, indices, values.gather(-1, indices))
+        flat = self.select(pre, latent_weight)
+        return torch.zeros_like(values).view(-1).scatter(0, flat, values.view(-1).gather(0, flat)).view_as(values)
+
+    @torch.no_grad()
+    def select(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """The active (token, latent) pairs of a training step as sorted flat indices b·F + i, unique (what the
+        dense forward scatters and the sparse path decodes; crosscoder.sparse)."""
+        score = pre.relu() * latent_weight.detach()
+        return sorted_pairs(score.topk(self.k, dim=-1).indices, pre.shape[1])
 
 
 class BatchTopK(TopK):
@@ -69,23 +77,26 @@ class BatchTopK(TopK):
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         values = pre.relu()
-        score = values * latent_weight.detach()
         if not self.training and self.threshold >= 0:
-            return values * (score > self.threshold)
-        flat_score = score.flatten()
+            return values * (values * latent_weight.detach() > self.threshold)
+        mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+        return values * mask.scatter(0, self.select(pre, latent_weight), True).view_as(values)
+
+    @torch.no_grad()
+    def select(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """The k·B largest scores of the batch as sorted flat indices; in training also moves the eval threshold."""
+        flat_score = (pre.relu() * latent_weight.detach()).flatten()
         n_keep = min(self.k * pre.shape[0], flat_score.numel())
         top_scores, indices = flat_score.topk(n_keep)
-        mask = torch.zeros_like(flat_score, dtype=torch.bool).scatter(0, indices, True).view_as(values)
         if self.training:
-            with torch.no_grad():
-                positive = top_scores[top_scores > 0]
-                if positive.numel():
-                    smallest = positive.min()
-                    if self.threshold < 0:
-                        self.threshold.copy_(smallest)
-                    else:
-                        self.threshold.lerp_(smallest, self.threshold_momentum)
-        return values * mask
+            positive = top_scores[top_scores > 0]
+            if positive.numel():
+                smallest = positive.min()
+                if self.threshold < 0:
+                    self.threshold.copy_(smallest)
+                else:
+                    self.threshold.lerp_(smallest, self.threshold_momentum)
+        return sorted_flat(indices, flat_score.numel())
 
 
 ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK}

@@ -228,6 +228,9 @@ class CrosscoderConfig:
     """Dead latents used by the AuxK loss (topk / batchtopk); 0 means d/2 as in Gao et al."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK loss."""
+    sparse_topk: bool = True
+    """topk / batchtopk: decode and back-propagate through the active latents only (crosscoder/sparse.py), the
+    dense path's loss and gradients at a fraction of its work; false takes the dense path."""
     dead_after_tokens: int = 200_000
     """A latent that has not fired in this many tokens counts as dead."""
     init_decoder_norm: float = 0.1

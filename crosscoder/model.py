@@ -21,8 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from crosscoder.activations import ACTIVATIONS, Activation
+from crosscoder.activations import ACTIVATIONS, Activation, TopK
 from crosscoder.layout import SnapshotReduction
+from crosscoder.sparse import decode_active, dense_codes, gather_active, sorted_flat
 
 SNAPSHOT_DIMS = {"W_enc": 0, "W_dec": 1, "b_dec": 0, "input_scale": 0}
 """The tensors split by snapshot and the dim that indexes the snapshot; the rest (b_enc, flags) is shared."""
@@ -63,9 +64,12 @@ class Crosscoder(nn.Module):
         init_decoder_norm: float = 0.1,
         snapshot_share: range | None = None,
         reduction: SnapshotReduction | None = None,
+        sparse_topk: bool = True,
     ) -> None:
         """`snapshot_share`: the sources (of `n_sources`) this module holds, the rest living on the other ranks of
-        `reduction`'s snapshot group; the weights are those slices of the whole crosscoder's initialisation."""
+        `reduction`'s snapshot group; the weights are those slices of the whole crosscoder's initialisation.
+        `sparse_topk`: TopK / BatchTopK training steps decode and back-propagate through the active latents only
+        (crosscoder.sparse); the same loss and gradients as the dense path, which False keeps."""
         super().__init__()
         if n_sources <= 0 or d_model <= 0 or dict_size <= 0:
             raise ValueError(
@@ -85,6 +89,7 @@ class Crosscoder(nn.Module):
         self.activation = activation
         self.aux_k = aux_k or max(1, d_model // 2)
         self.aux_coeff = aux_coeff
+        self.sparse_topk = sparse_topk
 
         # Random decoder rows with a small fixed norm per source; encoder = decoder transpose, so every latent
         # starts as a matched filter of its own decoder direction.
@@ -172,6 +177,8 @@ class Crosscoder(nn.Module):
         """x: raw activations [B, S, d]. dead_mask: [F] bool, latents the AuxK loss may revive."""
         if x.dim() != 3 or x.shape[1:] != (self.n_sources, self.d_model):
             raise ValueError(f"expected input [batch, {self.n_sources}, {self.d_model}], got {list(x.shape)}")
+        if self.sparse_topk and self.training and isinstance(self.activation, TopK):
+            return self._sparse_forward(x, dead_mask)
         pre = self.encode_pre(x)
         latent_weight = self.decoder_norms().sum(dim=1)  # this module's sources
         codes = self.activation(pre, self.selection_weight(latent_weight))
@@ -212,10 +219,60 @@ class Crosscoder(nn.Module):
         aux_codes = torch.zeros_like(pre).scatter(1, indices, values)
         # No decoder bias: the dead latents must explain the error by their directions alone.
         aux_reconstruction = self.decode_normalized(aux_codes, with_bias=False)
-        # Over all sources (error is detached, so this is a plain sum over the snapshot group).
+        return self._aux_ratio(aux_reconstruction, error), aux_codes
+
+    def _aux_ratio(self, aux_reconstruction: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """AuxK MSE over the residual's variance, both over all sources (error is detached: a plain group sum)."""
         residual_variance = self.reduction.total((error - error.mean(dim=0)).pow(2).sum(dim=(1, 2)).mean())
         aux_mse = (aux_reconstruction - error).pow(2).sum(dim=(1, 2)).mean()
-        return aux_mse / residual_variance.clamp_min(1e-8), aux_codes
+        return aux_mse / residual_variance.clamp_min(1e-8)
+
+    # ---- the sparse TopK step ---------------------------------------------------------------------------
+    def _sparse_forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> CrosscoderOutput:
+        """The dense forward's loss and gradients, with the decoder, its backward and the encoder's backward
+        over the active (token, latent) pairs only (crosscoder.sparse); `codes` is still the dense [B, F]."""
+        batch, width = x.shape[0], self.n_sources * self.d_model
+        in_scale, out_scale = self._scales()
+        x_in = (x * in_scale[None, :, None].to(x.dtype)).reshape(batch, width)
+        w_enc, w_dec = self.W_enc.view(width, self.dict_size), self.W_dec.view(self.dict_size, width)
+        with torch.no_grad():  # the one product over all F latents (its backward is the sparse one below);
+            # TopK ranks without a gradient. One rank: the bias is added inside the GEMM.
+            pre = torch.addmm(self.b_enc, x_in, w_enc) if self.reduction.size == 1 else \
+                self.reduction.total(x_in @ w_enc) + self.b_enc
+            latent_weight = self.selection_weight(self.decoder_norms().sum(dim=1))
+        flat = self.activation.select(pre, latent_weight)
+        aux_flat = self._aux_selection(pre, dead_mask)
+        chosen = flat if aux_flat is None else torch.cat([flat, aux_flat])
+        values = gather_active(x_in, w_enc, self.b_enc, pre, chosen, self.reduction)
+        out = out_scale[None, :, None].to(x.dtype)
+        reconstruction = decode_active(values[: flat.numel()], flat, w_dec, batch).view_as(x) + self.b_dec
+        normalized_reconstruction = reconstruction * out
+        # Unfolded (training), the encoder's input already is the normalised input.
+        normalized_input = x_in.view_as(x) if not self.is_folded else x * self.input_scale[None, :, None].to(x.dtype)
+        error = normalized_input - normalized_reconstruction
+        mse_loss = error.pow(2).sum(dim=(1, 2)).mean()
+        aux_loss = mse_loss.new_zeros(())
+        if aux_flat is not None:
+            aux_values = values[flat.numel() :]
+            aux_reconstruction = decode_active(aux_values, aux_flat, w_dec, batch).view_as(x) * out
+            aux_loss = self._aux_ratio(aux_reconstruction, error.detach())
+        return CrosscoderOutput(
+            loss=mse_loss + self.aux_coeff * aux_loss, mse_loss=mse_loss, sparsity_loss=mse_loss.new_zeros(()),
+            aux_loss=aux_loss, codes=dense_codes(values[: flat.numel()], flat, tuple(pre.shape)),
+            normalized_input=normalized_input, normalized_reconstruction=normalized_reconstruction,
+        )
+
+    @torch.no_grad()
+    def _aux_selection(self, pre: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The AuxK pairs (the top `aux_k` dead latents of each token with a positive pre-activation: a zero
+        the dense top-k picks, dead or not, adds nothing) as sorted flat indices, or None."""
+        if dead_mask is None or not self.activation.uses_aux_loss or not bool(dead_mask.any()):
+            return None
+        k_aux = min(self.aux_k, int(dead_mask.sum()))
+        dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
+        values, indices = dead_pre.topk(k_aux, dim=1)
+        flat = torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1] + indices
+        return sorted_flat(flat[values > 0], pre.numel())
 
 
 def _initial_decoder(dict_size: int, n_sources: int, d_model: int, share: range) -> torch.Tensor:

@@ -174,7 +174,7 @@ class TrainingRun:
                 n_sources=len(self.sources.specs), d_model=self.sources.d_model, dict_size=crosscoder_cfg.dict_size,
                 activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
-                snapshot_share=share, reduction=layout.reduction,
+                snapshot_share=share, reduction=layout.reduction, sparse_topk=crosscoder_cfg.sparse_topk,
             )
         self.aux_k = model.aux_k
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,

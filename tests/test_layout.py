@@ -116,27 +116,42 @@ def _split_matches_one_rank(rank: int, world: int, port: int, activation: str) -
             assert assembled == {}
         if layout.reduction.bytes_reduced == 0:
             raise AssertionError("the split crosscoder all-reduced nothing")
-        if activation != "relu":  # the sparse backward (the default) sums the same values as the dense one
-            sparse_bytes = layout.reduction.bytes_reduced
-            layout.reduction.sparse_gradient = False
-            torch.manual_seed(0)
-            dense = Crosscoder(S, D, F, activation, k=4, snapshot_share=layout.share, reduction=layout.reduction)
-            dense.set_input_scale(scale[layout.share.start : layout.share.stop])
-            dense(x[:, layout.share.start : layout.share.stop], 0.5, dead).loss.backward()
-            for name, param in part.named_parameters():
-                assert torch.equal(param.grad, getattr(dense, name).grad), name
-            dense_bytes = layout.reduction.bytes_reduced - sparse_bytes
-            assert sparse_bytes < dense_bytes, (sparse_bytes, dense_bytes)
+        if activation != "relu":
+            _dense_topk_paths_match(layout, part, x, dead, scale, activation)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def _dense_topk_paths_match(layout: Layout, sparse: Crosscoder, x: torch.Tensor, dead: torch.Tensor,
+                            scale: torch.Tensor, activation: str) -> None:
+    """The dense TopK path (sparse_topk=False) gives the sparse step's gradients; in it, the backward that sums
+    only the active entries of d pre over the group (restrict_gradient, the default) equals the full one
+    bit for bit, with fewer bytes."""
+    grads, sent = [], []
+    for sparse_gradient in (True, False):
+        layout.reduction.sparse_gradient = sparse_gradient
+        before = layout.reduction.bytes_reduced
+        torch.manual_seed(0)
+        dense = Crosscoder(S, D, F, activation, k=4, snapshot_share=layout.share, reduction=layout.reduction,
+                           sparse_topk=False)
+        dense.set_input_scale(scale[layout.share.start : layout.share.stop])
+        dense(x[:, layout.share.start : layout.share.stop], 0.5, dead).loss.backward()
+        grads.append({name: param.grad for name, param in dense.named_parameters()})
+        sent.append(layout.reduction.bytes_reduced - before)
+    layout.reduction.sparse_gradient = True
+    for name, param in sparse.named_parameters():
+        assert torch.equal(grads[0][name], grads[1][name]), name
+        torch.testing.assert_close(param.grad, grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert sent[0] < sent[1], sent
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk"])
 def test_two_snapshot_ranks_have_the_one_rank_gradients(activation: str) -> None:
     """Uneven shares (2 + 1 snapshots): summed partial pre-activations, the gradient all-reduced in backward
     (b_enc's whole gradient from the same all-reduce), the latent weights summed for TopK selection and the
     AuxK normaliser over all snapshots give every parameter its one-rank gradient; rank 0 reassembles the
-    one-rank state dict. Tolerance: float32 summation order of the split sums."""
+    one-rank state dict. TopK / BatchTopK: the sparse step (the default), and the dense one too. Tolerance:
+    float32 summation order of the split sums."""
     _spawn(_split_matches_one_rank, 2, activation)
 
 

@@ -161,3 +161,54 @@ def test_bad_arguments_are_named() -> None:
         Crosscoder(2, 4, 8, "gelu")
     with pytest.raises(ValueError, match=r"\[4, 2, 5\]"):
         make(n_sources=2, d_model=4)(torch.zeros(4, 2, 5))
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_aux", [False, True])
+def test_the_sparse_step_has_the_dense_loss_and_every_gradient(activation: str, with_aux: bool) -> None:
+    """float64, the same weights and batch: the sparse path (active latents only) and the dense one agree on the
+    loss, every loss part, the codes and the gradient of every parameter. Tolerance 1e-12: float64 summation
+    order differs (a sparse sum over k terms vs a dense one over F, mostly zeros); a wrong index or a missing
+    term would be off by O(1)."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 3, 8, dtype=torch.float64) * 2
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[5::4] = True
+    outputs, grads = [], []
+    for sparse in (True, False):
+        # aux_k=8 of 12 dead latents: some tokens have fewer positive dead pre-activations than that
+        model = make(activation, dict_size=48, k=5, aux_k=8, sparse_topk=sparse).double()
+        model.set_input_scale(torch.tensor([0.7, 1.3, 2.0], dtype=torch.float64))
+        with torch.no_grad():  # a non-zero decoder bias and encoder bias, so their gradients are checked too
+            model.b_dec.normal_()
+            model.b_enc.normal_(0, 0.1)
+        output = model(x, 0.0, dead if with_aux else None)
+        output.loss.backward()
+        outputs.append(output)
+        grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    sparse_out, dense_out = outputs
+    assert (sparse_out.aux_loss > 0) == with_aux
+    for part in ("loss", "mse_loss", "aux_loss", "codes", "normalized_reconstruction"):
+        torch.testing.assert_close(getattr(sparse_out, part), getattr(dense_out, part), rtol=1e-12, atol=1e-12,
+                                   msg=part)
+    for name, grad in grads[1].items():
+        assert grad.abs().max() > 0 or name == "b_enc", name  # the dense path trains every parameter
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_sparse_step_is_used_in_training_only() -> None:
+    """Eval (and analysis) reads codes through the dense path: BatchTopK's eval threshold, no graph needed."""
+    def graph_names(tensor: torch.Tensor) -> set[str]:
+        seen, frontier = {}, [tensor.grad_fn]
+        while frontier:
+            node = frontier.pop()
+            if node is not None and id(node) not in seen:
+                seen[id(node)] = type(node).__name__
+                frontier.extend(parent for parent, _ in node.next_functions)
+        return set(seen.values())
+
+    model = make("batchtopk", dict_size=48, k=5)
+    x = torch.randn(64, 3, 8)
+    assert "_DecodeActiveBackward" in graph_names(model(x).loss)
+    model.eval()
+    assert "_DecodeActiveBackward" not in graph_names(model(x).loss)
