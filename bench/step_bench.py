@@ -1,7 +1,7 @@
 """One crosscoder training step (forward + loss + backward + Adam step), fp32 on CPU, against its bounds (issue 12).
 
-    python bench/step_bench.py                      # B=4096, d=256, F=8192, k=32 for S=2 and S=8; 2 passes
-    python bench/step_bench.py --sizes large        # F=32768, k=64, S=8 (about 5x the time of s8)
+    python bench/step_bench.py                      # B=4096, d=256, F=8192, k=32 for S=2 and S=8 (~10 min)
+    python bench/step_bench.py --sizes large        # F=32768, k=64, S=8 (~4x the step time of s8; ~7 GB RSS)
     python bench/step_bench.py --quick              # smoke run: B=512, S=8, F=2048 (about two minutes)
     python bench/step_bench.py --sizes 2048x4x256x8192x32 --steps 3 --rows module
 
@@ -163,7 +163,7 @@ def _module(spec: dict, scale, **extra):  # noqa: ANN001, ANN202
     from crosscoder.model import Crosscoder
 
     kwargs = dict(extra)
-    if spec.get("sparse") is not None:
+    if spec.get("sparse") is not None and _has_sparse_topk():  # without the keyword the module is dense
         kwargs["sparse_topk"] = spec["sparse"]
     torch.manual_seed(0)
     model = Crosscoder(n_sources=spec["S"], d_model=spec["d"], dict_size=spec["F"], activation=spec["activation"],
@@ -321,7 +321,7 @@ def run_row(spec: dict) -> dict:
     if spec["kind"] == "gemm":
         return {**result, **_gemm(spec), "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib()}
     if spec["kind"] == "check":
-        return {**result, "check": _check(spec)}
+        return {**result, "check": _check(spec), "sparse_topk": _has_sparse_topk()}
     step, close = (_trainer_step if spec["kind"] == "trainer" else _plain_step)(spec)
     torch.set_num_threads(spec["threads"])  # after DeepSpeed / accelerate set-up, in case either changed it
     result["setup_rss_mib"] = peak_rss_mib()
@@ -393,7 +393,8 @@ def spawn(spec: dict, timeout: float, root: Path) -> dict:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, spec)
 
 
 def table(size: tuple[int, ...], rows: list[Row], results: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -461,7 +462,6 @@ def drive(args: argparse.Namespace) -> None:
     if not args.live:  # every row times the same code while the project is being edited
         root = Path(tempfile.mkdtemp(prefix="step_bench_src_"))
         shutil.copytree(REPO / "crosscoder", root / "crosscoder", ignore=shutil.ignore_patterns("__pycache__"))
-    sparse_exists = "sparse_topk" in (root / "crosscoder/model.py").read_text()  # rows check the signature
     print(f"step_bench: {time.strftime('%Y-%m-%d %H:%M')}, {cores()} cores, load average "
           f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())} (1/5/15 min) at the start")
     where = "the working tree (--live)" if args.live else "a copy of crosscoder/ taken at the start"
@@ -477,6 +477,9 @@ def drive(args: argparse.Namespace) -> None:
               + ("" if worst < 1e-4 else "   !! the reference and the module differ"))
     else:
         print(f"reference vs module check: {check.get('failed', check)}")
+    sparse_exists = bool(check.get("sparse_topk"))  # Crosscoder(sparse_topk=...) exists; the rows check again
+    if not sparse_exists:
+        print("Crosscoder has no sparse_topk keyword: the sparse rows are n/a, the trainer's BatchTopK row is dense")
     seen_sources: dict[str, set] = {}
     for size in sizes:
         rows = rows_of(size, args, sparse_exists)
@@ -512,7 +515,9 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="only rows whose name contains one of these (comma list)")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row process (default 2; --quick: 5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per row process (default 1: ~10 min for the default sizes on 2 idle cores, "
+                             "13 min with 2; --quick: 5)")
     parser.add_argument("--dead", type=float, default=0.5, help="share of the latents dead in the AuxK rows")
     parser.add_argument("--threads", type=int, default=cores())
     parser.add_argument("--timeout", type=float, default=900, help="seconds per row process")
@@ -522,7 +527,7 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps is None:
-        args.steps = 5 if args.quick else 2
+        args.steps = 5 if args.quick else 1
     if args.row:
         print(ROW_MARK + json.dumps(run_row(json.loads(args.row))), flush=True)
     else:
