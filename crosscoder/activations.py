@@ -52,15 +52,18 @@ class TopK(Activation):
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         values = pre.relu()
-        flat = self.select(pre, latent_weight)
+        flat = self._select(values.detach(), latent_weight)
         return torch.zeros_like(values).view(-1).scatter(0, flat, values.view(-1).gather(0, flat)).view_as(values)
 
-    @torch.no_grad()
     def select(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         """The active (token, latent) pairs of a training step as sorted flat indices b·F + i, unique (what the
         dense forward scatters and the sparse path decodes; crosscoder.sparse)."""
-        score = pre.relu() * latent_weight.detach()
-        return sorted_pairs(score.topk(self.k, dim=-1).indices, pre.shape[1])
+        return self._select(pre.relu(), latent_weight)
+
+    @torch.no_grad()
+    def _select(self, values: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """`select` from ReLU(pre) (the dense forward has it already)."""
+        return sorted_pairs((values * latent_weight.detach()).topk(self.k, dim=-1).indices, values.shape[1])
 
 
 class BatchTopK(TopK):
@@ -80,13 +83,13 @@ class BatchTopK(TopK):
         if not self.training and self.threshold >= 0:
             return values * (values * latent_weight.detach() > self.threshold)
         mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-        return values * mask.scatter(0, self.select(pre, latent_weight), True).view_as(values)
+        return values * mask.scatter(0, self._select(values.detach(), latent_weight), True).view_as(values)
 
     @torch.no_grad()
-    def select(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+    def _select(self, values: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         """The k·B largest scores of the batch as sorted flat indices; in training also moves the eval threshold."""
-        flat_score = (pre.relu() * latent_weight.detach()).flatten()
-        n_keep = min(self.k * pre.shape[0], flat_score.numel())
+        flat_score = (values * latent_weight.detach()).flatten()
+        n_keep = min(self.k * values.shape[0], flat_score.numel())
         top_scores, indices = flat_score.topk(n_keep)
         if self.training:
             positive = top_scores[top_scores > 0]
