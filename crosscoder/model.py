@@ -213,13 +213,18 @@ class Crosscoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """AuxK (Gao et al. 2024): the top dead latents must explain the residual error, so they get gradient.
         Returns the loss and the auxiliary codes [B, F]."""
-        k_aux = min(self.aux_k, int(dead_mask.sum()))
-        dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
-        values, indices = dead_pre.topk(k_aux, dim=1)
+        values, indices = self._dead_top(pre, dead_mask)
         aux_codes = torch.zeros_like(pre).scatter(1, indices, values)
         # No decoder bias: the dead latents must explain the error by their directions alone.
         aux_reconstruction = self.decode_normalized(aux_codes, with_bias=False)
         return self._aux_ratio(aux_reconstruction, error), aux_codes
+
+    def _dead_top(self, pre: torch.Tensor, dead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, latent indices) [B, k_aux] of the largest ReLU'd pre-activations among the dead latents (a
+        live latent can only appear with value 0)."""
+        k_aux = min(self.aux_k, int(dead_mask.sum()))
+        dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
+        return dead_pre.topk(k_aux, dim=1)
 
     def _aux_ratio(self, aux_reconstruction: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
         """AuxK MSE over the residual's variance, both over all sources (error is detached: a plain group sum)."""
@@ -268,9 +273,7 @@ class Crosscoder(nn.Module):
         the dense top-k picks, dead or not, adds nothing) as sorted flat indices, or None."""
         if dead_mask is None or not self.activation.uses_aux_loss or not bool(dead_mask.any()):
             return None
-        k_aux = min(self.aux_k, int(dead_mask.sum()))
-        dead_pre = torch.where(dead_mask[None, :], pre.relu(), pre.new_zeros(()))
-        values, indices = dead_pre.topk(k_aux, dim=1)
+        values, indices = self._dead_top(pre, dead_mask)
         flat = torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1] + indices
         return sorted_flat(flat[values > 0], pre.numel())
 
