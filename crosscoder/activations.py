@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crosscoder.sparse import sorted_flat, sorted_pairs
+from crosscoder.sparse import batch_top, sorted_flat, sorted_pairs
 
 
 class Activation(nn.Module):
@@ -58,12 +58,17 @@ class TopK(Activation):
     def select(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         """The active (token, latent) pairs of a training step as sorted flat indices b·F + i, unique (what the
         dense forward scatters and the sparse path decodes; crosscoder.sparse)."""
-        return self._select(pre.relu(), latent_weight)
+        with torch.no_grad():  # one [B, F] temporary: the scores are ReLU'd in place
+            return self._top(pre.relu().mul_(latent_weight))
 
     @torch.no_grad()
     def _select(self, values: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         """`select` from ReLU(pre) (the dense forward has it already)."""
-        return sorted_pairs((values * latent_weight.detach()).topk(self.k, dim=-1).indices, values.shape[1])
+        return self._top(values * latent_weight.detach())
+
+    def _top(self, scores: torch.Tensor) -> torch.Tensor:
+        """Sorted flat indices of the selected scores f_i * w_i [B, F]."""
+        return sorted_pairs(scores.topk(self.k, dim=-1).indices, scores.shape[1])
 
 
 class BatchTopK(TopK):
@@ -85,12 +90,10 @@ class BatchTopK(TopK):
         mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
         return values * mask.scatter(0, self._select(values.detach(), latent_weight), True).view_as(values)
 
-    @torch.no_grad()
-    def _select(self, values: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+    def _top(self, scores: torch.Tensor) -> torch.Tensor:
         """The k·B largest scores of the batch as sorted flat indices; in training also moves the eval threshold."""
-        flat_score = (values * latent_weight.detach()).flatten()
-        n_keep = min(self.k * values.shape[0], flat_score.numel())
-        top_scores, indices = flat_score.topk(n_keep)
+        n_keep = min(self.k * scores.shape[0], scores.numel())
+        top_scores, indices = batch_top(scores, n_keep, per_row=2 * self.k)
         if self.training:
             positive = top_scores[top_scores > 0]
             if positive.numel():
@@ -99,7 +102,7 @@ class BatchTopK(TopK):
                     self.threshold.copy_(smallest)
                 else:
                     self.threshold.lerp_(smallest, self.threshold_momentum)
-        return sorted_flat(indices, flat_score.numel())
+        return sorted_flat(indices, scores.numel())
 
 
 ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK}

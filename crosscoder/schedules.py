@@ -1,6 +1,22 @@
-"""Schedules of one run: the learning-rate multiplier and the sparsity coefficient's warm-up, by step."""
+"""The optimiser of one run and its schedules: the learning-rate multiplier and the sparsity coefficient's warm-up,
+by step."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+"""Where torch's fused Adam kernel runs: one pass over each parameter instead of a dozen (7x faster on CPU for a
+33M-parameter crosscoder, bench/step_bench.py); the same update to float rounding."""
+
+
+def adam(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """torch's Adam, fused where every parameter lives on a device that has the kernel."""
+    parameters = list(parameters)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in parameters) or None
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, fused=fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:

@@ -57,7 +57,7 @@ from crosscoder.parallel import (
     with_model_parallel_unit,
 )
 from crosscoder.preemption import StopRequest, TrainingInterrupted
-from crosscoder.schedules import l1_coefficient, lr_multiplier
+from crosscoder.schedules import adam, l1_coefficient, lr_multiplier
 from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.tracking import ProgressBar, Tracker
 from crosscoder.training_state import (
@@ -180,7 +180,7 @@ class TrainingRun:
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
                                         self.log)  # every snapshot's
         model.set_input_scale(self.input_scale[share.start : share.stop])
-        optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
+        optimizer = adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_multiplier(step, total_steps, trainer_cfg.lr_warmup_steps, trainer_cfg.lr_decay_fraction),
