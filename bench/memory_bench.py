@@ -162,7 +162,7 @@ def measure_job(args: argparse.Namespace, stage: int, activation: str) -> tuple[
     cc.dict_size, cc.activation = args.dict_size, activation
     data_parallel = check_layout(world_size, args.sp, args.sources, args.batch)
     micro_batch = args.batch // data_parallel
-    accelerator = build_accelerator(cfg, micro_batch)
+    accelerator = build_accelerator(cfg, micro_batch, data_parallel)
     layout = build_layout(args.sp, args.sources, cfg.parallel.sparse_topk_gradient)
     share = layout.share
     torch.manual_seed(0)

@@ -19,12 +19,15 @@ Rows of one configuration (B tokens x S snapshots x d, F latents, k):
              implies: tokens/s = FLOP/s / (2 S d F). A dense step does five such products (encoder forward,
              encoder weight gradient, decoder forward, decoder input and weight gradients: 0.2 of the bound at
              best); a sparse TopK step only the encoder forward over all F latents.
-  reference  `Reference` below, a dense crosscoder step written here: the project's loss, torch.optim.Adam.
+  reference  `Reference` below, a dense crosscoder step written here: the project's loss. Every row steps the
+             trainer's Adam (crosscoder.schedules.adam: fused where the kernel exists).
   module     crosscoder.model.Crosscoder(...)(x, l1_coeff, dead_mask).loss.backward(), Adam. TopK / BatchTopK
              with `sparse_topk=False` (dense) and `=True` (sparse; "n/a" while the keyword does not exist),
              without AuxK (dead_mask=None) and with AuxK (`--dead` of the latents dead, aux_k = d/2).
   trainer    the trainer's step on one rank (crosscoder.trainer.TrainingRun._step without the stream): the
-             accelerate + DeepSpeed ZeRO-2 engine of build_accelerator, the fired-latents + health reduction,
+             accelerate + DeepSpeed engine of build_accelerator (the trainer's stage: ZeRO-0 on one rank; the
+             "ZeRO-2" row forces stage 2, which shards nothing on one rank: its cost over the ZeRO-0 row is the
+             engine's own), the fired-latents + health reduction,
              accelerator.backward, optimizer / scheduler step, the dead-latent update, loss.item().
 
 Ratios are of tokens/s (above 1: the first is faster): sparse/dense against the same row with
@@ -172,6 +175,17 @@ def _module(spec: dict, scale, **extra):  # noqa: ANN001, ANN202
     return model
 
 
+def _adam(parameters, lr: float, betas: tuple[float, float]):  # noqa: ANN001, ANN202
+    """The trainer's optimiser for every row, the reference's too (the ratios compare crosscoder steps)."""
+    import torch
+
+    try:
+        from crosscoder.schedules import adam
+    except ImportError:  # a version from before the fused Adam
+        return torch.optim.Adam(parameters, lr=lr, betas=betas)
+    return adam(parameters, lr=lr, betas=betas)
+
+
 def _dead_mask(spec: dict):  # noqa: ANN202
     import torch
 
@@ -200,7 +214,7 @@ def _plain_step(spec: dict):  # noqa: ANN202
 
         def loss():  # noqa: ANN202
             return model(x, L1_COEFF, dead).loss
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = _adam(model.parameters(), LR, (0.9, 0.999))
 
     def step() -> None:
         loss().backward()
@@ -218,21 +232,21 @@ def _trainer_step(spec: dict):  # noqa: ANN202
     from crosscoder.config import RunConfig
     from crosscoder.faults import local_health, read_health
     from crosscoder.layout import build_layout
-    from crosscoder.metrics import DeadLatentTracker
+    from crosscoder.metrics import DeadLatentTracker, fired_latents
     from crosscoder.parallel import build_accelerator, teardown, with_model_parallel_unit
     from crosscoder.schedules import l1_coefficient, lr_multiplier
 
     cfg = RunConfig(output_dir=tempfile.mkdtemp(prefix="step_bench_"))
-    cfg.deepspeed.zero_stage = 2
+    cfg.deepspeed.zero_stage = spec.get("zero_stage")  # None: the trainer's own choice (ZeRO-0 on one rank)
     cfg.trainer.batch_size = spec["B"]
     cc, trainer_cfg = cfg.crosscoder, cfg.trainer
     cc.dict_size, cc.activation, cc.k = spec["F"], spec["activation"], spec["k"]
-    accelerator = build_accelerator(cfg, spec["B"])  # one rank: micro batch = batch
+    accelerator = build_accelerator(cfg, spec["B"], 1)  # one rank: micro batch = batch
     layout = build_layout(1, spec["S"], cfg.parallel.sparse_topk_gradient)
     x, scale = _inputs(spec)
     model = _module(spec, scale, aux_coeff=cc.aux_coeff, init_decoder_norm=cc.init_decoder_norm,
                     snapshot_share=layout.share, reduction=layout.reduction)
-    optimizer = torch.optim.Adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
+    optimizer = _adam(model.parameters(), trainer_cfg.lr, tuple(trainer_cfg.adam_betas))
     total_steps = trainer_cfg.total_tokens // trainer_cfg.batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -249,7 +263,7 @@ def _trainer_step(spec: dict):  # noqa: ANN202
         batch = x.to(accelerator.device, dtype=param_dtype)
         l1_coeff = l1_coefficient(n, cc.l1_coeff, cc.l1_warmup_steps)
         output = engine(batch, l1_coeff, dead.dead_mask)
-        local = torch.cat([(output.codes > 0).any(dim=0).float(),
+        local = torch.cat([fired_latents(output.codes).float(),
                            local_health(layout, batch, output.loss, False, None)])
         reduced = accelerator.reduce(local, "sum")
         health = read_health(reduced[cc.dict_size :], names)
@@ -369,6 +383,8 @@ def rows_of(size: tuple[int, ...], args: argparse.Namespace, sparse_exists: bool
     sparse = "sparse" if sparse_exists else "dense"
     rows.append(Row(f"trainer batchtopk {sparse}", dict(base, kind="trainer", activation="batchtopk",
                                                          sparse=sparse_exists)))
+    rows.append(Row(f"trainer batchtopk {sparse} ZeRO-2", dict(base, kind="trainer", activation="batchtopk",
+                                                                sparse=sparse_exists, zero_stage=2)))
     if args.rows:
         keep = [word.strip() for word in args.rows.split(",")]
         rows = [row for row in rows if row.kind == "gemm" or any(word in row.name for word in keep)]
@@ -417,7 +433,7 @@ def table(size: tuple[int, ...], rows: list[Row], results: dict[str, list[dict]]
               f"a dense step's five such products: {bound / 5:,.0f} tok/s")
     passes = max(len(found) for found in results.values())
     head = " ".join(f"{'ms p' + str(p + 1):>7}" for p in range(passes))
-    print(f"{'row':<28} {head} {'tok/s':>7} {'/bound':>6} {'/ref':>5} {'sparse/dense':>12} {'trainer/module':>14} "
+    print(f"{'row':<32} {head} {'tok/s':>7} {'/bound':>6} {'/ref':>5} {'sparse/dense':>12} {'trainer/module':>14} "
           f"{'peak RSS MiB':>12} {'setup':>6} {'others':>6} {'load':>{4 * passes - 1}}")
     for row in rows:
         if row.kind == "gemm":
@@ -425,7 +441,7 @@ def table(size: tuple[int, ...], rows: list[Row], results: dict[str, list[dict]]
         found = results[row.name]
         status = next((r.get("na") or r.get("failed") for r in found if r.get("na") or r.get("failed")), None)
         if row.name not in best:
-            print(f"{row.name:<28} {status or 'no result'}")
+            print(f"{row.name:<32} {status or 'no result'}")
             continue
         per_pass = " ".join(f"{min(r['times']) * 1e3:>7.0f}" if r.get("times") else f"{'-':>7}" for r in found)
         seconds, others = best[row.name]
@@ -444,7 +460,7 @@ def table(size: tuple[int, ...], rows: list[Row], results: dict[str, list[dict]]
         if row.kind == "trainer":
             path = "" if spec["activation"] == "relu" else " sparse" if spec.get("sparse") else " dense"
             module = f"module {spec['activation']}{path}"
-        print(f"{row.name:<28} {per_pass} {rate:>7,.0f} {_fmt(rate / bound if bound else None, '6.3f')} "
+        print(f"{row.name:<32} {per_pass} {rate:>7,.0f} {_fmt(rate / bound if bound else None, '6.3f')} "
               f"{_fmt(ratio(reference), '5.2f')} {_fmt(ratio(dense), '12.2f')} {_fmt(ratio(module), '14.2f')} "
               f"{rss:>12,.0f} {setup:>6,.0f} {others:>6.2f} {load:>{4 * passes - 1}}"
               + (f"   [{status}]" if status else ""))

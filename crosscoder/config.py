@@ -277,7 +277,7 @@ class DeepSpeedConfig:
     """The parallelism plan: how DeepSpeed shards the crosscoder and its optimiser state."""
 
     zero_stage: int | None = None
-    """ZeRO stage 0-3; None takes the accelerate launch config's stage, else 2."""
+    """ZeRO stage 0-3; None takes the accelerate launch config's stage, else 2 (0 with one data-parallel rank)."""
     offload_optimizer: str = "none"
     """none or cpu: keep Adam state in host memory."""
     extra: dict[str, Any] = field(default_factory=dict)

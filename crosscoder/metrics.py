@@ -25,6 +25,12 @@ def reconstruction_metrics(
     }
 
 
+def fired_latents(codes: torch.Tensor) -> torch.Tensor:
+    """[F] bool: the latents active on some token of codes [B, F] (codes are >= 0: one max per column, 5x
+    cheaper than (codes > 0).any(0))."""
+    return codes.amax(dim=0) > 0
+
+
 class DeadLatentTracker:
     """Counts tokens since each latent last fired; a latent silent for `dead_after_tokens` is dead."""
 

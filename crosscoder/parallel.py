@@ -39,8 +39,10 @@ def ensure_process_group_env() -> None:
     )
 
 
-def resolve_zero_stage(configured: int | None) -> int:
-    """Hydra's `deepspeed.zero_stage` if set, else the accelerate launch config's, else 2; both set must agree."""
+def resolve_zero_stage(configured: int | None, data_parallel: int) -> int:
+    """Hydra's `deepspeed.zero_stage` if set, else the accelerate launch config's (both set must agree), else 2
+    over several data-parallel ranks and 0 over one: ZeRO shards over the data group only, so with one rank in
+    it a stage above 0 shards nothing and only adds its gradient copies (bench/step_bench.py)."""
     launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     launcher_stage = int(launcher) if launcher is not None else None
     if configured is not None and launcher_stage is not None and configured != launcher_stage:
@@ -51,7 +53,7 @@ def resolve_zero_stage(configured: int | None) -> int:
     for stage in (configured, launcher_stage):
         if stage is not None:
             return stage
-    return 2
+    return 2 if data_parallel > 1 else 0
 
 
 def deepspeed_config(cfg: RunConfig, micro_batch_size: int, zero_stage: int) -> dict[str, Any]:
@@ -83,14 +85,14 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def build_accelerator(cfg: RunConfig, micro_batch_size: int):  # noqa: ANN201 (accelerate.Accelerator)
-    """An Accelerator whose engine is DeepSpeed with the configured ZeRO stage."""
+def build_accelerator(cfg: RunConfig, micro_batch_size: int, data_parallel: int):  # noqa: ANN201
+    """An accelerate.Accelerator whose engine is DeepSpeed with the configured ZeRO stage (`resolve_zero_stage`)."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     ensure_process_group_env()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    zero_stage = resolve_zero_stage(cfg.deepspeed.zero_stage)
+    zero_stage = resolve_zero_stage(cfg.deepspeed.zero_stage, data_parallel)
     # The launcher's DeepSpeed fields are merged above; accelerate refuses a dict config while they are set.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, micro_batch_size, zero_stage), zero_stage=zero_stage)

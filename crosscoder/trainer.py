@@ -44,7 +44,7 @@ from crosscoder.faults import (
 )
 from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.layout import build_layout, check_layout
-from crosscoder.metrics import DeadLatentTracker, step_metrics
+from crosscoder.metrics import DeadLatentTracker, fired_latents, step_metrics
 from crosscoder.model import Crosscoder
 from crosscoder.normalization import estimate_input_scale
 from crosscoder.parallel import (
@@ -63,6 +63,7 @@ from crosscoder.tracking import ProgressBar, Tracker
 from crosscoder.training_state import (
     TrainingState,
     check_same_run,
+    check_same_zero_stage,
     load_engine_state,
     load_training_state,
     restore_rng,
@@ -94,7 +95,7 @@ def train(cfg: RunConfig) -> TrainResult:
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), cfg.trainer.batch_size)
-    accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel)
+    accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
     run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop)
     try:
@@ -234,7 +235,7 @@ class TrainingRun:
         output = self.engine(x, l1_coeff, self.dead.dead_mask)
         # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
         # batch or the loss, a failed stream, a stop signal) that stop every rank together.
-        local = torch.cat([(output.codes > 0).any(dim=0).float(),
+        local = torch.cat([fired_latents(output.codes).float(),
                            local_health(layout, x, output.loss, data_error is not None, self.stop.signum)])
         reduced = self.accelerator.reduce(local, "sum")
         health = read_health(reduced[crosscoder_cfg.dict_size :], self.source_names)
@@ -384,6 +385,7 @@ def _resumable_state(
         return None
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
     check_same_run(resumed.trainer["config"], run_config, path)
+    check_same_zero_stage(resumed.trainer["zero_stage"], accelerator.state.deepspeed_plugin.zero_stage, path)
     return resumed
 
 

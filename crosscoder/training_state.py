@@ -52,6 +52,7 @@ MUTABLE_SETTINGS = (
     "trainer.checkpoint_every", "data.workers.device", "data.workers.threads", "data.workers.cpus",
     "data.workers.slots", "data.workers.start_timeout_s", "data.cache.dir", "sources.toy.cache_dir",
     "parallel.token_check_every",
+    "deepspeed.zero_stage",  # the stage it resolves to must match instead (check_same_zero_stage)
 )
 
 
@@ -261,6 +262,13 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
         if before.get(key) != now.get(key):
             raise ConfigError(f"cannot resume from {path}: it was saved with {key}={before.get(key)!r}, this run "
                               f"has {key}={now.get(key)!r}")
+
+
+def check_same_zero_stage(saved: int, current: int, path: Path) -> None:
+    """Only DeepSpeed lays ZeRO partitions back in place, and only under the stage that wrote them."""
+    if saved != current:
+        raise ConfigError(f"cannot resume from {path}: it was saved under ZeRO-{saved}, this run has ZeRO-{current}; "
+                          f"resume with deepspeed.zero_stage={saved}")
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

@@ -9,18 +9,20 @@ from crosscoder.parallel import deepspeed_config, resolve_zero_stage
 
 
 def test_zero_stage_from_hydra_then_launcher_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default shards over several data-parallel ranks; over one there is nothing to shard: ZeRO-0."""
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
-    assert resolve_zero_stage(None) == 2
-    assert resolve_zero_stage(1) == 1
+    assert resolve_zero_stage(None, data_parallel=2) == 2
+    assert resolve_zero_stage(None, data_parallel=1) == 0
+    assert resolve_zero_stage(1, data_parallel=1) == 1
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert resolve_zero_stage(None) == 3
-    assert resolve_zero_stage(3) == 3
+    assert resolve_zero_stage(None, data_parallel=1) == 3
+    assert resolve_zero_stage(3, data_parallel=2) == 3
 
 
 def test_conflicting_zero_stages_name_both(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigError, match=r"zero_stage=1.*zero_stage=3"):
-        resolve_zero_stage(1)
+        resolve_zero_stage(1, data_parallel=2)
 
 
 def test_deepspeed_config_reflects_the_run() -> None:

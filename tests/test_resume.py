@@ -118,3 +118,17 @@ def test_partial_state_and_other_settings_are_refused(finished_run: tuple, tmp_p
     cfg.crosscoder.l1_coeff = 9.0
     with pytest.raises(ConfigError, match=r"crosscoder.l1_coeff=0.5, this run has crosscoder.l1_coeff=9.0"):
         train(cfg)
+
+
+def test_resuming_under_another_zero_stage_is_refused(finished_run: tuple, toy_cache: Path, tmp_path: Path,
+                                                      clean_process_env: None) -> None:  # noqa: F811
+    """The state was saved under ZeRO-2; the one-rank default is ZeRO-0, whose engine cannot read ZeRO-2's
+    optimizer partitions: refused before any load, naming the override that resumes it."""
+    finished_cfg, run_dir, _ = finished_run
+    cfg = resume_config(toy_cache, tmp_path / "out")  # the fixture's config is changed by the tests above
+    cfg.data.cache.dir, cfg.data.workers.num_workers = finished_cfg.data.cache.dir, 0
+    cfg.trainer.resume = str(run_dir / TRAINING_STATES_DIR / "step_0000006")
+    cfg.deepspeed.zero_stage = None
+    with pytest.raises(ConfigError, match=r"saved under ZeRO-2, this run has ZeRO-0; resume with "
+                                          r"deepspeed.zero_stage=2"):
+        train(cfg)
