@@ -28,7 +28,7 @@ Rows of one configuration (B tokens x S snapshots x d, F latents, k):
              accelerate + DeepSpeed engine of build_accelerator (the trainer's stage: ZeRO-0 on one rank; the
              "ZeRO-2" row forces stage 2, which shards nothing on one rank: its cost over the ZeRO-0 row is the
              engine's own), the fired-latents + health reduction,
-             accelerator.backward, optimizer / scheduler step, the dead-latent update, loss.item().
+             accelerator.backward, optimizer / scheduler step, the dead-latent update.
 
 Ratios are of tokens/s (above 1: the first is faster): sparse/dense against the same row with
 sparse_topk=False, /ref against the reference of the same activation, trainer/module against the module row of
@@ -264,9 +264,10 @@ def _trainer_step(spec: dict):  # noqa: ANN202
         l1_coeff = l1_coefficient(n, cc.l1_coeff, cc.l1_warmup_steps)
         output = engine(batch, l1_coeff, dead.dead_mask)
         local = torch.cat([fired_latents(output.codes).float(),
-                           local_health(layout, batch, output.loss, False, None)])
+                           local_health(layout, batch, output.loss, False, None), output.loss.detach().reshape(1)])
         reduced = accelerator.reduce(local, "sum")
-        health = read_health(reduced[cc.dict_size :], names)
+        *flags, _loss = reduced[cc.dict_size :].tolist()  # the loss the progress line shows
+        health = read_health(flags, names)
         if not health.healthy:
             raise RuntimeError(f"unhealthy step {n}: {health}")
         accelerator.backward(output.loss)
@@ -274,7 +275,6 @@ def _trainer_step(spec: dict):  # noqa: ANN202
         scheduler.step()
         optimizer.zero_grad()
         dead.update(reduced[: cc.dict_size] > 0, cfg.trainer.batch_size)
-        output.loss.item()  # the progress line
 
     return step, lambda: teardown(accelerator)
 

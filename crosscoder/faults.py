@@ -132,9 +132,8 @@ def local_health(layout: Layout, batch: torch.Tensor, loss: torch.Tensor, data_f
     return torch.cat([layout.scatter(nonfinite), loss_flag, flags])
 
 
-def read_health(reduced: torch.Tensor, source_names: list[str]) -> StepHealth:
-    """The summed flags of `local_health`, read back (on the host: one transfer per step)."""
-    values = reduced.tolist()
+def read_health(values: list[float], source_names: list[str]) -> StepHealth:
+    """The summed flags of `local_health`, read back to the host (the trainer's one transfer per step)."""
     n = len(source_names)
     sources, (loss, data, sigterm, sigint) = values[:n], values[n : n + HEALTH_FLAGS]
     stop = signal.SIGINT if sigint > 0 else signal.SIGTERM if sigterm > 0 else None

@@ -102,6 +102,10 @@ class Crosscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
         self.register_buffer("input_scale", torch.ones(n_sources))
         self.register_buffer("folded", torch.zeros((), dtype=torch.bool))
+        # Read every forward: a host copy, so a GPU run does not wait on the device to learn it; the buffer is
+        # what state dicts carry, and loading one refreshes the copy.
+        self._folded = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_folded", bool(module.folded)))
         if len(share) < self.total_sources:
             # DeepSpeed's gradient norm sums these over the snapshot group and counts the shared b_enc once.
             for name in SNAPSHOT_DIMS:
@@ -111,7 +115,7 @@ class Crosscoder(nn.Module):
     # ---- normalisation -------------------------------------------------------------------------------
     @property
     def is_folded(self) -> bool:
-        return bool(self.folded)
+        return self._folded
 
     def set_input_scale(self, scale: torch.Tensor) -> None:
         if self.is_folded:
@@ -130,6 +134,7 @@ class Crosscoder(nn.Module):
         self.W_dec.div_(scale[None, :, None])
         self.b_dec.div_(scale[:, None])
         self.folded.fill_(True)
+        self._folded = True
 
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale applied to the input before encoding, scale from model output space to normalised space)."""

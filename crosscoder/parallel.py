@@ -39,6 +39,18 @@ def ensure_process_group_env() -> None:
     )
 
 
+def slow_precision_warning(precision: str, device: torch.device) -> str | None:
+    """A warning line when 16-bit training would run on a CPU without matrix units for it: there torch falls back
+    to slow generic code (2-core AMD EPYC: bf16 and fp16 GEMMs at 0.3-1.3 GFLOP/s against 152-162 in float32)."""
+    if device.type != "cpu" or precision == "fp32":
+        return None
+    supported = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    if supported[precision]():
+        return None
+    return (f"warning: trainer.precision={precision} on a CPU without {precision} matrix units: its matmuls run "
+            f"100-500x slower than in float32 (bench/RESULTS.md); use trainer.precision=fp32 on this machine")
+
+
 def resolve_zero_stage(configured: int | None, data_parallel: int) -> int:
     """Hydra's `deepspeed.zero_stage` if set, else the accelerate launch config's (both set must agree), else 2
     over several data-parallel ranks and 0 over one: ZeRO shards over the data group only, so with one rank in

@@ -53,6 +53,7 @@ from crosscoder.parallel import (
     full_parameters,
     full_state_dict,
     partitioned_init,
+    slow_precision_warning,
     teardown,
     with_model_parallel_unit,
 )
@@ -213,6 +214,9 @@ class TrainingRun:
         self.log(f"training {self.total_steps} steps of {cfg.trainer.batch_size} tokens on "
                  f"{self.accelerator.num_processes} rank(s){split}, ZeRO-{self.zero_stage}, "
                  f"output in {self.output_dir}")
+        warning = slow_precision_warning(cfg.trainer.precision, self.accelerator.device)
+        if warning:
+            self.log(warning)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def train(self, started: float) -> TrainResult:
@@ -235,10 +239,15 @@ class TrainingRun:
         output = self.engine(x, l1_coeff, self.dead.dead_mask)
         # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
         # batch or the loss, a failed stream, a stop signal) that stop every rank together.
+        # The loss rides along (summed over the world: each rank's share of its data rank's loss), so the
+        # progress line needs no transfer of its own after the update.
         local = torch.cat([fired_latents(output.codes).float(),
-                           local_health(layout, x, output.loss, data_error is not None, self.stop.signum)])
+                           local_health(layout, x, output.loss, data_error is not None, self.stop.signum),
+                           output.loss.detach().float().reshape(1)])
         reduced = self.accelerator.reduce(local, "sum")
-        health = read_health(reduced[crosscoder_cfg.dict_size :], self.source_names)
+        *flags, loss_sum = reduced[crosscoder_cfg.dict_size :].tolist()  # the step's one host transfer
+        health = read_health(flags, self.source_names)
+        self.step_loss = loss_sum / layout.data_parallel
         if not health.healthy:
             self._halt(step, health, data_error, batch)
         self.accelerator.backward(output.loss)  # under DeepSpeed this also steps the engine
@@ -267,7 +276,7 @@ class TrainingRun:
             if decoder_norms is not None:
                 self.tracker.log_decoder_norms(decoder_norms, self.source_names, step=done)
             self.metrics = metrics
-        shown = {"loss": output.loss.item()}
+        shown = {"loss": self.step_loss}
         if self.metrics:  # quality figures from the last log step
             shown.update(ev=self.metrics["explained_variance/mean"], l0=self.metrics["l0"])
         self.progress.update(done - self.first_step, shown, force=done == self.total_steps)
