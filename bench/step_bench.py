@@ -288,7 +288,19 @@ def _gemm(spec: dict) -> dict:
     a @ b
     runs = [timed(lambda: a @ b) for _ in range(max(5, spec["steps"] * 2))]
     wall, others = min(runs)
-    return {"flops": flop / wall, "times": [run[0] for run in runs], "others": others}
+    return {"flops": flop / wall, "times": [run[0] for run in runs], "others": others,
+            "half_flops": _half_precision_flops(torch)}
+
+
+def _half_precision_flops(torch) -> dict[str, float]:  # noqa: ANN001
+    """bf16 / fp16 GEMM FLOP/s against fp32 at 512^3 (small: without matrix units for them, a CPU runs 16-bit
+    GEMMs 100x+ slower, and the encoder-size GEMM would take minutes)."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a = torch.randn(512, 512).to(dtype)
+        a @ a
+        out[name] = 2 * 512**3 / min(timed(lambda a=a: a @ a)[0] for _ in range(3))
+    return out
 
 
 def _check(spec: dict) -> dict:
@@ -431,6 +443,10 @@ def table(size: tuple[int, ...], rows: list[Row], results: dict[str, list[dict]]
         print(f"fp32 GEMM [{batch}, {sources * d_model}] x [{sources * d_model}, {dict_size}]: best "
               f"{flops / 1e9:.1f} GFLOP/s (passes: {per_pass}) -> encoder-matmul bound {bound:,.0f} tok/s; "
               f"a dense step's five such products: {bound / 5:,.0f} tok/s")
+        half = next((r["half_flops"] for r in gemm if "half_flops" in r), None)
+        if half:
+            print("GEMM 512^3 GFLOP/s: " + ", ".join(f"{name} {value / 1e9:.1f}" for name, value in half.items())
+                  + " (16-bit on this CPU: " + ("faster" if half["bf16"] > half["fp32"] else "slower") + ")")
     passes = max(len(found) for found in results.values())
     head = " ".join(f"{'ms p' + str(p + 1):>7}" for p in range(passes))
     print(f"{'row':<32} {head} {'tok/s':>7} {'/bound':>6} {'/ref':>5} {'sparse/dense':>12} {'trainer/module':>14} "
