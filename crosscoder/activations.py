@@ -3,9 +3,13 @@
 Each maps pre-activations [B, F] and a per-latent weight w_i = sum_s ||W_dec[i, s]|| to codes [B, F].
 TopK variants rank latents by f_i * w_i (a latent with a large decoder contributes more to the
 reconstruction) but keep the ReLU'd pre-activation as the code value, so the gradient reaches the encoder.
+Penalised families also say their sparsity penalty (`penalty`, scaled by the warmed-up crosscoder.l1_coeff)
+and any loss on the pre-activations (`preactivation_loss`, scaled by `preact_coeff`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -28,7 +32,19 @@ class Activation(nn.Module):
         self.k = k
         self.dict_size = dict_size
 
+    preact_coeff: float = 0.0
+    """Weight of `preactivation_loss` in the loss (0: the family has none)."""
+    splits_by_snapshot: bool = True
+    """False when a learned parameter's gradient would need a sum over the snapshot group that is not made yet."""
+
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def penalty(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """The sparsity penalty per token, averaged over the batch (penalised families)."""
+        raise NotImplementedError
+
+    def preactivation_loss(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -37,6 +53,62 @@ class ReLU(Activation):
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         return pre.relu()
+
+    def penalty(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """L1 of the codes weighted by their decoder norms: sum_i f_i w_i."""
+        return (codes * latent_weight).sum(dim=1).mean()
+
+
+class _JumpGate(torch.autograd.Function):
+    """f = pre * 1[pre > theta] with the straight-through threshold gradient of Rajamanoharan et al. (2024):
+    d f / d theta := -(theta / eps) * K((pre - theta) / eps), K the rectangle 1[|u| < 1/2]; d f / d pre is the
+    gate itself. Chained through theta = exp(t), the log-threshold gets -(theta^2 / eps) * K: SAELens' choice,
+    a factor theta from differentiating with respect to log theta directly (Anthropic, 2025)."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:  # noqa: ANN001
+        gate = pre > threshold
+        ctx.save_for_backward(pre, threshold, gate)
+        ctx.bandwidth = bandwidth
+        return pre * gate
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:  # noqa: ANN001
+        pre, threshold, gate = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad_out.dtype)  # K((pre - theta) / eps)
+        grad_threshold = -(threshold / ctx.bandwidth) * (grad_out * near).sum(dim=0)
+        return grad_out * gate, grad_threshold, None
+
+
+class JumpReLU(Activation):
+    """f_i = pre_i * 1[pre_i > theta_i], theta_i = exp(t_i) learned per latent, one gate shared by every snapshot
+    (Anthropic's crosscoders, January 2025). Penalty sum_i tanh(c f_i w_i); pre-activation loss
+    sum_i ReLU(theta_i - pre_i) w_i, which pulls latents that never fire back towards their threshold."""
+
+    penalised = True
+    splits_by_snapshot = False  # the thresholds' gradient: each rank's share only
+
+    def __init__(self, k: int, dict_size: int, bandwidth: float = 0.1, initial_threshold: float = 0.1,
+                 tanh_scale: float = 4.0, preact_coeff: float = 3e-6) -> None:
+        super().__init__(k, dict_size)
+        if bandwidth <= 0 or initial_threshold <= 0 or tanh_scale <= 0 or preact_coeff < 0:
+            raise ValueError(f"JumpReLU needs bandwidth={bandwidth}, initial_threshold={initial_threshold} and "
+                             f"tanh_scale={tanh_scale} > 0 and preact_coeff={preact_coeff} >= 0")
+        self.bandwidth, self.tanh_scale, self.preact_coeff = bandwidth, tanh_scale, preact_coeff
+        self.log_threshold = nn.Parameter(torch.full((dict_size,), math.log(initial_threshold)))
+
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        return _JumpGate.apply(pre, self.threshold(), self.bandwidth)
+
+    def penalty(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """sum_i tanh(c f_i w_i): about L1 for small codes, about L0 (one per active latent) for large ones."""
+        return torch.tanh(self.tanh_scale * codes * latent_weight).sum(dim=1).mean()
+
+    def preactivation_loss(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        return ((self.threshold() - pre).relu() * latent_weight).sum(dim=1).mean()
 
 
 class TopK(Activation):
@@ -105,4 +177,4 @@ class BatchTopK(TopK):
         return sorted_flat(indices, scores.numel())
 
 
-ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK}
+ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}

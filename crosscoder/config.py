@@ -12,12 +12,12 @@ import difflib
 import os
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
 
-ACTIVATION_NAMES = ("relu", "topk", "batchtopk")
+ACTIVATION_NAMES = ("relu", "topk", "batchtopk", "jumprelu")
 SOURCE_KINDS = ("hf", "toy", "planted")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -211,19 +211,34 @@ class DataConfig:
 
 
 @dataclass
+class JumpReLUConfig:
+    """JumpReLU (crosscoder.activations.JumpReLU): a learned threshold per latent, a tanh sparsity penalty."""
+
+    bandwidth: float = 0.1
+    """eps of the straight-through threshold gradient's rectangle kernel, in normalised pre-activation units."""
+    initial_threshold: float = 0.1
+    """theta every latent starts with."""
+    tanh_scale: float = 4.0
+    """c in the penalty sum_i tanh(c f_i w_i) (scaled by crosscoder.l1_coeff, warmed up over l1_warmup_steps)."""
+    preact_coeff: float = 3e-6
+    """lambda_P of the pre-activation loss sum_i ReLU(theta_i - pre_i) w_i (0 turns it off)."""
+
+
+@dataclass
 class CrosscoderConfig:
     """The dictionary: F latents shared by all snapshots, a decoder vector per latent and snapshot."""
 
     dict_size: int = 1024
     """F, the number of latents."""
     activation: str = "relu"
-    """relu (with L1 of decoder norms), topk, or batchtopk."""
+    """relu (with L1 of decoder norms), topk, batchtopk, or jumprelu (a learned threshold, tanh penalty)."""
     k: int = 16
     """Active latents per token for topk / batchtopk (batchtopk keeps k * batch over the batch)."""
     l1_coeff: float = 2.0
-    """lambda of the ReLU penalty lambda * sum_i f_i * sum_s ||W_dec[i, s]||."""
+    """lambda of the sparsity penalty: ReLU's lambda * sum_i f_i * sum_s ||W_dec[i, s]||, JumpReLU's tanh one."""
     l1_warmup_steps: int = 200
-    """lambda rises linearly from 0 over these steps (ReLU only)."""
+    """lambda rises linearly from 0 over these steps (ReLU and JumpReLU)."""
+    jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
     aux_k: int = 0
     """Dead latents used by the AuxK loss (topk / batchtopk); 0 means d/2 as in Gao et al."""
     aux_coeff: float = 1 / 32
@@ -239,6 +254,10 @@ class CrosscoderConfig:
     """Scale each snapshot to E||x_s||^2 = d (estimated once, saved, folded out at export)."""
     norm_estimation_batches: int = 8
     """Batches used to estimate the per-snapshot scale."""
+
+    def activation_options(self) -> dict[str, Any]:
+        """Keyword arguments of the activation's class beyond k (crosscoder.model.Crosscoder)."""
+        return asdict(self.jumprelu) if self.activation == "jumprelu" else {}
 
 
 @dataclass
@@ -366,6 +385,16 @@ class RunConfig:
                 raise ConfigError(f"crosscoder.k={c.k} is larger than crosscoder.dict_size={c.dict_size}")
             if c.aux_k < 0 or c.aux_k > c.dict_size:
                 raise ConfigError(f"crosscoder.aux_k={c.aux_k} must be in [0, dict_size={c.dict_size}]")
+        if c.activation == "jumprelu":
+            j = c.jumprelu
+            for key in ("bandwidth", "initial_threshold", "tanh_scale"):
+                if not getattr(j, key) > 0:
+                    raise ConfigError(f"crosscoder.jumprelu.{key}={getattr(j, key)} must be > 0")
+            if j.preact_coeff < 0:
+                raise ConfigError(f"crosscoder.jumprelu.preact_coeff={j.preact_coeff} must be >= 0")
+            if self.parallel.snapshot_parallel > 1:
+                raise ConfigError("crosscoder.activation=jumprelu cannot be split by snapshot yet (its thresholds' "
+                                  "gradient is not summed over the snapshot group): use parallel.snapshot_parallel=1")
         if c.l1_coeff < 0:
             raise ConfigError(f"crosscoder.l1_coeff={c.l1_coeff} must be >= 0")
         if t.lr <= 0:

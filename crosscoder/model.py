@@ -43,6 +43,7 @@ class CrosscoderOutput(NamedTuple):
     mse_loss: torch.Tensor
     sparsity_loss: torch.Tensor
     aux_loss: torch.Tensor
+    """AuxK's (TopK / BatchTopK with dead latents) or the pre-activation loss (JumpReLU); 0 otherwise."""
     codes: torch.Tensor
     """[B, F] latent activations."""
     normalized_input: torch.Tensor
@@ -66,11 +67,13 @@ class Crosscoder(nn.Module):
         snapshot_share: range | None = None,
         reduction: SnapshotReduction | None = None,
         sparse_topk: bool = True,
+        activation_options: dict | None = None,
     ) -> None:
         """`snapshot_share`: the sources (of `n_sources`) this module holds, the rest living on the other ranks of
         `reduction`'s snapshot group; the weights are those slices of the whole crosscoder's initialisation.
         `sparse_topk`: TopK / BatchTopK training steps decode and back-propagate through the active latents only
-        (crosscoder.sparse); the same loss and gradients as the dense path, which False keeps."""
+        (crosscoder.sparse); the same loss and gradients as the dense path, which False keeps.
+        `activation_options`: keyword arguments of the activation's class (JumpReLU's bandwidth, ...)."""
         super().__init__()
         if n_sources <= 0 or d_model <= 0 or dict_size <= 0:
             raise ValueError(
@@ -86,7 +89,9 @@ class Crosscoder(nn.Module):
         if isinstance(activation, str):
             if activation not in ACTIVATIONS:
                 raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
-            activation = ACTIVATIONS[activation](k=k, dict_size=dict_size)
+            activation = ACTIVATIONS[activation](k=k, dict_size=dict_size, **(activation_options or {}))
+        if not activation.splits_by_snapshot and len(share) < self.total_sources:
+            raise ValueError(f"{type(activation).__name__} cannot be split by snapshot yet")
         self.activation = activation
         self.aux_k = aux_k or max(1, d_model // 2)
         self.aux_coeff = aux_coeff
@@ -194,8 +199,11 @@ class Crosscoder(nn.Module):
 
         mse_loss = squared_error(normalized_reconstruction, normalized_input)
         zero = mse_loss.new_zeros(())
-        sparsity_loss = (codes * latent_weight).sum(dim=1).mean() if self.activation.penalised else zero
+        sparsity_loss = self.activation.penalty(codes, latent_weight) if self.activation.penalised else zero
         aux_loss = zero
+        aux_coeff = self.aux_coeff
+        if self.activation.preact_coeff:  # the family's auxiliary term (JumpReLU), in place of AuxK
+            aux_loss, aux_coeff = self.activation.preactivation_loss(pre, latent_weight), self.activation.preact_coeff
         if dead_mask is not None and self.activation.uses_aux_loss and bool(dead_mask.any()):
             error = (normalized_input - normalized_reconstruction).detach()
             aux_loss, aux_codes = self._aux_loss(pre, dead_mask, error)
@@ -203,7 +211,7 @@ class Crosscoder(nn.Module):
                 support = support | (aux_codes > 0)
         if support is not None:
             self.reduction.restrict_gradient(support)
-        loss = mse_loss + l1_coeff * sparsity_loss + self.aux_coeff * aux_loss
+        loss = mse_loss + l1_coeff * sparsity_loss + aux_coeff * aux_loss
         return CrosscoderOutput(
             loss=loss,
             mse_loss=mse_loss,

@@ -177,6 +177,7 @@ class TrainingRun:
                 activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
                 snapshot_share=share, reduction=layout.reduction, sparse_topk=crosscoder_cfg.sparse_topk,
+                activation_options=crosscoder_cfg.activation_options(),
             )
         self.aux_k = model.aux_k
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
