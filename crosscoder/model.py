@@ -169,11 +169,16 @@ class Crosscoder(nn.Module):
 
     def decode_normalized(self, codes: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """Normalised-space reconstruction [B, S, d] from codes [B, F]."""
-        _, out_scale = self._scales()
         model_space = torch.einsum("bf,fsd->bsd", codes, self.W_dec)
         if with_bias:
             model_space = model_space + self.b_dec
-        return model_space * out_scale[None, :, None].to(model_space.dtype) if self.is_folded else model_space
+        return self._normalized(model_space)
+
+    def _normalized(self, model_space: torch.Tensor) -> torch.Tensor:
+        """Model-space [B, S, d] to normalised space: a multiply by the input scale once it is folded (1 before)."""
+        if not self.is_folded:
+            return model_space
+        return model_space * self.input_scale[None, :, None].to(model_space.dtype)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction [B, S, d] from codes [B, F]."""
@@ -206,9 +211,9 @@ class Crosscoder(nn.Module):
             aux_loss, aux_coeff = self.activation.preactivation_loss(pre, latent_weight), self.activation.preact_coeff
         if dead_mask is not None and self.activation.uses_aux_loss and bool(dead_mask.any()):
             error = (normalized_input - normalized_reconstruction).detach()
-            aux_loss, aux_codes = self._aux_loss(pre, dead_mask, error)
+            aux_loss, (aux_latents, aux_values) = self._aux_loss(pre, dead_mask, error)
             if support is not None:
-                support = support | (aux_codes > 0)
+                support = support | torch.zeros_like(support).scatter(1, aux_latents, aux_values > 0)
         if support is not None:
             self.reduction.restrict_gradient(support)
         loss = mse_loss + l1_coeff * sparsity_loss + aux_coeff * aux_loss
@@ -224,14 +229,18 @@ class Crosscoder(nn.Module):
 
     def _aux_loss(
         self, pre: torch.Tensor, dead_mask: torch.Tensor, error: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """AuxK (Gao et al. 2024): the top dead latents must explain the residual error, so they get gradient.
-        Returns the loss and the auxiliary codes [B, F]."""
-        values, indices = self._dead_top(pre, dead_mask)
-        aux_codes = torch.zeros_like(pre).scatter(1, indices, values)
+        Returns the loss and the auxiliary (latents, values) [B, k_aux]. Decoded over those pairs only (the
+        dense [B, F] aux codes would cost three more full products and their memory)."""
+        values, latents = self._dead_top(pre, dead_mask)
+        order = latents.argsort(dim=1)  # decode_active wants each row's latents ascending
+        latents, values = latents.gather(1, order), values.gather(1, order)
+        flat = (torch.arange(pre.shape[0], device=pre.device)[:, None] * self.dict_size + latents).flatten()
+        w_dec = self.W_dec.view(self.dict_size, self.n_sources * self.d_model)
         # No decoder bias: the dead latents must explain the error by their directions alone.
-        aux_reconstruction = self.decode_normalized(aux_codes, with_bias=False)
-        return self._aux_ratio(aux_reconstruction, error), aux_codes
+        aux_reconstruction = self._normalized(decode_active(values.flatten(), flat, w_dec, pre.shape[0]).view_as(error))
+        return self._aux_ratio(aux_reconstruction, error), (latents, values)
 
     def _dead_top(self, pre: torch.Tensor, dead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, latent indices) [B, k_aux] of the largest ReLU'd pre-activations among the dead latents; the
@@ -251,7 +260,7 @@ class Crosscoder(nn.Module):
         """The dense forward's loss and gradients, with the decoder, its backward and the encoder's backward
         over the active (token, latent) pairs only (crosscoder.sparse); `codes` is still the dense [B, F]."""
         batch, width = x.shape[0], self.n_sources * self.d_model
-        in_scale, out_scale = self._scales()
+        in_scale, _ = self._scales()
         x_in = (x * in_scale[None, :, None].to(x.dtype)).reshape(batch, width)
         w_enc, w_dec = self.W_enc.view(width, self.dict_size), self.W_dec.view(self.dict_size, width)
         with torch.no_grad():  # the one product over all F latents (its backward is the sparse one below);
@@ -263,18 +272,15 @@ class Crosscoder(nn.Module):
         aux_flat = self._aux_selection(pre, dead_mask)
         chosen = flat if aux_flat is None else torch.cat([flat, aux_flat])
         values = gather_active(x_in, w_enc, self.b_enc, pre, chosen, self.reduction)
-        def normalized(model_space: torch.Tensor) -> torch.Tensor:  # out_scale is 1 unless folded
-            return model_space * out_scale[None, :, None].to(x.dtype) if self.is_folded else model_space
-
         reconstruction = decode_active(values[: flat.numel()], flat, w_dec, batch).view_as(x) + self.b_dec
-        normalized_reconstruction = normalized(reconstruction)
+        normalized_reconstruction = self._normalized(reconstruction)
         # Unfolded (training), the encoder's input already is the normalised input.
         normalized_input = x_in.view_as(x) if not self.is_folded else x * self.input_scale[None, :, None].to(x.dtype)
         mse_loss = squared_error(normalized_reconstruction, normalized_input)
         aux_loss = mse_loss.new_zeros(())
         if aux_flat is not None:
             aux_values = values[flat.numel() :]
-            aux_reconstruction = normalized(decode_active(aux_values, aux_flat, w_dec, batch).view_as(x))
+            aux_reconstruction = self._normalized(decode_active(aux_values, aux_flat, w_dec, batch).view_as(x))
             error = (normalized_input - normalized_reconstruction).detach()
             aux_loss = self._aux_ratio(aux_reconstruction, error)
         return CrosscoderOutput(
