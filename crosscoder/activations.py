@@ -88,7 +88,7 @@ class JumpReLU(Activation):
     penalised = True
     splits_by_snapshot = False  # the thresholds' gradient: each rank's share only
 
-    def __init__(self, k: int, dict_size: int, bandwidth: float = 0.1, initial_threshold: float = 0.1,
+    def __init__(self, k: int, dict_size: int, bandwidth: float = 0.5, initial_threshold: float = 1.0,
                  tanh_scale: float = 4.0, preact_coeff: float = 3e-6) -> None:
         super().__init__(k, dict_size)
         if bandwidth <= 0 or initial_threshold <= 0 or tanh_scale <= 0 or preact_coeff < 0:

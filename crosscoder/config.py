@@ -214,10 +214,10 @@ class DataConfig:
 class JumpReLUConfig:
     """JumpReLU (crosscoder.activations.JumpReLU): a learned threshold per latent, a tanh sparsity penalty."""
 
-    bandwidth: float = 0.1
+    bandwidth: float = 0.5
     """eps of the straight-through threshold gradient's rectangle kernel, in normalised pre-activation units."""
-    initial_threshold: float = 0.1
-    """theta every latent starts with."""
+    initial_threshold: float = 1.0
+    """theta every latent starts with (normalised units: inputs have E||x_s||^2 = d)."""
     tanh_scale: float = 4.0
     """c in the penalty sum_i tanh(c f_i w_i) (scaled by crosscoder.l1_coeff, warmed up over l1_warmup_steps)."""
     preact_coeff: float = 3e-6
