@@ -63,11 +63,13 @@ def build_model(meta: DictionaryMeta) -> Crosscoder:
 
 
 def export_dictionary(
-    state_dict: dict[str, torch.Tensor], meta: DictionaryMeta, out_dir: Path, extra_files: dict[str, str] | None = None
+    state_dict: dict[str, torch.Tensor], meta: DictionaryMeta, out_dir: Path, extra_files: dict[str, str] | None = None,
+    firing_frequency: torch.Tensor | None = None,
 ) -> Path:
     """Write a complete dictionary folder at `out_dir` (replacing an older one) from a full state dict.
 
     `extra_files` (name -> text) land in the same folder in the same atomic rename (e.g. stream positions).
+    `firing_frequency` [F] (the share of tokens each latent fired on) is stored beside the decoder norms.
     A state with a NaN or infinite value raises DictionaryError before anything is written, so an older export
     at `out_dir` stays as it was.
     """
@@ -91,7 +93,10 @@ def export_dictionary(
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        save_file({"decoder_norms": decoder_norms}, str(tmp / DECODER_NORMS_FILE),
+        statistics = {"decoder_norms": decoder_norms}
+        if firing_frequency is not None:
+            statistics["firing_frequency"] = firing_frequency.detach().float().cpu().contiguous()
+        save_file(statistics, str(tmp / DECODER_NORMS_FILE),
                   metadata={"sources": json.dumps(meta.source_names)})
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
         for name, text in (extra_files or {}).items():
@@ -197,3 +202,15 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> tup
 def load_decoder_norms(path: str | Path) -> torch.Tensor:
     """[F, S] per-latent, per-snapshot decoder norms of an exported dictionary (DictionaryError when unusable)."""
     return read_tensors(Path(path) / DECODER_NORMS_FILE, ["decoder_norms"])["decoder_norms"]
+
+
+def load_firing_frequency(path: str | Path) -> torch.Tensor | None:
+    """[F] share of training tokens each latent fired on (sampled at log steps), or None for a dictionary
+    exported before any log step or by an older version."""
+    file = Path(path) / DECODER_NORMS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            names = list(handle.keys())  # a safe_open handle has no `in`
+            return handle.get_tensor("firing_frequency") if "firing_frequency" in names else None
+    except (SafetensorError, OSError) as error:
+        raise DictionaryError(f"{file} is truncated or not a safetensors file ({error}); re-export it") from error

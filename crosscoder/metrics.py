@@ -52,6 +52,37 @@ class DeadLatentTracker:
         return self.dead_mask.float().mean().item()
 
 
+DENSE_FREQUENCY = 0.1
+"""A latent active on more than this share of tokens counts as dense."""
+
+
+class FiringFrequency:
+    """Per-latent firing frequency: the share of tokens each latent is active on. Sampled on log steps (each adds
+    its whole global batch's counts), so a run with L log steps estimates it over L x batch tokens at no
+    per-step cost."""
+
+    def __init__(self, dict_size: int, device: torch.device | str = "cpu") -> None:
+        self.counts = torch.zeros(dict_size, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, counts: torch.Tensor, tokens: int) -> None:
+        self.counts += counts.to(self.counts)
+        self.tokens += tokens
+
+    def frequency(self) -> torch.Tensor:
+        """[F] float32 on the host; zeros before any sample."""
+        return (self.counts / max(self.tokens, 1)).float().cpu()
+
+
+def density_metrics(frequency: torch.Tensor) -> dict[str, float]:
+    """Dense latents (> DENSE_FREQUENCY of tokens), latents never seen firing, and the median frequency of those
+    that fired."""
+    fired = frequency[frequency > 0]
+    return {"density/dense_latents": float((frequency > DENSE_FREQUENCY).sum()),
+            "density/never_fired_fraction": float((frequency == 0).float().mean()),
+            "density/median_frequency": float(fired.median()) if fired.numel() else 0.0}
+
+
 def decoder_norm_summary(decoder_norms: torch.Tensor, source_names: list[str]) -> dict[str, float]:
     """Per-source mean decoder norm, keyed by snapshot name."""
     means = decoder_norms.float().mean(dim=0)
@@ -60,21 +91,24 @@ def decoder_norm_summary(decoder_norms: torch.Tensor, source_names: list[str]) -
 
 def step_metrics(
     accelerator, layout: Layout, output, l1_coeff: float, scheduler, dead: DeadLatentTracker,  # noqa: ANN001
-    source_names: list[str], tokens_per_second: float,
+    source_names: list[str], tokens_per_second: float, firing: FiringFrequency,
 ) -> dict[str, float]:
     """Loss parts and per-source quality, averaged over the data ranks. Split by snapshot, each rank's losses are
     its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
     elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
-    same on every rank of a group."""
+    same on every rank of a group, so the firing counts are summed over the world and divided by
+    snapshot_parallel; they are added to `firing`."""
     recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
+    n = len(source_names)
     local = torch.cat([
         torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
                      output.aux_loss.detach(), recon["l0"]]).float(),
         layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
+        (output.codes > 0).sum(dim=0).float(),
     ])
     summed = accelerator.reduce(local, "sum")
-    values = (summed / layout.data_parallel).tolist()
-    n = len(source_names)
+    firing.add(summed[5 + 2 * n :] / layout.snapshot_parallel, output.codes.shape[0] * layout.data_parallel)
+    values = (summed[: 5 + 2 * n] / layout.data_parallel).tolist()
     loss, mse_loss, sparsity_loss, aux_loss = values[:4]
     l0 = summed[4].item() / accelerator.num_processes
     mse, ev = values[5 : 5 + n], values[5 + n :]
@@ -82,6 +116,7 @@ def step_metrics(
         "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,
         "l0": l0, "dead_fraction": dead.dead_fraction, "lr": scheduler.get_last_lr()[0], "l1_coeff": l1_coeff,
         "tokens_per_second": tokens_per_second, "explained_variance/mean": sum(ev) / n,
+        **density_metrics(firing.frequency()),
     }
     for name, source_mse, source_ev in zip(source_names, mse, ev, strict=True):
         metrics[f"mse/{name}"] = source_mse

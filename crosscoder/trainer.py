@@ -44,7 +44,7 @@ from crosscoder.faults import (
 )
 from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.layout import build_layout, check_layout
-from crosscoder.metrics import DeadLatentTracker, fired_latents, step_metrics
+from crosscoder.metrics import DeadLatentTracker, FiringFrequency, fired_latents, step_metrics
 from crosscoder.model import Crosscoder
 from crosscoder.normalization import estimate_input_scale
 from crosscoder.parallel import (
@@ -193,6 +193,7 @@ class TrainingRun:
         self.param_dtype = next(self.engine.parameters()).dtype
         self.dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens,
                                       self.accelerator.device)
+        self.firing = FiringFrequency(crosscoder_cfg.dict_size, self.accelerator.device)
 
     def _restore(self) -> None:
         self.first_step = 0
@@ -202,6 +203,8 @@ class TrainingRun:
         load_engine_state(self.engine, resumed.path)
         self.scheduler.load_state_dict(resumed.trainer["scheduler"])
         self.dead.tokens_since_fired.copy_(resumed.tensors["tokens_since_fired"])
+        if "firing_counts" in resumed.tensors:  # states from before the firing frequency start it afresh
+            self.firing.add(resumed.tensors["firing_counts"], resumed.trainer["firing_tokens"])
         restore_rng(resumed.tensors)
         self.first_step = resumed.step
         self.log(f"resumed from {resumed.path} at step {self.first_step}")
@@ -264,7 +267,8 @@ class TrainingRun:
         trainer_cfg = self.cfg.trainer
         if done % trainer_cfg.log_every == 0 or done == self.total_steps:
             metrics = step_metrics(self.accelerator, self.layout, output, l1_coeff, self.scheduler, self.dead,
-                                    self.source_names, self.progress.tokens_per_second(done - self.first_step))
+                                    self.source_names, self.progress.tokens_per_second(done - self.first_step),
+                                    self.firing)
             now, (window_started, window_waited) = time.perf_counter(), self._window
             # The share of loop time spent waiting on the activation stream (0 when data is never late).
             waited = self.stream.wait_seconds - window_waited
@@ -276,6 +280,7 @@ class TrainingRun:
             self.tracker.log(metrics, step=done)
             if decoder_norms is not None:
                 self.tracker.log_decoder_norms(decoder_norms, self.source_names, step=done)
+                self.tracker.log_firing_frequency(self.firing.frequency(), step=done)
             self.metrics = metrics
         shown = {"loss": self.step_loss}
         if self.metrics:  # quality figures from the last log step
@@ -312,8 +317,9 @@ class TrainingRun:
         trainer_state = {"scheduler": self.scheduler.state_dict(), "wandb_run_id": self.tracker.run_id,
                          "sources": [asdict(spec) for spec in self.sources.specs],
                          "input_scale": self.input_scale.tolist(), "zero_stage": self.zero_stage,
-                         "config": self.run_config}
-        tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": self.dead.tokens_since_fired}
+                         "config": self.run_config, "firing_tokens": self.firing.tokens}
+        tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": self.dead.tokens_since_fired,
+                   "firing_counts": self.firing.counts}
         root = states_root(self.output_dir)
         with writing("the training state", root / TRAINING_STATE_PATTERN.format(step=step), self.last_state,
                      _last_state_hint(self.last_state)):
@@ -330,7 +336,8 @@ class TrainingRun:
             meta = _dictionary_meta(self.sources, self.cfg, self.aux_k, step, self.run_config)
             with writing("the dictionary", out_dir, self.last_state, _last_state_hint(self.last_state)):
                 export_dictionary(state_dict, meta, out_dir,
-                                  extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)})
+                                  extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)},
+                                  firing_frequency=self.firing.frequency() if self.firing.tokens else None)
             if self.cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
                 self.tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=self.dead.dead_mask.cpu(),
                                                              recovery=planted_recovery(out_dir)), step)

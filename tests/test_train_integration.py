@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.checkpoint import load_decoder_norms, load_dictionary
+from crosscoder.checkpoint import load_decoder_norms, load_dictionary, load_firing_frequency
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,
@@ -70,8 +70,12 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(zero2_run: tuple[Path, 
         assert f"decoder_norm/mean/{name}" in keys
         assert f"decoder_norm/hist/{name}/values" in keys
         assert f"explained_variance/{name}" in keys
-    for key in ("loss/mse", "loss/sparsity", "l0", "dead_fraction", "lr", "tokens_per_second"):
-        assert key in keys
+    for key in ("loss/mse", "loss/sparsity", "l0", "dead_fraction", "lr", "tokens_per_second",
+                "density/dense_latents", "density/never_fired_fraction", "density/log10_frequency_hist/values"):
+        assert key in keys, key
+    frequency = load_firing_frequency(run_dir / DICTIONARY_DIR)
+    assert frequency is not None and frequency.shape == (64,) and ((frequency >= 0) & (frequency <= 1)).all()
+    assert frequency.max() > 0
     logged = [a for a in artifacts(wandb_file) if a.type == "crosscoder"]  # (W&B stores tables as artifacts too)
     assert len(logged) == 2
     contents = {c.path for c in logged[-1].manifest.contents}

@@ -187,3 +187,19 @@ def plot_recovery(cosines: torch.Tensor, threshold: float, path: str | Path) -> 
     ax.set(xlabel="decoder cosine of the matched pair", ylabel="planted features", title="Planted feature recovery")
     ax.legend(frameon=False)
     return _save(fig, path)
+
+
+def plot_firing_frequency(frequency: torch.Tensor, dense_frequency: float, path: str | Path) -> Path:
+    """Histogram of log10 firing frequency over the latents that fired, the dense line marked, the never-fired
+    count in the title (the feature-density plot of the SAE literature)."""
+    fired = frequency[frequency > 0].double().log10().numpy()
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if fired.size:
+        ax.hist(fired, bins=min(60, max(10, fired.size // 20)), color="#4c72b0")
+    ax.axvline(np.log10(dense_frequency), color="#c44e52", linestyle="--", label=f"dense (> {dense_frequency:g})")
+    never = int((frequency == 0).sum())
+    ax.set(xlabel="log10 share of tokens the latent fires on", ylabel="latents",
+           title=f"Feature density ({never} of {frequency.numel()} latents never seen firing)")
+    ax.legend(frameon=False)
+    return _save(fig, path)

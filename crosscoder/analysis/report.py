@@ -27,6 +27,7 @@ from crosscoder.analysis.plots import (
     MAX_HEATMAP_ROWS,
     plot_drift,
     plot_emergence_histogram,
+    plot_firing_frequency,
     plot_recovery,
     plot_similarity,
     plot_trajectory_heatmap,
@@ -34,6 +35,7 @@ from crosscoder.analysis.plots import (
 from crosscoder.checkpoint import (
     DictionaryMeta,
     load_decoder_norms,
+    load_firing_frequency,
     read_meta,
     read_tensors,
     replace_dir,
@@ -48,6 +50,7 @@ from crosscoder.constants import (
     DECODER_NORMS_FILE,
     WEIGHTS_FILE,
 )
+from crosscoder.metrics import DENSE_FREQUENCY, density_metrics
 
 FIGURES = {
     "trajectories.png": "Feature trajectories",
@@ -56,6 +59,7 @@ FIGURES = {
     "similarity.png": "Snapshot similarity",
 }
 RECOVERY_FIGURE = "recovery.png"
+DENSITY_FIGURE = "Feature density"
 
 
 class NotADictionaryError(FileNotFoundError):
@@ -125,6 +129,15 @@ def build_summary(evo: Evolution, meta: DictionaryMeta, dictionary_dir: Path, re
     return _clean(summary)
 
 
+def _add_frequency(table: FeatureTable, summary: dict[str, Any], frequency: torch.Tensor) -> None:
+    """A firing_frequency column in features.csv and the density figures in summary.json."""
+    table.columns.append("firing_frequency")
+    values = frequency.tolist()
+    for row in table.rows:
+        row.append(values[row[0]])  # row[0] is the latent index
+    summary.update({key.replace("density/", "firing_"): value for key, value in density_metrics(frequency).items()})
+
+
 def _csv(table: FeatureTable) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -174,6 +187,10 @@ def analyze_dictionary(
                         if recovery is not None else None)
         table = feature_table(evo)
         summary = build_summary(evo, meta, dictionary_dir, recovery)
+        frequency = load_firing_frequency(dictionary_dir)
+        if frequency is not None:  # exports from before any log step have none
+            figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png")
+            _add_frequency(table, summary, frequency)
         (tmp / ANALYSIS_FEATURES_FILE).write_text(_csv(table))
         (tmp / ANALYSIS_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log("writing the report")

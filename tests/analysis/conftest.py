@@ -37,7 +37,7 @@ def expected_norms() -> torch.Tensor:
     return torch.cat([torch.tensor(norms).expand(count, N_SOURCES) for _, _, norms, count in GROUPS])
 
 
-def write_dictionary(path: Path) -> Path:
+def write_dictionary(path: Path, firing_frequency: torch.Tensor | None = None) -> Path:
     norms = expected_norms()
     dict_size = norms.shape[0]
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def write_dictionary(path: Path) -> Path:
         activation="topk", k=4, aux_k=0, tokens_seen=1_000_000, train_step=500, input_scale=[1.0] * N_SOURCES,
         training={"trainer": {"lr": 1e-3}},
     )
-    return export_dictionary(model.state_dict(), meta, path)
+    return export_dictionary(model.state_dict(), meta, path, firing_frequency=firing_frequency)
 
 
 @pytest.fixture

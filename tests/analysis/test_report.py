@@ -98,3 +98,26 @@ def test_not_a_dictionary(tmp_path: Path) -> None:
     with pytest.raises(NotADictionaryError, match=r"half.*missing weights.safetensors, decoder_norms"):
         analyze_dictionary(tmp_path / "half")
     assert not (tmp_path / "half" / "analysis").exists()
+
+
+def test_firing_frequency_gives_a_density_plot_a_column_and_counts(tmp_path: Path) -> None:
+    """A dictionary exported with its firing frequency: the report adds the density plot, features.csv a
+    firing_frequency column, summary.json the dense / never-fired counts (a dictionary without one has none of
+    them: test_report_files_and_self_contained_html)."""
+    from tests.analysis.conftest import write_dictionary
+
+    frequency = torch.zeros(40)
+    frequency[:30] = torch.logspace(-5, -1.5, 30)
+    frequency[30:33] = torch.tensor([0.2, 0.5, 0.11])  # dense
+    dictionary = write_dictionary(tmp_path / "dictionary", firing_frequency=frequency)
+    result = analyze_dictionary(dictionary)
+    out = dictionary / "analysis"
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"density.png"}
+    assert len(_images(result.report.read_text())) == len(PNGS) + 1
+    with (out / "features.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[31]["firing_frequency"]) == pytest.approx(0.5)
+    assert float(rows[39]["firing_frequency"]) == 0.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["firing_dense_latents"] == 3
+    assert summary["firing_never_fired_fraction"] == pytest.approx(7 / 40)
