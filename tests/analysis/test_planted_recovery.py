@@ -85,12 +85,12 @@ def test_untrained_or_snapshot_shuffled_dictionaries_fail_the_same_bar(planted_d
     assert_controls_fail(planted_dictionary, RECOVERED, EMERGENCE_EXACT)
 
 
-@pytest.mark.parametrize(("family", "lr"), [("jumprelu", 4e-3), ("topk", 4e-3)])
+@pytest.mark.parametrize(("family", "lr"), [("jumprelu", 4e-3), ("topk", 4e-3), ("batchtopk", 1e-2)])
 def test_family_recipe_recovers_planted_features_and_its_controls_fail(family: str, lr: float,
                                                                        tmp_path: Path) -> None:
     """A shipped crosscoder=<family> group at the learning rate its file states, through the real trainer:
     >= 95% recovered and exact emergence; the same family untrained, or the trained dictionary with its
-    snapshots shuffled, does not pass. (BatchTopK does not reach the bar at this budget yet: issue 13.)"""
+    snapshots shuffled, does not pass."""
     dictionary = _train_clean(family_run_config(tmp_path / "run", family, lr))
     result = planted_recovery(dictionary)
     assert result is not None
