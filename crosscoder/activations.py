@@ -174,7 +174,7 @@ class BatchTopK(TopK):
                     self.threshold.copy_(smallest)
                 else:
                     self.threshold.lerp_(smallest, self.threshold_momentum)
-        return sorted_flat(indices, scores.numel())
+        return sorted_flat(indices)
 
 
 ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}

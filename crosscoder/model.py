@@ -297,7 +297,7 @@ class Crosscoder(nn.Module):
             return None
         values, indices = self._dead_top(pre, dead_mask)
         flat = torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1] + indices
-        return sorted_flat(flat[values > 0], pre.numel())
+        return sorted_flat(flat[values > 0])
 
 
 def _initial_decoder(dict_size: int, n_sources: int, d_model: int, share: range) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 """Where torch's fused Adam kernel runs: one pass over each parameter instead of a dozen (7x faster on CPU for a
-33M-parameter crosscoder, bench/step_bench.py); the same update to float rounding."""
+33M-parameter crosscoder, bench/step_profile.py); the same update to float rounding."""
 
 
 def adam(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:

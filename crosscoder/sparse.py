@@ -66,8 +66,8 @@ def sorted_pairs(indices: torch.Tensor, dict_size: int) -> torch.Tensor:
     return (rows + indices.sort(dim=1).values).flatten()
 
 
-def sorted_flat(indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Unique flat indices (of a tensor with `numel` entries) in ascending order."""
+def sorted_flat(indices: torch.Tensor) -> torch.Tensor:
+    """Unique flat indices in ascending order."""
     return indices.sort().values
 
 
