@@ -207,10 +207,4 @@ def load_decoder_norms(path: str | Path) -> torch.Tensor:
 def load_firing_frequency(path: str | Path) -> torch.Tensor | None:
     """[F] share of training tokens each latent fired on (sampled at log steps), or None for a dictionary
     exported before any log step or by an older version."""
-    file = Path(path) / DECODER_NORMS_FILE
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            names = list(handle.keys())  # a safe_open handle has no `in`
-            return handle.get_tensor("firing_frequency") if "firing_frequency" in names else None
-    except (SafetensorError, OSError) as error:
-        raise DictionaryError(f"{file} is truncated or not a safetensors file ({error}); re-export it") from error
+    return read_tensors(Path(path) / DECODER_NORMS_FILE).get("firing_frequency")  # a small file: read it whole
