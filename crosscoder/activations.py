@@ -1,7 +1,8 @@
 """Activation functions of the crosscoder, by name (the architecture registry).
 
-Each maps pre-activations [B, F] and a per-latent weight w_i = sum_s ||W_dec[i, s]|| to codes [B, F].
-TopK variants rank latents by f_i * w_i (a latent with a large decoder contributes more to the
+Each maps pre-activations [B, F] and a per-latent weight w_i = sum_s ||W_dec[i, s]|| to codes [B, F]; a
+per-snapshot gate (`per_snapshot`) takes the decoder norms n [F, S] themselves and gives codes [B, S, F], latent i's
+code in each snapshot. TopK variants rank latents by f_i * w_i (a latent with a large decoder contributes more to the
 reconstruction) but keep the ReLU'd pre-activation as the code value, so the gradient reaches the encoder.
 Penalised families also say their sparsity penalty (`penalty`, scaled by the warmed-up crosscoder.l1_coeff)
 and any loss on the pre-activations (`preactivation_loss`, scaled by `preact_coeff`).
@@ -36,6 +37,17 @@ class Activation(nn.Module):
     """Weight of `preactivation_loss` in the loss (0: the family has none)."""
     splits_by_snapshot: bool = True
     """False when a learned parameter's gradient would need a sum over the snapshot group that is not made yet."""
+    per_snapshot: bool = False
+    """True when a latent has one code per snapshot ([B, S, F]) and its latent weight is the norms [F, S]."""
+
+    def latent_weight(self, decoder_norms: torch.Tensor) -> torch.Tensor:
+        """What `forward` and the losses weigh latents by, from the decoder norms [F, S]: their sum over snapshots."""
+        return decoder_norms.sum(dim=1)
+
+    def gate_opening(self, decoder_norms: torch.Tensor) -> torch.Tensor | None:
+        """[F] the pre-activation above which each latent fires, or None where that depends on the other latents
+        (TopK). What `Crosscoder.initialize_encoder_bias` aims the encoder bias at."""
+        return None
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,6 +62,9 @@ class Activation(nn.Module):
 
 class ReLU(Activation):
     penalised = True
+
+    def gate_opening(self, decoder_norms: torch.Tensor) -> torch.Tensor:
+        return decoder_norms.new_zeros(self.dict_size)
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         return pre.relu()
@@ -99,6 +114,9 @@ class JumpReLU(Activation):
 
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
+
+    def gate_opening(self, decoder_norms: torch.Tensor) -> torch.Tensor:
+        return self.threshold().detach()
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         return _JumpGate.apply(pre, self.threshold(), self.bandwidth)
@@ -177,4 +195,50 @@ class BatchTopK(TopK):
         return sorted_flat(indices)
 
 
-ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU}
+class SnapshotJumpReLU(JumpReLU):
+    """One pre-activation, gated per snapshot (Ge et al. 2025, OpenMOSS lm-saes): f[s, i] = JumpReLU(pre_i n_is;
+    theta_i) / n_is with n_is = ||W_dec[i, s]||, one threshold per latent, so a latent can be on in some snapshots
+    and off in others; where it is on, its code is pre_i in every snapshot. Sparsity is tanh-quad: p_i, the mean
+    over batch and snapshots of tanh(c f[s, i] n_is), enters as sum_i p_i (1 + p_i / frequency_scale), about L0 for
+    rare latents and quadratic in the frequency of common ones. The threshold gradient is the same theta-space
+    straight-through estimate as the shared gate's (`_JumpGate`), taken at the gate's input pre_i n_is."""
+
+    per_snapshot = True
+
+    def __init__(self, k: int, dict_size: int, bandwidth: float = 0.5, initial_threshold: float = 1.0,
+                 tanh_scale: float = 4.0, preact_coeff: float = 0.0, frequency_scale: float = 0.01) -> None:
+        super().__init__(k, dict_size, bandwidth, initial_threshold, tanh_scale, preact_coeff)
+        if frequency_scale <= 0:
+            raise ValueError(f"frequency_scale={frequency_scale} must be > 0")
+        self.frequency_scale = frequency_scale
+
+    def latent_weight(self, decoder_norms: torch.Tensor) -> torch.Tensor:
+        return decoder_norms
+
+    def gate_opening(self, decoder_norms: torch.Tensor) -> torch.Tensor:
+        """The gate opens where pre_i n_is > theta_i: at theta_i / max_s n_is in the latent's strongest snapshot."""
+        return self.threshold().detach() / decoder_norms.amax(dim=1).clamp_min(torch.finfo(decoder_norms.dtype).tiny)
+
+    def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """pre [B, F], latent_weight the norms [F, S]: codes [B, S, F]. A zero norm (never trained) keeps the
+        latent off in that snapshot rather than dividing by zero."""
+        norms = latent_weight.t()[None]  # [1, S, F]
+        gated = _JumpGate.apply(pre[:, None, :] * norms, self.threshold(), self.bandwidth)
+        return gated / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+    def frequency(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """[F] p_i = mean over batch and snapshots of tanh(c f[s, i] n_is), a differentiable firing frequency."""
+        return torch.tanh(self.tanh_scale * codes * latent_weight.t()[None]).mean(dim=(0, 1))
+
+    def penalty(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        frequency = self.frequency(codes, latent_weight)
+        return (frequency * (1 + frequency / self.frequency_scale)).sum()
+
+    def preactivation_loss(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
+        """sum_s sum_i ReLU(theta_i - pre_i n_is) n_is, batch mean: the shared gate's loss at each snapshot's gate."""
+        norms = latent_weight.t()[None]
+        return ((self.threshold() - pre[:, None, :] * norms).relu() * norms).sum(dim=(1, 2)).mean()
+
+
+ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU,
+                                            "snapshot_jumprelu": SnapshotJumpReLU}

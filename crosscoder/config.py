@@ -17,7 +17,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-ACTIVATION_NAMES = ("relu", "topk", "batchtopk", "jumprelu")
+ACTIVATION_NAMES = ("relu", "topk", "batchtopk", "jumprelu", "snapshot_jumprelu")
+JUMPRELU_FAMILIES = ("jumprelu", "snapshot_jumprelu")
+INIT_SCHEMES = ("matched_filter", "anthropic_2025")
 SOURCE_KINDS = ("hf", "toy", "planted")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -212,7 +214,8 @@ class DataConfig:
 
 @dataclass
 class JumpReLUConfig:
-    """JumpReLU (crosscoder.activations.JumpReLU): a learned threshold per latent, a tanh sparsity penalty."""
+    """The JumpReLU families (crosscoder.activations): a learned threshold per latent; `jumprelu` gates once for
+    every snapshot with a tanh penalty, `snapshot_jumprelu` gates each snapshot with a tanh-quad one."""
 
     bandwidth: float = 0.5
     """eps of the straight-through threshold gradient's rectangle kernel, in normalised pre-activation units."""
@@ -222,6 +225,9 @@ class JumpReLUConfig:
     """c in the penalty sum_i tanh(c f_i w_i) (scaled by crosscoder.l1_coeff, warmed up over l1_warmup_steps)."""
     preact_coeff: float = 3e-6
     """lambda_P of the pre-activation loss sum_i ReLU(theta_i - pre_i) w_i (0 turns it off)."""
+    frequency_scale: float = 0.01
+    """snapshot_jumprelu: the tanh-quad penalty sum_i p_i (1 + p_i / frequency_scale) turns quadratic in a latent's
+    firing frequency p_i above about this."""
 
 
 @dataclass
@@ -231,7 +237,8 @@ class CrosscoderConfig:
     dict_size: int = 1024
     """F, the number of latents."""
     activation: str = "relu"
-    """relu (with L1 of decoder norms), topk, batchtopk, or jumprelu (a learned threshold, tanh penalty)."""
+    """relu (with L1 of decoder norms), topk, batchtopk, jumprelu (a learned threshold, tanh penalty), or
+    snapshot_jumprelu (the threshold applied per snapshot, a code per snapshot; tanh-quad penalty)."""
     k: int = 16
     """Active latents per token for topk / batchtopk (batchtopk keeps k * batch over the batch)."""
     l1_coeff: float = 2.0
@@ -248,8 +255,15 @@ class CrosscoderConfig:
     dense path's loss and gradients at a fraction of its work; false takes the dense path."""
     dead_after_tokens: int = 200_000
     """A latent that has not fired in this many tokens counts as dead."""
+    init: str = "matched_filter"
+    """`matched_filter`: decoder rows of norm init_decoder_norm per snapshot, encoder = decoder transpose;
+    `anthropic_2025` (Anthropic's January 2025 recipe): W_dec ~ U(+-1/sqrt(n)), W_enc = (n/F) W_dec^T with
+    n = S * d, and b_enc set from the first batches so each latent fires on init_firing_fraction of tokens."""
+    init_firing_fraction: float = 0.0
+    """anthropic_2025: the share of tokens each latent starts firing on; 0 means the published 10000 / F, capped at
+    0.1 (a small dictionary would otherwise start dense)."""
     init_decoder_norm: float = 0.1
-    """Per-snapshot norm of each decoder row at init; the encoder starts as the decoder's transpose."""
+    """matched_filter: per-snapshot norm of each decoder row at init."""
     normalize_inputs: bool = True
     """Scale each snapshot to E||x_s||^2 = d (estimated once, saved, folded out at export)."""
     norm_estimation_batches: int = 8
@@ -257,7 +271,16 @@ class CrosscoderConfig:
 
     def activation_options(self) -> dict[str, Any]:
         """Keyword arguments of the activation's class beyond k (crosscoder.model.Crosscoder)."""
-        return asdict(self.jumprelu) if self.activation == "jumprelu" else {}
+        if self.activation not in JUMPRELU_FAMILIES:
+            return {}
+        options = asdict(self.jumprelu)
+        if self.activation == "jumprelu":
+            del options["frequency_scale"]
+        return options
+
+    def firing_fraction(self) -> float:
+        """init_firing_fraction, its 0 resolved to the published min(10000 / F, 0.1)."""
+        return self.init_firing_fraction or min(10_000 / self.dict_size, 0.1)
 
 
 @dataclass
@@ -286,6 +309,10 @@ class TrainerConfig:
     """Steps between training-state checkpoints a run can resume from (0: only when stopped by SIGTERM)."""
     keep_states: int = 2
     """Training states kept; an older one is deleted once a newer one is complete."""
+    eval_tokens: int = 2048
+    """Held-out tokens of the spliced-in LM loss run on each exported dictionary (crosscoder.evaluation: CE with
+    each snapshot's hooked activation replaced by its reconstruction, by zero and by its mean); model sources only
+    (planted ones have no LM); 0 skips it."""
     resume: str = "none"
     """`none`, `auto` (the latest complete training state under output_dir; a fresh start if there is none), or
     the path of one training-state folder."""
@@ -385,16 +412,24 @@ class RunConfig:
                 raise ConfigError(f"crosscoder.k={c.k} is larger than crosscoder.dict_size={c.dict_size}")
             if c.aux_k < 0 or c.aux_k > c.dict_size:
                 raise ConfigError(f"crosscoder.aux_k={c.aux_k} must be in [0, dict_size={c.dict_size}]")
-        if c.activation == "jumprelu":
+        if c.init not in INIT_SCHEMES:
+            raise ConfigError(f"crosscoder.init={c.init!r} is not one of {list(INIT_SCHEMES)}")
+        if not 0 <= c.init_firing_fraction < 1:
+            raise ConfigError(f"crosscoder.init_firing_fraction={c.init_firing_fraction} must be in [0, 1)")
+        if c.init == "anthropic_2025" and self.parallel.snapshot_parallel > 1:
+            raise ConfigError("crosscoder.init=anthropic_2025 draws the whole decoder at once: use "
+                              "parallel.snapshot_parallel=1 or crosscoder.init=matched_filter")
+        if c.activation in JUMPRELU_FAMILIES:
             j = c.jumprelu
-            for key in ("bandwidth", "initial_threshold", "tanh_scale"):
+            for key in ("bandwidth", "initial_threshold", "tanh_scale", "frequency_scale"):
                 if not getattr(j, key) > 0:
                     raise ConfigError(f"crosscoder.jumprelu.{key}={getattr(j, key)} must be > 0")
             if j.preact_coeff < 0:
                 raise ConfigError(f"crosscoder.jumprelu.preact_coeff={j.preact_coeff} must be >= 0")
             if self.parallel.snapshot_parallel > 1:
-                raise ConfigError("crosscoder.activation=jumprelu cannot be split by snapshot yet (its thresholds' "
-                                  "gradient is not summed over the snapshot group): use parallel.snapshot_parallel=1")
+                raise ConfigError(f"crosscoder.activation={c.activation} cannot be split by snapshot yet (its "
+                                  "thresholds' gradient is not summed over the snapshot group): use "
+                                  "parallel.snapshot_parallel=1")
         if c.l1_coeff < 0:
             raise ConfigError(f"crosscoder.l1_coeff={c.l1_coeff} must be >= 0")
         if t.lr <= 0:
@@ -406,6 +441,8 @@ class RunConfig:
         if t.state_every < 0:
             raise ConfigError(f"trainer.state_every={t.state_every} must be >= 0 (0: only on SIGTERM)")
         _positive("trainer.keep_states", t.keep_states)
+        if t.eval_tokens < 0:
+            raise ConfigError(f"trainer.eval_tokens={t.eval_tokens} must be >= 0 (0 skips the spliced-in evaluation)")
         if not t.resume:
             raise ConfigError("trainer.resume='' must be none, auto or a training-state folder")
         if t.total_tokens < t.batch_size:  # zero steps would export the initial, untrained dictionary as final

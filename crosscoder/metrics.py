@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # the layout imports torch.distributed; metrics need only its
 def reconstruction_metrics(
     normalized_input: torch.Tensor, normalized_reconstruction: torch.Tensor, codes: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Per-source [S] MSE and explained variance 1 - ||x_s - x̂_s||^2 / ||x_s - mean(x_s)||^2, and L0."""
+    """Per-source [S] MSE and explained variance 1 - ||x_s - x̂_s||^2 / ||x_s - mean(x_s)||^2, and L0 (per-snapshot
+    codes [B, S, F]: the mean over snapshots of each snapshot's L0)."""
     x = normalized_input.float()
     error = (x - normalized_reconstruction.float()).pow(2).sum(dim=-1)  # [B, S]
     variance = (x - x.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1)  # [B, S]
@@ -26,9 +27,9 @@ def reconstruction_metrics(
 
 
 def fired_latents(codes: torch.Tensor) -> torch.Tensor:
-    """[F] bool: the latents active on some token of codes [B, F] (codes are >= 0: one max per column, 5x
-    cheaper than (codes > 0).any(0))."""
-    return codes.amax(dim=0) > 0
+    """[F] bool: the latents active on some token (in some snapshot) of codes [B, F] or [B, S, F] (codes are >= 0:
+    one max per column, 5x cheaper than (codes > 0).any(0))."""
+    return codes.reshape(-1, codes.shape[-1]).amax(dim=0) > 0
 
 
 class DeadLatentTracker:
@@ -57,30 +58,36 @@ DENSE_FREQUENCY = 0.1
 
 
 class FiringFrequency:
-    """Per-latent firing frequency: the share of tokens each latent is active on. Sampled on log steps (each adds
-    its whole global batch's counts), so a run with L log steps estimates it over L x batch tokens at no
-    per-step cost."""
+    """Per-latent firing frequency: the share of tokens each latent is active on ([F]; [S, F], in each snapshot,
+    for per-snapshot codes). Sampled on log steps (each adds its whole global batch's counts), so a run with L log
+    steps estimates it over L x batch tokens at no per-step cost."""
 
-    def __init__(self, dict_size: int, device: torch.device | str = "cpu") -> None:
-        self.counts = torch.zeros(dict_size, dtype=torch.float64, device=device)
+    def __init__(self, shape: int | tuple[int, ...], device: torch.device | str = "cpu") -> None:
+        self.counts = torch.zeros(shape, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, counts: torch.Tensor, tokens: int) -> None:
-        self.counts += counts.to(self.counts)
+        self.counts += counts.to(self.counts).view_as(self.counts)
         self.tokens += tokens
 
     def frequency(self) -> torch.Tensor:
-        """[F] float32 on the host; zeros before any sample."""
+        """[F] (or [S, F]) float32 on the host; zeros before any sample."""
         return (self.counts / max(self.tokens, 1)).float().cpu()
 
 
 def density_metrics(frequency: torch.Tensor) -> dict[str, float]:
     """Dense latents (> DENSE_FREQUENCY of tokens), latents never seen firing, and the median frequency of those
-    that fired."""
+    that fired. A per-snapshot frequency [S, F] counts each latent by its most frequent snapshot."""
+    frequency = latent_frequency(frequency)
     fired = frequency[frequency > 0]
     return {"density/dense_latents": float((frequency > DENSE_FREQUENCY).sum()),
             "density/never_fired_fraction": float((frequency == 0).float().mean()),
             "density/median_frequency": float(fired.median()) if fired.numel() else 0.0}
+
+
+def latent_frequency(frequency: torch.Tensor) -> torch.Tensor:
+    """[F]: the frequency itself, or a per-snapshot one [S, F] at each latent's most frequent snapshot."""
+    return frequency.amax(dim=0) if frequency.dim() == 2 else frequency
 
 
 def decoder_norm_summary(decoder_norms: torch.Tensor, source_names: list[str]) -> dict[str, float]:
@@ -97,14 +104,14 @@ def step_metrics(
     its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
     elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
     same on every rank of a group, so the firing counts are summed over the world and divided by
-    snapshot_parallel; they are added to `firing`."""
+    snapshot_parallel; they are added to `firing` (per snapshot for per-snapshot codes)."""
     recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
     n = len(source_names)
     local = torch.cat([
         torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
                      output.aux_loss.detach(), recon["l0"]]).float(),
         layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
-        (output.codes > 0).sum(dim=0).float(),
+        (output.codes > 0).sum(dim=0).float().flatten(),
     ])
     summed = accelerator.reduce(local, "sum")
     firing.add(summed[5 + 2 * n :] / layout.snapshot_parallel, output.codes.shape[0] * layout.data_parallel)

@@ -1,6 +1,7 @@
 """The crosscoder: one latent code shared by S sources, a decoder vector per latent and source.
 
-Shapes: input x [B, S, d]; encoder W_enc [S, d, F]; decoder W_dec [F, S, d]; codes f [B, F].
+Shapes: input x [B, S, d]; encoder W_enc [S, d, F]; decoder W_dec [F, S, d]; codes f [B, F], or [B, S, F] for a
+per-snapshot gate (crosscoder.activations.SnapshotJumpReLU: a latent's code in each snapshot).
 
 Input normalisation: each source is scaled by c_s = sqrt(d) / sqrt(E||x_s||^2), a buffer estimated once per
 dataset. The module always takes *raw* activations and returns raw reconstructions; losses are computed in the
@@ -45,7 +46,7 @@ class CrosscoderOutput(NamedTuple):
     aux_loss: torch.Tensor
     """AuxK's (TopK / BatchTopK with dead latents) or the pre-activation loss (JumpReLU); 0 otherwise."""
     codes: torch.Tensor
-    """[B, F] latent activations."""
+    """[B, F] latent activations ([B, S, F] for a per-snapshot gate)."""
     normalized_input: torch.Tensor
     """[B, S, d] the input in normalised space (what the loss compares against)."""
     normalized_reconstruction: torch.Tensor
@@ -68,12 +69,16 @@ class Crosscoder(nn.Module):
         reduction: SnapshotReduction | None = None,
         sparse_topk: bool = True,
         activation_options: dict | None = None,
+        init: str = "matched_filter",
     ) -> None:
         """`snapshot_share`: the sources (of `n_sources`) this module holds, the rest living on the other ranks of
         `reduction`'s snapshot group; the weights are those slices of the whole crosscoder's initialisation.
         `sparse_topk`: TopK / BatchTopK training steps decode and back-propagate through the active latents only
         (crosscoder.sparse); the same loss and gradients as the dense path, which False keeps.
-        `activation_options`: keyword arguments of the activation's class (JumpReLU's bandwidth, ...)."""
+        `activation_options`: keyword arguments of the activation's class (JumpReLU's bandwidth, ...).
+        `init`: `matched_filter` (decoder rows of norm `init_decoder_norm`, encoder = decoder transpose) or
+        `anthropic_2025` (W_dec ~ U(+-1/sqrt(n)), W_enc = (n/F) W_dec^T, n = S * d; then
+        `initialize_encoder_bias` on data; the whole crosscoder only)."""
         super().__init__()
         if n_sources <= 0 or d_model <= 0 or dict_size <= 0:
             raise ValueError(
@@ -97,12 +102,22 @@ class Crosscoder(nn.Module):
         self.aux_coeff = aux_coeff
         self.sparse_topk = sparse_topk
 
-        # Random decoder rows with a small fixed norm per source; encoder = decoder transpose, so every latent
-        # starts as a matched filter of its own decoder direction.
-        decoder = _initial_decoder(dict_size, self.total_sources, d_model, share)
-        decoder = decoder / decoder.norm(dim=-1, keepdim=True) * init_decoder_norm
+        if init == "anthropic_2025":
+            if len(share) < self.total_sources:
+                raise ValueError("init=anthropic_2025 draws the whole decoder: it cannot be split by snapshot")
+            width = self.total_sources * d_model
+            decoder = (torch.rand(dict_size, n_sources, d_model) * 2 - 1) / math.sqrt(width)
+            encoder = decoder.permute(1, 2, 0) * (width / dict_size)
+        elif init == "matched_filter":
+            # Random decoder rows with a small fixed norm per source; encoder = decoder transpose, so every
+            # latent starts as a matched filter of its own decoder direction.
+            decoder = _initial_decoder(dict_size, self.total_sources, d_model, share)
+            decoder = decoder / decoder.norm(dim=-1, keepdim=True) * init_decoder_norm
+            encoder = decoder.permute(1, 2, 0)
+        else:
+            raise ValueError(f"init={init!r} is not matched_filter or anthropic_2025")
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.permute(1, 2, 0).contiguous())
+        self.W_enc = nn.Parameter(encoder.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(n_sources, d_model))
         self.register_buffer("input_scale", torch.ones(n_sources))
@@ -146,6 +161,23 @@ class Crosscoder(nn.Module):
         ones = torch.ones_like(self.input_scale)
         return (ones, self.input_scale) if self.is_folded else (self.input_scale, ones)
 
+    @torch.no_grad()
+    def initialize_encoder_bias(self, batches: list[torch.Tensor], firing_fraction: float) -> None:
+        """b_enc such that each latent's gate opens on `firing_fraction` of the tokens of `batches` (raw [B, S, d]):
+        b_i = g_i - q_i, q_i the (1 - p) quantile of (x W_enc)_i and g_i where the gate opens (0 for ReLU, theta_i
+        for JumpReLU, theta_i / max_s n_is for a per-snapshot gate: open in its strongest snapshot). Anthropic's
+        January 2025 initialisation; families without a gate (TopK) keep b_enc = 0."""
+        gate = self.activation.gate_opening(self.decoder_norms())
+        if gate is None:
+            return
+        if len(self.snapshot_share) < self.total_sources:
+            raise ValueError("the encoder bias is initialised from the whole crosscoder's pre-activations")
+        in_scale, _ = self._scales()
+        x = torch.cat(batches).to(self.W_enc.dtype)
+        pre = torch.einsum("bsd,sdf->bf", x * in_scale[None, :, None], self.W_enc)
+        rank = min(pre.shape[0], max(1, round(pre.shape[0] * (1 - firing_fraction))))  # k-th smallest
+        self.b_enc.copy_(gate.to(pre.dtype) - pre.kthvalue(rank, dim=0).values)
+
     # ---- maths ------------------------------------------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:
         """[F, S] per-source decoder norms in normalised space: n_{i,s} = ||W_dec[i, s]||."""
@@ -163,13 +195,19 @@ class Crosscoder(nn.Module):
         flows through a ranking; the ReLU penalty uses each rank's own share, so its gradient stays local)."""
         return self.reduction.total(local_weight) if self.activation.ranks_by_decoder_norm else local_weight
 
+    def latent_weight(self) -> torch.Tensor:
+        """What the activation weighs latents by, this module's sources': sum_s ||W_dec[i, s]|| [F], or the norms
+        [F, S] themselves for a per-snapshot gate."""
+        return self.activation.latent_weight(self.decoder_norms())
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes [B, F] of raw activations [B, S, d]."""
-        return self.activation(self.encode_pre(x), self.selection_weight(self.decoder_norms().sum(dim=1)))
+        """Codes [B, F] ([B, S, F] for a per-snapshot gate) of raw activations [B, S, d]."""
+        return self.activation(self.encode_pre(x), self.selection_weight(self.latent_weight()))
 
     def decode_normalized(self, codes: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """Normalised-space reconstruction [B, S, d] from codes [B, F]."""
-        model_space = torch.einsum("bf,fsd->bsd", codes, self.W_dec)
+        """Normalised-space reconstruction [B, S, d] from codes [B, F] (or per-snapshot codes [B, S, F])."""
+        equation = "bsf,fsd->bsd" if codes.dim() == 3 else "bf,fsd->bsd"
+        model_space = torch.einsum(equation, codes, self.W_dec)
         if with_bias:
             model_space = model_space + self.b_dec
         return self._normalized(model_space)
@@ -181,7 +219,7 @@ class Crosscoder(nn.Module):
         return model_space * self.input_scale[None, :, None].to(model_space.dtype)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Raw-space reconstruction [B, S, d] from codes [B, F]."""
+        """Raw-space reconstruction [B, S, d] from codes [B, F] (or [B, S, F])."""
         return self.decode_normalized(codes) / self.input_scale[None, :, None]
 
     def forward(
@@ -196,7 +234,7 @@ class Crosscoder(nn.Module):
         if self.sparse_topk and self.training and isinstance(self.activation, TopK):
             return self._sparse_forward(x, dead_mask)
         pre = self.encode_pre(x)
-        latent_weight = self.decoder_norms().sum(dim=1)  # this module's sources
+        latent_weight = self.latent_weight()  # this module's sources
         codes = self.activation(pre, self.selection_weight(latent_weight))
         support = codes > 0 if self.activation.ranks_by_decoder_norm else None  # where d pre can be non-zero
         normalized_reconstruction = self.decode_normalized(codes)

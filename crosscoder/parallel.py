@@ -122,9 +122,10 @@ def build_accelerator(cfg: RunConfig, micro_batch_size: int, data_parallel: int)
 
 
 @contextlib.contextmanager
-def full_parameters(model: nn.Module, only: list[nn.Parameter] | None = None) -> Iterator[nn.Module]:
+def full_parameters(model: nn.Module, only: list[nn.Parameter] | None = None, modify: bool = False
+                    ) -> Iterator[nn.Module]:
     """The unwrapped module with whole (un-partitioned) parameters (all, or `only` these), for reading weights
-    outside forward. Collective under ZeRO-3."""
+    outside forward (`modify`: rank 0's changes are kept, partitioned again). Collective under ZeRO-3."""
     module = getattr(model, "module", model)
     params = [p for p in (module.parameters() if only is None else only) if hasattr(p, "ds_id")]
     if not params:
@@ -132,7 +133,7 @@ def full_parameters(model: nn.Module, only: list[nn.Parameter] | None = None) ->
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield module
 
 

@@ -3,7 +3,7 @@
 A snapshot is an HF checkpoint: a local directory, or a hub id plus a revision (`EleutherAI/pythia-160m` at
 `step1000`). All snapshots must share one tokenizer and one width, so the same token ids mean the same text
 and the crosscoder's per-source blocks line up. The forward pass stops at the last hooked block: no later
-layers, no final norm, no logits.
+layers, no final norm, no logits (crosscoder.splicing runs on to the logits, for the spliced-in evaluation).
 """
 
 from __future__ import annotations
@@ -121,9 +121,11 @@ def load_tokenizer(spec: SnapshotSpec, trust_remote_code: bool = False):  # noqa
         raise ConfigError(f"cannot load the tokenizer of snapshot {_describe(spec)}: {error}") from error
 
 
-def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
-    """The base model (no LM head) of one snapshot, in eval mode with gradients off."""
-    from transformers import AutoModel
+def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote_code: bool = False,
+                        with_lm_head: bool = False) -> nn.Module:
+    """The base model (no LM head) of one snapshot, in eval mode with gradients off; `with_lm_head` loads the
+    causal LM (same blocks, plus the final head) for forwards that run to logits (crosscoder.splicing)."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # The base model is loaded from a causal-LM checkpoint: its unused LM head is expected, not news.
@@ -132,7 +134,7 @@ def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote
     if dtype not in DTYPES:
         raise ConfigError(f"sources.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     try:
-        model = AutoModel.from_pretrained(
+        model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
             spec.path, revision=spec.revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
@@ -351,11 +353,14 @@ def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> 
     return SourceInfo(specs=specs, tokenizer=tokenizers[0], d_model=widths[0], hook=cfg.hook)
 
 
-def load_runners(cfg: SourcesConfig, specs: list[SnapshotSpec], device: torch.device) -> list[SnapshotRunner]:
-    """Load every snapshot's weights onto `device` (each activation worker calls this once)."""
+def load_runners(cfg: SourcesConfig, specs: list[SnapshotSpec], device: torch.device, with_lm_head: bool = False
+                 ) -> list[SnapshotRunner]:
+    """Load every snapshot's weights onto `device` (each activation worker calls this once); `with_lm_head`: the
+    causal LMs, whose runners can also run to logits (the spliced-in evaluation)."""
     hook = HookPoint.parse(cfg.hook)
     return [
-        SnapshotRunner(load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code).to(device), hook, spec.name)
+        SnapshotRunner(load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code, with_lm_head).to(device), hook,
+                       spec.name)
         for spec in specs
     ]
 

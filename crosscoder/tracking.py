@@ -76,16 +76,23 @@ class Tracker:
         metrics["decoder_norm/peak_snapshot_hist"] = wandb.Histogram(share.argmax(dim=1).numpy())
         self.run.log(metrics, step=step)
 
-    def log_firing_frequency(self, frequency: torch.Tensor, step: int) -> None:
-        """log10 of each fired latent's firing frequency as a histogram (the density plot of the SAE literature);
-        the never-fired share and the dense count are scalars of `step_metrics`."""
+    def log_firing_frequency(self, frequency: torch.Tensor, step: int, source_names: list[str] | None = None) -> None:
+        """log10 of each fired latent's firing frequency as a histogram (the density plot of the SAE literature),
+        one per snapshot (`density/log10_frequency_hist/<snapshot>`) for a per-snapshot frequency [S, F]; the
+        never-fired share and the dense count are scalars of `step_metrics`."""
         if self.run is None:
             return
         import wandb
 
-        fired = frequency[frequency > 0].double()
-        if fired.numel():
-            self.run.log({"density/log10_frequency_hist": wandb.Histogram(fired.log10().numpy())}, step=step)
+        rows = {"": frequency} if frequency.dim() == 1 else {f"/{name}": row for name, row in
+                                                            zip(source_names or [], frequency, strict=True)}
+        metrics = {}
+        for suffix, row in rows.items():
+            fired = row[row > 0].double()
+            if fired.numel():
+                metrics[f"density/log10_frequency_hist{suffix}"] = wandb.Histogram(fired.log10().numpy())
+        if metrics:
+            self.run.log(metrics, step=step)
 
     def log_analysis(self, result: AnalysisResult, step: int, max_rows: int = ANALYSIS_TABLE_ROWS) -> None:
         """An exported dictionary's evolution: a table of per-feature trajectories, the report's plots, and class

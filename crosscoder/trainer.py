@@ -31,7 +31,8 @@ from crosscoder.constants import (
     TRAINING_STATE_PATTERN,
 )
 from crosscoder.data.stream import ActivationStream, build_activation_stream
-from crosscoder.data.workers import WorkerError
+from crosscoder.data.workers import WorkerError, resolve_worker_device
+from crosscoder.evaluation import MODEL_SOURCE_KINDS, export_eval
 from crosscoder.faults import (
     EXIT_BAD_INPUT,
     EXIT_FAULT,
@@ -126,6 +127,8 @@ class TrainingRun:
         """The newest complete training state of this run: where it can resume from now."""
         self.metrics: dict[str, Any] = {}
         """Figures of the last log step."""
+        self.eval_metrics: dict[str, float] = {}
+        """Spliced-in LM loss of the last export (main process only)."""
         self.stopped_by: str | None = None
 
     # ---- start-up ------------------------------------------------------------------------------------
@@ -177,12 +180,17 @@ class TrainingRun:
                 activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
                 aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
                 snapshot_share=share, reduction=layout.reduction, sparse_topk=crosscoder_cfg.sparse_topk,
-                activation_options=crosscoder_cfg.activation_options(),
+                activation_options=crosscoder_cfg.activation_options(), init=crosscoder_cfg.init,
             )
         self.aux_k = model.aux_k
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
                                         self.log)  # every snapshot's
         model.set_input_scale(self.input_scale[share.start : share.stop])
+        if crosscoder_cfg.init == "anthropic_2025" and self.resumed is None:
+            # Rank 0's bias is every rank's: DeepSpeed broadcasts rank 0's weights (ZeRO-3: `modify`).
+            with full_parameters(model, [model.W_enc, model.W_dec, model.b_enc], modify=True) as module:
+                module.initialize_encoder_bias(self.stream.peek(crosscoder_cfg.norm_estimation_batches),
+                                               crosscoder_cfg.firing_fraction())
         optimizer = adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -193,7 +201,8 @@ class TrainingRun:
         self.param_dtype = next(self.engine.parameters()).dtype
         self.dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens,
                                       self.accelerator.device)
-        self.firing = FiringFrequency(crosscoder_cfg.dict_size, self.accelerator.device)
+        per_snapshot = (len(share), crosscoder_cfg.dict_size) if model.activation.per_snapshot else ()
+        self.firing = FiringFrequency(per_snapshot or crosscoder_cfg.dict_size, self.accelerator.device)
 
     def _restore(self) -> None:
         self.first_step = 0
@@ -280,7 +289,7 @@ class TrainingRun:
             self.tracker.log(metrics, step=done)
             if decoder_norms is not None:
                 self.tracker.log_decoder_norms(decoder_norms, self.source_names, step=done)
-                self.tracker.log_firing_frequency(self.firing.frequency(), step=done)
+                self.tracker.log_firing_frequency(self.firing.frequency(), step=done, source_names=self.source_names)
             self.metrics = metrics
         shown = {"loss": self.step_loss}
         if self.metrics:  # quality figures from the last log step
@@ -338,6 +347,7 @@ class TrainingRun:
                 export_dictionary(state_dict, meta, out_dir,
                                   extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)},
                                   firing_frequency=self.firing.frequency() if self.firing.tokens else None)
+            self.eval_metrics = self._evaluate(out_dir, step)  # before the analysis, which reports its eval.json
             if self.cfg.tracking.log_analysis:  # before the artifact, so the report travels with the dictionary
                 self.tracker.log_analysis(analyze_dictionary(out_dir, dead_mask=self.dead.dead_mask.cpu(),
                                                              recovery=planted_recovery(out_dir)), step)
@@ -346,6 +356,18 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         return out_dir
 
+    def _evaluate(self, out_dir: Path, step: int) -> dict[str, float]:
+        """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
+        figures to W&B). The other ranks wait at the export's barrier meanwhile (seconds for the default tokens)."""
+        trainer_cfg, sources_cfg = self.cfg.trainer, self.cfg.sources
+        if not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_SOURCE_KINDS:  # planted: no LM
+            return {}
+        metrics = export_eval(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
+                              self.log)
+        if metrics:
+            self.tracker.log(metrics, step=step)
+        return metrics
+
     def _finish(self, started: float, loop_started: float, waited_before: float) -> TrainResult:
         total_steps, batch_size, layout = self.total_steps, self.cfg.trainer.batch_size, self.layout
         dictionary_dir = self.export(total_steps, self.output_dir / DICTIONARY_DIR, aliases=["latest"])
@@ -353,7 +375,8 @@ class TrainingRun:
         wall = time.perf_counter() - started
         loop_seconds = time.perf_counter() - loop_started
         summary = {
-            **self.metrics, "wall_seconds": wall, "steps": total_steps, "loop_seconds": loop_seconds,
+            **self.metrics, **self.eval_metrics, "wall_seconds": wall, "steps": total_steps,
+            "loop_seconds": loop_seconds,
             "data_wait_fraction_total": (self.stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
             "tokens_seen": total_steps * batch_size, "dictionary_dir": str(dictionary_dir),
             "resumed_from_step": self.first_step, "wandb_run_dir": self.tracker.run_dir,

@@ -31,7 +31,7 @@ def tiny_overrides(toy_cache: Path) -> list[str]:
         "data.shuffle.buffer_tokens=512", "data.workers.num_workers=1",
         "crosscoder.dict_size=64", "crosscoder.norm_estimation_batches=2", "crosscoder.l1_warmup_steps=2",
         "trainer.batch_size=128", "trainer.total_tokens=1024", "trainer.log_every=2",
-        "trainer.lr_warmup_steps=2", "tracking=offline",
+        "trainer.lr_warmup_steps=2", "trainer.eval_tokens=0", "tracking=offline",
     ]
 
 
@@ -58,8 +58,8 @@ def launch_two_ranks(launch_config: str, toy_cache: Path, workdir: Path) -> tupl
     result = run([
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "launch" / launch_config), "--main_process_port", str(free_port()),
-        "-m", "crosscoder.train", *tiny_overrides(toy_cache),
-        "trainer.checkpoint_every=4", f"hydra.run.dir={run_dir}",
+        "-m", "crosscoder.train", *[o for o in tiny_overrides(toy_cache) if not o.startswith("trainer.eval_tokens=")],
+        "trainer.checkpoint_every=4", "trainer.eval_tokens=128", f"hydra.run.dir={run_dir}",
     ], workdir)
     return run_dir, result.stdout + result.stderr
 

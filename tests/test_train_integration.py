@@ -18,6 +18,7 @@ from crosscoder.checkpoint import load_decoder_norms, load_dictionary, load_firi
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,
+    EVAL_FILE,
     RUN_SUMMARY_FILE,
     STREAM_POSITION_FILE,
     TRAINING_STATES_DIR,
@@ -87,6 +88,13 @@ def test_accelerate_launch_two_processes_deepspeed_zero2(zero2_run: tuple[Path, 
         assert any(k == key or k.startswith(key + "/") for k in keys), (key, sorted(keys))
     positions = json.loads((run_dir / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
     assert [(p["kind"], p["rank"], p["world_size"]) for p in positions] == [("online", 0, 2), ("online", 1, 2)]
+    # The spliced-in LM loss of every export (rank 0 alone, the other rank waiting at the export's barrier).
+    for name in ("step0", "step4", "step12"):
+        for key in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"):
+            assert f"eval/{key}/{name}" in keys, (key, name)
+    assert "eval/ce_recovered/step12" in keys and "eval/ce_recovered/step12" in summary
+    assert (run_dir / CHECKPOINTS_DIR / "step_0000004" / EVAL_FILE).is_file()
+    assert {EVAL_FILE, "analysis/ce_recovered.png"} <= contents, contents
 
 
 def test_one_rank_and_two_ranks_zero2_zero3_end_with_the_same_weights(activation_cache: Path, toy_cache: Path,

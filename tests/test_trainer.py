@@ -11,7 +11,7 @@ import torch
 from crosscoder.build_cache import build_cache
 from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import RUN_SUMMARY_FILE, STREAM_POSITION_FILE
+from crosscoder.constants import EVAL_FILE, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.schedules import l1_coefficient, lr_multiplier
 from crosscoder.trainer import train
 from tests.conftest import PROCESS_ENV, TINY_TOY, tiny_toy_config
@@ -56,6 +56,7 @@ def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_
                                      clean_process_env: None) -> None:
     """Fed by two activation worker processes (the default)."""
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.trainer.eval_tokens = 128  # the spliced-in LM loss at the export (crosscoder.evaluation)
     assert cfg.data.workers.num_workers == 2
     result = train(cfg)
     assert result.steps == 40 and result.tokens_seen == 40 * 128
@@ -72,6 +73,14 @@ def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_
     assert torch.isfinite(model.W_dec).all()
     (position,) = json.loads((result.dictionary_dir / STREAM_POSITION_FILE).read_text())
     assert position["kind"] == "online" and position["next_block"] > 40 * 128 // (8 * 15)
+    # The export's spliced-in LM loss: in the dictionary folder, in the run summary, in the report.
+    evaluated = json.loads((result.dictionary_dir / EVAL_FILE).read_text())
+    assert evaluated["n_positions"] >= 128 and evaluated["held_out"]
+    trained = evaluated["per_snapshot"]["step12"]
+    assert trained["ce_spliced"] < trained["ce_zero"] and 0 < trained["ce_recovered"] <= 1.05, trained
+    assert summary["eval/ce_recovered/step12"] == pytest.approx(trained["ce_recovered"])
+    assert {f"eval/{key}/step4" for key in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl")} <= set(summary)
+    assert "Spliced-in LM loss" in (result.dictionary_dir / "analysis" / "report.html").read_text()
 
 
 def test_training_from_a_cache(tiny_snapshots: list, toy_cache: Path, tmp_path: Path,

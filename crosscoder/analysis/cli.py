@@ -13,7 +13,10 @@ from crosscoder.analysis.evolution import Evolution
 from crosscoder.analysis.html import leading_features
 from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
+from crosscoder.analysis.replay import has_activations
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
+from crosscoder.analysis.scaling import LatentScaling
+from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS, dictionary_scaling
 from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
@@ -39,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                              "snapshots on the run's token stream (0 disables; skipped for sources without text)")
     parser.add_argument("--context-tokens", type=int, default=20000, metavar="T",
                         help="tokens streamed for the top contexts")
-    parser.add_argument("--device", default="cpu", help="where the snapshots and the crosscoder run for contexts")
+    parser.add_argument("--scaling-tokens", type=int, default=DEFAULT_SCALING_TOKENS, metavar="T",
+                        help="tokens to fit latent scaling on (shrinkage artefacts: a latent whose decoder norm says "
+                             "absent in a snapshot that still holds its direction), from planted draws or the "
+                             f"snapshots re-run on the run's token stream (default {DEFAULT_SCALING_TOKENS}; 0 "
+                             "disables; skipped for dictionaries whose activations cannot be re-created)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the snapshots and the crosscoder run for contexts and latent scaling")
     return parser
 
 
@@ -63,6 +72,20 @@ def contexts_sections(dictionary: Path, evo: Evolution, meta: DictionaryMeta, pe
     return [(CONTEXTS_TITLE, contexts_section(result, evo))]
 
 
+def scaling_or_none(dictionary: Path, evo: Evolution, meta: DictionaryMeta, n_tokens: int, device: str,
+                    log: Callable[[str], None]) -> LatentScaling | None:
+    """Latent scaling, or None (with a note) when the dictionary's activations cannot be re-created."""
+    reason = has_activations(meta)
+    if reason is not None:
+        log(f"skipping latent scaling: {reason}")
+        return None
+    try:
+        return dictionary_scaling(dictionary, evo, n_tokens, device, log)
+    except ConfigError as error:  # e.g. snapshots no longer where the run found them
+        log(f"skipping latent scaling: {error}")
+        return None
+
+
 def _fail(message: str) -> NoReturn:
     """A bad dictionary is one line on stderr and exit status 2 (no usage text: the arguments were fine)."""
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
@@ -73,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     """Analyse one exported dictionary; a missing, truncated or corrupt dictionary file exits 2 naming it."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.contexts < 0 or args.context_tokens <= 0:
-        parser.error(f"--contexts={args.contexts} must be >= 0 and --context-tokens={args.context_tokens} > 0")
+    if args.contexts < 0 or args.context_tokens <= 0 or args.scaling_tokens < 0:
+        parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0 and "
+                     f"--scaling-tokens={args.scaling_tokens} >= 0")
     try:
         dictionary = check_dictionary_dir(args.dictionary)
     except FileNotFoundError as error:
@@ -93,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         if planted is not None:
             log(f"planted features recovered (cosine >= {planted.threshold}): {planted.fraction_recovered:.1%}, "
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
+        scaling = scaling_or_none(dictionary, *evolution, args.scaling_tokens, args.device, log) \
+            if args.scaling_tokens else None
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
-                                    recovery=planted, evolution=evolution, log=log)
+                                    recovery=planted, evolution=evolution, log=log, scaling=scaling)
     except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named
         _fail(str(error))
     except ValueError as error:  # e.g. weights and decoder norms of different shapes

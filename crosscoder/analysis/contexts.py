@@ -103,12 +103,18 @@ def run_config_of(meta: DictionaryMeta) -> RunConfig:
 @torch.no_grad()
 def feature_activations(model: Crosscoder, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """[n, 1 + S, m]: the shared code, then each single-snapshot activation (module docstring), of latents
-    `features` [m] on raw activations x [n, S, d]."""
-    rows = max(1, ENCODE_CHUNK_ELEMENTS // model.dict_size)
-    shared = torch.cat([model.encode(chunk)[:, features] for chunk in x.split(rows)])
+    `features` [m] on raw activations x [n, S, d]. A per-snapshot gate's code is its largest over the snapshots."""
+    code_width = model.dict_size * (model.n_sources if model.activation.per_snapshot else 1)
+    rows = max(1, ENCODE_CHUNK_ELEMENTS // code_width)
+    shared = torch.cat([_shared_code(model.encode(chunk))[:, features] for chunk in x.split(rows)])
     scale = torch.ones_like(model.input_scale) if model.is_folded else model.input_scale
     pre = torch.einsum("nsd,sdm->nsm", x * scale[None, :, None], model.W_enc[:, :, features]) + model.b_enc[features]
     return torch.cat([shared[:, None], pre.relu()], dim=1)
+
+
+def _shared_code(codes: torch.Tensor) -> torch.Tensor:
+    """[n, F] codes, per-snapshot ones [n, S, F] at their largest snapshot."""
+    return codes.amax(dim=1) if codes.dim() == 3 else codes
 
 
 class _RunningTopK:

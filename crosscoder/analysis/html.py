@@ -113,18 +113,24 @@ def leading_features(evo: Evolution, per_class: int = LEADING_PER_CLASS) -> dict
     return leading
 
 
-def leading_section(evo: Evolution, per_class: int = LEADING_PER_CLASS) -> str:
+def leading_section(evo: Evolution, per_class: int = LEADING_PER_CLASS, flags: dict[int, str] | None = None) -> str:
+    """Per class, its leading latents with their trajectories; `flags` (latent -> snapshots it is flagged at, from
+    latent scaling) adds a shrinkage-artefact column."""
     labels = snapshot_labels(evo.names, evo.steps)
     peak = evo.norms.amax(dim=1)
     parts = ["<h2>Leading features per class</h2><p class='muted'>Largest peak decoder norm first; cells are "
-             "n(s).</p>"]
+             "n(s)." + (" Shrinkage artefact: the snapshots where latent scaling finds the direction present "
+                        "though the decoder norm says absent." if flags is not None else "") + "</p>"]
+    flag_header = ["shrinkage artefact at"] if flags is not None else []
     for name, members in leading_features(evo, per_class).items():
         index = CLASSES.index(name)
         rows = [[i, evo.names[int(evo.emergence[i])], _fmt(float(peak[i])), _fmt(float(evo.lifetime_cos[i])),
-                 *_trajectory_cells(evo.trajectories[i].tolist())] for i in members]
+                 *([flags.get(i, "")] if flags is not None else []), *_trajectory_cells(evo.trajectories[i].tolist())]
+                for i in members]
         color = CLASS_COLORS[name]
         parts.append(f'<h3 style="color:{color}">{_e(name)} ({int((evo.classes == index).sum())})</h3>')
-        parts.append(_table(["latent", "emerges at", "peak norm", "lifetime cos", *labels], rows, left=2))
+        parts.append(_table(["latent", "emerges at", "peak norm", "lifetime cos", *flag_header, *labels], rows,
+                            left=2))
     return "".join(parts)
 
 
@@ -154,12 +160,14 @@ def render_report(
     recovery: Recovery | None = None,
     recovery_figure: Path | None = None,
     extra_sections: list[tuple[str, str]] | None = None,
+    latent_flags: dict[int, str] | None = None,
 ) -> str:
-    """The whole page. `figures` maps a caption to a PNG; `extra_sections` are (title, trusted html) pairs."""
+    """The whole page. `figures` maps a caption to a PNG; `extra_sections` are (title, trusted html) pairs;
+    `latent_flags` (latent -> text) adds a shrinkage-artefact column to the per-latent tables."""
     title = f"Feature evolution: {dictionary_dir.name}"
     body = [f"<h1>{_e(title)}</h1>", metadata_section(meta, dictionary_dir), counts_section(evo)]
     body += [f"<h2>{_e(caption)}</h2>{image_tag(path, caption)}" for caption, path in figures.items()]
-    body.append(leading_section(evo))
+    body.append(leading_section(evo, flags=latent_flags))
     if recovery is not None:
         body.append(recovery_section(recovery, recovery_figure))
     # ---- extension hook: extra sections (e.g. top-activating contexts) supplied by other modules ----

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -189,17 +190,64 @@ def plot_recovery(cosines: torch.Tensor, threshold: float, path: str | Path) -> 
     return _save(fig, path)
 
 
-def plot_firing_frequency(frequency: torch.Tensor, dense_frequency: float, path: str | Path) -> Path:
+def plot_firing_frequency(frequency: torch.Tensor, dense_frequency: float, path: str | Path,
+                          names: list[str] | None = None) -> Path:
     """Histogram of log10 firing frequency over the latents that fired, the dense line marked, the never-fired
-    count in the title (the feature-density plot of the SAE literature)."""
-    fired = frequency[frequency > 0].double().log10().numpy()
+    count in the title (the feature-density plot of the SAE literature); a per-snapshot frequency [S, F] draws one
+    outline per snapshot (`names`), coloured early to late."""
+    rows = frequency[None] if frequency.dim() == 1 else frequency
+    fired_all = frequency[frequency > 0].double().log10().numpy()
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
-    if fired.size:
-        ax.hist(fired, bins=min(60, max(10, fired.size // 20)), color="#4c72b0")
+    if fired_all.size:
+        bins = np.histogram_bin_edges(fired_all, bins=min(60, max(10, fired_all.size // 20)))
+        colors = colormaps["viridis"](np.linspace(0, 1, len(rows)))
+        for index, row in enumerate(rows):
+            fired = row[row > 0].double().log10().numpy()
+            if len(rows) == 1:
+                ax.hist(fired, bins=bins, color="#4c72b0")
+            else:
+                ax.hist(fired, bins=bins, histtype="step", color=colors[index], label=names[index] if names else None)
     ax.axvline(np.log10(dense_frequency), color="#c44e52", linestyle="--", label=f"dense (> {dense_frequency:g})")
-    never = int((frequency == 0).sum())
+    never = int((rows.amax(dim=0) == 0).sum())
     ax.set(xlabel="log10 share of tokens the latent fires on", ylabel="latents",
-           title=f"Feature density ({never} of {frequency.numel()} latents never seen firing)")
-    ax.legend(frameon=False)
+           title=f"Feature density ({never} of {rows.shape[1]} latents never seen firing)")
+    ax.legend(frameon=False, fontsize="small")
+    return _save(fig, path)
+
+
+MAX_SCATTER_POINTS = 20000
+"""(latent, snapshot) points drawn in the latent-scaling scatter beyond the flagged ones (sampled evenly)."""
+NU_AXIS = (-0.25, 1.5)
+"""The scatter's nu range; values outside are drawn at its edge."""
+
+
+def plot_latent_scaling(norm_ratio: torch.Tensor, nu: torch.Tensor, flagged: torch.Tensor, reference: torch.Tensor,
+                        thresholds: tuple[float, float, float], path: str | Path) -> Path:
+    """Scatter of decoder-norm ratio n(s) against nu(s) (error target) per live (latent, snapshot) other than the
+    latent's reference snapshot; shrinkage artefacts (left of the emergence threshold, above the nu bar) in red.
+    `norm_ratio`, `nu`, `flagged` [F, S] (NaN nu for dead or unmeasured cells); `thresholds` (tau, nu bar, margin
+    of nu over the ratio)."""
+    keep = ~nu.isnan()
+    keep[torch.arange(nu.shape[0]), reference] = False
+    ratio, values, bad = norm_ratio[keep].numpy(), nu[keep].clamp(*NU_AXIS).numpy(), flagged[keep].numpy()
+    plain = np.nonzero(~bad)[0]
+    if plain.size > MAX_SCATTER_POINTS:
+        plain = plain[np.linspace(0, plain.size - 1, MAX_SCATTER_POINTS).round().astype(int)]
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    ax.scatter(ratio[plain], values[plain], s=6, alpha=0.4, color="#4c72b0", linewidths=0, label="latent, snapshot")
+    ax.scatter(ratio[bad], values[bad], s=14, color="#c44e52", linewidths=0,
+               label=f"shrinkage artefact ({int(bad.sum())} latent-snapshot cells)")
+    tau, bar, margin = thresholds
+    ax.axvline(tau, color="#777", linestyle="--", linewidth=0.8)
+    ax.axhline(bar, color="#777", linestyle="--", linewidth=0.8)
+    ax.plot([0, 1], [margin, 1 + margin], color="#777", linestyle=":", linewidth=0.8, label="nu = ratio + margin")
+    ax.set(xlim=(-0.02, 1.02), ylim=NU_AXIS, xlabel="decoder norm / its max over snapshots",
+           ylabel="nu: beta / beta at the peak snapshot (error target)",
+           title="Latent scaling: decoder norm against the fitted scale")
+    if keep.any():
+        ax.legend(frameon=False, loc="upper left", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no measured latents", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)

@@ -32,6 +32,21 @@ from crosscoder.analysis.plots import (
     plot_similarity,
     plot_trajectory_heatmap,
 )
+from crosscoder.analysis.scaling import LatentScaling
+from crosscoder.analysis.scaling_report import (
+    SCALING_FIGURE,
+    SCALING_TITLE,
+    plot_scaling,
+    scaling_flags,
+    scaling_section,
+)
+from crosscoder.analysis.spliced_loss import (
+    SPLICED_FIGURE,
+    SPLICED_TITLE,
+    plot_ce_recovered,
+    read_eval,
+    spliced_section,
+)
 from crosscoder.checkpoint import (
     DictionaryMeta,
     load_decoder_norms,
@@ -50,7 +65,7 @@ from crosscoder.constants import (
     DECODER_NORMS_FILE,
     WEIGHTS_FILE,
 )
-from crosscoder.metrics import DENSE_FREQUENCY, density_metrics
+from crosscoder.metrics import DENSE_FREQUENCY, density_metrics, latent_frequency
 
 FIGURES = {
     "trajectories.png": "Feature trajectories",
@@ -129,12 +144,15 @@ def build_summary(evo: Evolution, meta: DictionaryMeta, dictionary_dir: Path, re
     return _clean(summary)
 
 
-def _add_frequency(table: FeatureTable, summary: dict[str, Any], frequency: torch.Tensor) -> None:
-    """A firing_frequency column in features.csv and the density figures in summary.json."""
-    table.columns.append("firing_frequency")
-    values = frequency.tolist()
+def _add_frequency(table: FeatureTable, summary: dict[str, Any], frequency: torch.Tensor, names: list[str]) -> None:
+    """A firing_frequency column in features.csv (a per-snapshot frequency [S, F]: the most frequent snapshot's,
+    then one `freq@<snapshot>` column each) and the density figures in summary.json."""
+    per_snapshot = frequency.dim() == 2
+    table.columns.extend(["firing_frequency", *([f"freq@{name}" for name in names] if per_snapshot else [])])
+    columns = torch.cat([latent_frequency(frequency)[:, None], *([frequency.t()] if per_snapshot else [])], dim=1)
+    values = columns.tolist()
     for row in table.rows:
-        row.append(values[row[0]])  # row[0] is the latent index
+        row.extend(values[row[0]])  # row[0] is the latent index
     summary.update({key.replace("density/", "firing_"): value for key, value in density_metrics(frequency).items()})
 
 
@@ -156,6 +174,7 @@ def analyze_dictionary(
     max_heatmap_rows: int = MAX_HEATMAP_ROWS,
     evolution: tuple[Evolution, DictionaryMeta] | None = None,
     log: Callable[[str], None] = lambda _: None,
+    scaling: LatentScaling | None = None,
 ) -> AnalysisResult:
     """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`).
 
@@ -163,6 +182,7 @@ def analyze_dictionary(
     `extra_sections`: (title, html) pairs appended to the report, for other analyses (e.g. top contexts).
     `dead_mask` [F]: latents known dead from activation statistics, on top of the norm floor.
     `evolution`: `load_evolution(dictionary_dir, dead_mask)` when the caller already has it (W_dec is read once).
+    `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
     """
     dictionary_dir = check_dictionary_dir(dictionary_dir)
     out = Path(out_dir) if out_dir is not None else dictionary_dir / ANALYSIS_DIR
@@ -189,13 +209,25 @@ def analyze_dictionary(
         summary = build_summary(evo, meta, dictionary_dir, recovery)
         frequency = load_firing_frequency(dictionary_dir)
         if frequency is not None:  # exports from before any log step have none
-            figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png")
-            _add_frequency(table, summary, frequency)
+            figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png",
+                                                            evo.names)
+            _add_frequency(table, summary, frequency, evo.names)
+        if scaling is not None:  # needs activations, which only the caller can re-create
+            scaling.add_columns(table)
+            summary["latent_scaling"] = _clean(scaling.summary())
+            section = scaling_section(scaling, evo, plot_scaling(scaling, tmp / SCALING_FIGURE))
+            extra_sections = [(SCALING_TITLE, section), *(extra_sections or [])]
+        spliced = read_eval(dictionary_dir)
+        if spliced is not None:  # evaluated by crosscoder-eval or by the trainer at export (crosscoder.evaluation)
+            summary["spliced_eval"] = spliced
+            section = spliced_section(spliced, plot_ce_recovered(spliced, tmp / SPLICED_FIGURE))
+            extra_sections = [(SPLICED_TITLE, section), *(extra_sections or [])]
         (tmp / ANALYSIS_FEATURES_FILE).write_text(_csv(table))
         (tmp / ANALYSIS_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log("writing the report")
         page = render_report(evo, meta, dictionary_dir, figures, recovery=recovery, recovery_figure=recovery_png,
-                             extra_sections=extra_sections)
+                             extra_sections=extra_sections,
+                             latent_flags=scaling_flags(scaling) if scaling is not None else None)
         (tmp / ANALYSIS_REPORT_FILE).write_text(page, encoding="utf-8")
         replace_dir(tmp, out)
     except BaseException:

@@ -151,9 +151,11 @@ def test_section_escapes_text(result: ContextsResult) -> None:
 
 
 def test_cli_adds_the_contexts_section(dictionary: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main([str(dictionary), "--out", str(tmp_path / "report"), "--contexts", "1", "--context-tokens", "300"])
+    main([str(dictionary), "--out", str(tmp_path / "report"), "--contexts", "1", "--context-tokens", "300",
+          "--scaling-tokens", "300"])  # latent scaling re-runs the snapshots too: few tokens keep the test short
     page = (tmp_path / "report" / "report.html").read_text()
     assert f"<h2>{CONTEXTS_TITLE}</h2>" in page and "<mark>" in page
+    assert "Latent scaling" in page and "over 300 tokens" in capsys.readouterr().out
     assert "latent 1 <span class='muted'>emerging, emerges at step4" in page  # the only emerging latent
 
 

@@ -3,6 +3,8 @@ whose snapshots are out of order, does not pass the same bar (so the bar can fai
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from omegaconf import OmegaConf
 from crosscoder.analysis.cli import main as analyze_main
 from crosscoder.analysis.matching import recovery
 from crosscoder.analysis.planted import planted_config, planted_recovery
+from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS
 from crosscoder.checkpoint import load_decoder_norms, read_meta
 from crosscoder.config import RunConfig
 from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
@@ -128,3 +131,17 @@ def test_analyze_reports_recovery_for_a_planted_dictionary(planted_dictionary: P
     assert "planted features recovered" in out and "skipping top contexts" in out
     report = (planted_dictionary / ANALYSIS_DIR / ANALYSIS_REPORT_FILE).read_text()
     assert "recover" in report.lower()
+    # Latent scaling runs by default on held-out planted draws: its columns, counts and section are there.
+    assert "latent scaling:" in out and "Latent scaling" in report
+    header = (planted_dictionary / ANALYSIS_DIR / "features.csv").read_text().splitlines()[0].split(",")
+    assert {"shrinkage_artefact", "nu@snapshot0", "beta@snapshot7", "nu_own@snapshot3"} <= set(header)
+    summary = json.loads((planted_dictionary / ANALYSIS_DIR / "summary.json").read_text())["latent_scaling"]
+    print(f"latent scaling: {summary['latents_flagged']} of {summary['live_latents']} flagged")
+    assert summary["tokens"] == DEFAULT_SCALING_TOKENS and summary["live_latents"] > 0
+    # The latents matched to planted features have decoder norms that follow the planted magnitudes: none of
+    # them is a shrinkage artefact (the 5 or so flagged on 2 CPU cores are duplicates sharing a feature).
+    result = planted_recovery(planted_dictionary)
+    assert result is not None
+    with (planted_dictionary / ANALYSIS_DIR / "features.csv").open() as table:
+        flagged = {int(row["feature"]) for row in csv.DictReader(table) if row["shrinkage_artefact"] == "True"}
+    assert not flagged & set(result.learned_index[result.recovered].tolist())

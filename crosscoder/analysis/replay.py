@@ -1,0 +1,96 @@
+"""Activations for analysing an exported dictionary, re-created from the run configuration in its metadata.
+
+- planted sources (`sources.kind=planted`): fresh draws from the planted problem, from a generator seeded apart
+  from the training stream's blocks, so they are held out;
+- snapshots that read text (hf, toy): every snapshot re-run inline (no workers) on the run's own token stream,
+  as the top contexts do (`contexts.run_config_of`), valid (non-BOS, non-padding) tokens only.
+
+Batches are raw activations [B, S, d], what an exported (folded) dictionary takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from crosscoder.analysis.contexts import run_config_of
+from crosscoder.analysis.planted import planted_config
+from crosscoder.checkpoint import DictionaryMeta
+from crosscoder.config import ConfigError
+from crosscoder.data.activations import paired_activations, valid_token_mask
+from crosscoder.data.tokens import iter_token_batches, special_token_ids
+from crosscoder.sources import describe_sources, load_runners
+
+PLANTED_BATCH_TOKENS = 4096
+"""Rows per planted draw."""
+HELD_OUT_SEED = 0x5CA1E
+"""Added to the planted seed for the analysis draws (training blocks use sha256-derived seeds of their own)."""
+
+
+def has_activations(meta: DictionaryMeta) -> str | None:
+    """Why this dictionary's activations cannot be re-created (None when they can)."""
+    sources = meta.training.get("sources")
+    if not isinstance(sources, dict):
+        return "the dictionary's config.json holds no run configuration (training.sources): snapshots unknown"
+    if sources.get("kind") == "planted":
+        return None
+    try:
+        run_config_of(meta)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def planted_batches(meta: DictionaryMeta, n_tokens: int) -> Iterator[torch.Tensor]:
+    """Held-out planted activations, `n_tokens` rows in all (ConfigError at once when the problem does not fit)."""
+    from crosscoder.toy.planted import planted_truth, sample_tokens
+
+    cfg = planted_config(meta.training)
+    if cfg is None:
+        raise ConfigError("the dictionary was not trained on planted sources")
+    if (cfg.n_snapshots, cfg.d_model) != (len(meta.sources), meta.d_model):
+        raise ConfigError(f"the planted problem in the metadata ({cfg.n_snapshots} snapshots, d={cfg.d_model}) does "
+                          f"not fit the dictionary ({len(meta.sources)} snapshots, d={meta.d_model})")
+    truth = planted_truth(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + HELD_OUT_SEED)
+    sizes = [min(PLANTED_BATCH_TOKENS, n_tokens - start) for start in range(0, n_tokens, PLANTED_BATCH_TOKENS)]
+    return (sample_tokens(truth, size, generator)[1] for size in sizes)
+
+
+def snapshot_batches(meta: DictionaryMeta, n_tokens: int, device: torch.device,
+                     log: Callable[[str], None] = print) -> Iterator[torch.Tensor]:
+    """The snapshots' activations on the first `n_tokens` valid tokens of the run's token stream (ConfigError
+    when the run configuration no longer gives the dictionary's snapshots)."""
+    cfg = run_config_of(meta)
+    info = describe_sources(cfg.sources, log=log)
+    names = [spec.name for spec in info.specs]
+    if names != meta.source_names or info.d_model != meta.d_model:
+        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
+                          f"was trained on {meta.source_names} (d={meta.d_model})")
+    runners = load_runners(cfg.sources, info.specs, device)
+    bos, pad = special_token_ids(info.tokenizer)
+    seen = 0
+    for batch in iter_token_batches(cfg.data, info.tokenizer, shard=0, n_shards=1):
+        keep = min(int(valid_token_mask(batch, bos, pad).sum()), n_tokens - seen)
+        if keep > 0:
+            yield paired_activations(batch, runners, bos, pad, device)[:keep]
+            seen += keep
+        if seen >= n_tokens:
+            return
+    if seen == 0:
+        raise ConfigError(f"the token stream (data.kind={cfg.data.kind!r}) gave no tokens")
+
+
+def activation_batches(meta: DictionaryMeta, n_tokens: int, device: str | torch.device = "cpu",
+                       log: Callable[[str], None] = print) -> Iterator[torch.Tensor]:
+    """Raw activation batches [B, S, d] for the dictionary described by `meta` (module docstring); ConfigError
+    when its sources cannot give any (`has_activations` says why)."""
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens={n_tokens} must be > 0")
+    reason = has_activations(meta)
+    if reason is not None:
+        raise ConfigError(reason)
+    if meta.training["sources"].get("kind") == "planted":
+        return planted_batches(meta, n_tokens)
+    return snapshot_batches(meta, n_tokens, torch.device(device), log)
