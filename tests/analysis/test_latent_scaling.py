@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -207,3 +208,20 @@ def test_cli_writes_scaling_columns_flag_plot_and_counts_for_a_planted_dictionar
     main([str(dictionary), "--scaling-tokens", "0", "--out", str(tmp_path / "without")])
     assert "shrinkage_artefact" not in (tmp_path / "without" / "features.csv").read_text().splitlines()[0]
     assert not (tmp_path / "without" / "scaling.png").exists()
+
+
+def test_a_per_snapshot_gate_is_fitted_only_where_its_gate_opens() -> None:
+    """A snapshot_jumprelu latent whose snapshot-1 decoder is tiny has its gate closed there: no fit (NaN) and no
+    flag at snapshot 1, while snapshot 0 (its reference) gets nu = 1; streaming equals one pass on [B, S, F]."""
+    torch.manual_seed(4)
+    model = Crosscoder(2, 8, 16, "snapshot_jumprelu", activation_options={"initial_threshold": 0.005})
+    with torch.no_grad():
+        model.W_dec[5, 1] *= 1e-4
+    x = torch.randn(400, 2, 8)
+    codes = model.encode(x)
+    assert codes.shape == (400, 2, 16) and (codes[:, 0, 5] > 0).sum() >= 10 and not (codes[:, 1, 5] > 0).any()
+    whole = latent_scaling(model, [x], ["a", "b"])
+    streamed = latent_scaling(model, x.split(64), ["a", "b"])
+    assert torch.allclose(whole.nu_error, streamed.nu_error, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert whole.nu_error[5, 0].item() == pytest.approx(1.0)
+    assert math.isnan(whole.nu_error[5, 1].item()) and not whole.flagged[5].any()

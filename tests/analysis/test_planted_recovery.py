@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from crosscoder.analysis.cli import main as analyze_main
 from crosscoder.analysis.matching import recovery
 from crosscoder.analysis.planted import planted_config, planted_recovery
+from crosscoder.analysis.report import analyze_dictionary
 from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS
-from crosscoder.checkpoint import load_decoder_norms, read_meta
+from crosscoder.checkpoint import load_decoder_norms, load_firing_frequency, read_meta
 from crosscoder.config import RunConfig
 from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
 from crosscoder.model import Crosscoder
@@ -88,7 +89,8 @@ def test_untrained_or_snapshot_shuffled_dictionaries_fail_the_same_bar(planted_d
     assert_controls_fail(planted_dictionary, RECOVERED, EMERGENCE_EXACT)
 
 
-@pytest.mark.parametrize(("family", "lr"), [("jumprelu", 4e-3), ("topk", 4e-3), ("batchtopk", 1e-2)])
+@pytest.mark.parametrize(("family", "lr"), [("jumprelu", 4e-3), ("snapshot_jumprelu", 6e-3), ("topk", 4e-3),
+                                            ("batchtopk", 1e-2)])
 def test_family_recipe_recovers_planted_features_and_its_controls_fail(family: str, lr: float,
                                                                        tmp_path: Path) -> None:
     """A shipped crosscoder=<family> group at the learning rate its file states, through the real trainer:
@@ -102,6 +104,11 @@ def test_family_recipe_recovers_planted_features_and_its_controls_fail(family: s
     assert result.emergence_accuracy >= FAMILY_EMERGENCE_EXACT
     assert read_meta(dictionary).activation == family
     assert_controls_fail(dictionary, FAMILY_RECOVERED, FAMILY_EMERGENCE_EXACT)
+    if family == "snapshot_jumprelu":  # per-snapshot codes: a firing frequency per snapshot, through to the table
+        frequency = load_firing_frequency(dictionary)
+        assert frequency is not None and frequency.shape == (8, 512)
+        columns = analyze_dictionary(dictionary).table.columns
+        assert "firing_frequency" in columns and f"freq@{read_meta(dictionary).source_names[-1]}" in columns
 
 
 def assert_controls_fail(dictionary: Path, recovered: float, emergence_exact: float) -> None:

@@ -1,0 +1,136 @@
+"""The dictionary families side by side on the embedded toy model at matched L0 (issue 13): each family's shipped
+group (conf/crosscoder/<family>.yaml) trains on the 8 toy snapshots through the real trainer, the penalised
+families with their sparsity coefficient searched until their L0 is within --tolerance of --target-l0 (TopK and
+BatchTopK get it by construction: k = the target), and each chosen dictionary is judged by the spliced-in LM loss
+per snapshot (crosscoder.evaluation) on held-out tokens.
+
+    python bench/family_comparison.py                       # all five families, L0 16, 400k tokens each
+    python bench/family_comparison.py --families relu,topk --tokens 200000
+
+One line per training run (the search), then the table: L0, explained variance, dead share, fraction of CE
+recovered (mean over snapshots, and at the first and last snapshot), KL, and the run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("relu", "topk", "batchtopk", "jumprelu", "snapshot_jumprelu")
+PENALISED = ("relu", "jumprelu", "snapshot_jumprelu")
+MAX_SEARCH_RUNS = 5
+
+
+@dataclass
+class Run:
+    family: str
+    sparsity: float
+    """l1_coeff for the penalised families, k for TopK / BatchTopK."""
+    l0: float
+    explained_variance: float
+    dead_fraction: float
+    seconds: float
+    dictionary_dir: Path
+
+
+def run_config(family: str, overrides: list[str], out_dir: Path):  # noqa: ANN201 (RunConfig, imported late)
+    """The composed Hydra config of `crosscoder-train crosscoder=<family> <overrides>` as a RunConfig."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from crosscoder.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[f"output_dir={out_dir}", f"crosscoder={family}",
+                                                            *overrides])
+    return OmegaConf.to_object(composed)
+
+
+def train_once(family: str, sparsity: float, tokens: int, root: Path) -> Run:
+    from crosscoder.constants import RUN_SUMMARY_FILE
+    from crosscoder.trainer import train
+
+    key = "crosscoder.l1_coeff" if family in PENALISED else "crosscoder.k"
+    value = sparsity if family in PENALISED else int(sparsity)
+    out = Path(tempfile.mkdtemp(prefix=f"{family}_", dir=root))
+    cfg = run_config(family, [f"{key}={value}", f"trainer.total_tokens={tokens}", "trainer.eval_tokens=0",
+                              "tracking=disabled", "trainer.state_every=0"], out)
+    started = time.perf_counter()
+    result = train(cfg)
+    summary = json.loads((result.output_dir / RUN_SUMMARY_FILE).read_text())
+    run = Run(family, sparsity, summary["l0"], summary["explained_variance/mean"], summary["dead_fraction"],
+              time.perf_counter() - started, result.dictionary_dir)
+    print(f"[run] {family} {key}={value}: L0 {run.l0:.2f}, EV {run.explained_variance:.3f}, dead "
+          f"{run.dead_fraction:.2f} ({run.seconds:.0f} s)", flush=True)
+    return run
+
+
+def matched_run(family: str, target_l0: float, tolerance: float, tokens: int, root: Path) -> Run:
+    """TopK / BatchTopK at k = target; a penalised family's coefficient moved along the log-log secant of L0
+    against it (L0 falls as the coefficient grows) from the shipped group's value until L0 is within tolerance."""
+    if family not in PENALISED:
+        return train_once(family, target_l0, tokens, root)
+    shipped = run_config(family, [], root / "unused").crosscoder.l1_coeff
+    runs = [train_once(family, shipped, tokens, root)]
+    slope = -1.0  # d log L0 / d log coefficient before two runs measure it
+    while abs(runs[-1].l0 / target_l0 - 1) > tolerance and len(runs) < MAX_SEARCH_RUNS:
+        if len(runs) >= 2 and runs[-1].sparsity != runs[-2].sparsity and runs[-1].l0 != runs[-2].l0:
+            measured = (math.log(runs[-1].l0) - math.log(runs[-2].l0)) / (
+                math.log(runs[-1].sparsity) - math.log(runs[-2].sparsity))
+            slope = measured if measured < -0.05 else slope
+        step = (math.log(target_l0) - math.log(max(runs[-1].l0, 1e-3))) / slope
+        runs.append(train_once(family, runs[-1].sparsity * math.exp(max(-2.0, min(2.0, step))), tokens, root))
+    return min(runs, key=lambda run: abs(math.log(max(run.l0, 1e-3) / target_l0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--target-l0", type=float, default=16.0)
+    parser.add_argument("--tolerance", type=float, default=0.15, help="relative L0 mismatch accepted")
+    parser.add_argument("--tokens", type=int, default=400_000, help="training tokens per run")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions of the spliced-in loss")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from crosscoder.evaluation import evaluate_dictionary
+
+    families = [name.strip() for name in args.families.split(",") if name.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    root = Path(tempfile.mkdtemp(prefix="family_comparison_"))
+    rows = []
+    for family in families:
+        run = matched_run(family, args.target_l0, args.tolerance, args.tokens, root)
+        result = evaluate_dictionary(run.dictionary_dir, args.eval_tokens, "cpu", log=lambda _: None)
+        recovered = [snapshot.ce_recovered for snapshot in result.per_snapshot]
+        kl = [snapshot.kl for snapshot in result.per_snapshot]
+        finite = [value for value in recovered if math.isfinite(value)]
+        rows.append((run, recovered, sum(finite) / max(len(finite), 1), sum(kl) / len(kl), result))
+    print(f"\ntoy model, {len(result.snapshots)} snapshots ({', '.join(result.snapshots)}), {args.tokens:,} training "
+          f"tokens per run, target L0 {args.target_l0:g}, spliced-in loss on {result.n_positions:,} held-out "
+          f"positions ({result.tokens_from})")
+    print(f"{'family':<18} {'sparsity':>9} {'L0':>6} {'EV':>6} {'dead':>5} {'CE rec mean':>11} "
+          f"{'first':>6} {'last':>6} {'KL mean':>8} {'CE clean last':>13} {'wall s':>7}")
+    for run, recovered, mean_recovered, mean_kl, result in rows:
+        print(f"{run.family:<18} {run.sparsity:>9.3g} {run.l0:>6.2f} {run.explained_variance:>6.3f} "
+              f"{run.dead_fraction:>5.2f} {mean_recovered:>11.3f} {recovered[0]:>6.3f} {recovered[-1]:>6.3f} "
+              f"{mean_kl:>8.4f} {result.per_snapshot[-1].ce_clean:>13.3f} {run.seconds:>7.0f}")
+    print("per-snapshot CE recovered:")
+    for run, recovered, *_ in rows:
+        print(f"  {run.family:<18} " + " ".join(f"{value:6.3f}" for value in recovered))
+
+
+if __name__ == "__main__":
+    main()
