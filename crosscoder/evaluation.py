@@ -30,15 +30,14 @@ from typing import Any
 
 import torch
 
-from crosscoder.analysis.contexts import run_config_of
+from crosscoder.analysis.contexts import dictionary_sources
 from crosscoder.checkpoint import DictionaryError, load_dictionary, read_meta, write_text_atomic
 from crosscoder.config import ConfigError
 from crosscoder.constants import EVAL_FILE, STREAM_POSITION_FILE
 from crosscoder.data.activations import valid_token_mask
 from crosscoder.data.held_out import held_out_batches
 from crosscoder.data.tokens import TokenBatch, special_token_ids
-from crosscoder.fingerprint import check_same_snapshots
-from crosscoder.sources import SnapshotRunner, describe_sources, load_runners
+from crosscoder.sources import SnapshotRunner, load_runners
 from crosscoder.splicing import logits_and_activation, logits_with_replacement
 
 EVAL_CHUNK_ROWS = 8
@@ -209,14 +208,8 @@ def evaluate_dictionary(dictionary_dir: str | Path, n_tokens: int, device: str |
         raise ConfigError(f"sources.kind={kind!r}: the spliced-in LM loss needs snapshots that are language models "
                           f"({' or '.join(MODEL_SOURCE_KINDS)}); {kind} sources have none")
     model, meta = load_dictionary(dictionary_dir, device)
-    cfg = run_config_of(meta)
-    info = describe_sources(cfg.sources, log=log)
+    cfg, info = dictionary_sources(meta, log)
     names = [spec.name for spec in info.specs]
-    if names != meta.source_names or info.d_model != meta.d_model:  # the run config must give the same snapshots
-        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
-                          f"was trained on {meta.source_names} (d={meta.d_model})")
-    if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now
-        check_same_snapshots(meta.sources, info.specs, f"the dictionary {dictionary_dir}")
     held_out = held_out_batches(cfg, info.tokenizer, _stream_positions(dictionary_dir))
     runners = load_runners(cfg.sources, info.specs, device, with_lm_head=True)
     bos, pad = special_token_ids(info.tokenizer)

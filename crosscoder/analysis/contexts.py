@@ -25,8 +25,9 @@ from crosscoder.checkpoint import DictionaryMeta, load_dictionary
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
+from crosscoder.fingerprint import check_same_snapshots
 from crosscoder.model import Crosscoder
-from crosscoder.sources import describe_sources, load_runners
+from crosscoder.sources import SourceInfo, describe_sources, load_runners
 
 CONTEXTS_TITLE = "Top-activating contexts"
 TOKEN_SOURCE_KINDS = ("hf", "toy")
@@ -100,6 +101,21 @@ def run_config_of(meta: DictionaryMeta) -> RunConfig:
         raise ConfigError(f"the dictionary's run configuration does not fit RunConfig: {error}") from error
 
 
+def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print) -> tuple[RunConfig, SourceInfo]:
+    """The run configuration of an exported dictionary and its snapshots described again, refused (ConfigError)
+    unless they are the snapshots it was trained on: the same names and width, and the same weights where the
+    export recorded their fingerprints."""
+    cfg = run_config_of(meta)
+    info = describe_sources(cfg.sources, log=log)
+    names = [spec.name for spec in info.specs]
+    if names != meta.source_names or info.d_model != meta.d_model:
+        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
+                          f"was trained on {meta.source_names} (d={meta.d_model})")
+    if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now
+        check_same_snapshots(meta.sources, info.specs, "the dictionary")
+    return cfg, info
+
+
 @torch.no_grad()
 def feature_activations(model: Crosscoder, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """[n, 1 + S, m]: the shared code, then each single-snapshot activation (module docstring), of latents
@@ -154,12 +170,7 @@ def top_contexts(
     if not features or bad or top_k <= 0 or n_tokens <= 0 or min(window) < 0:
         raise ValueError(f"features={features} (each in [0, {meta.dict_size})), top_k={top_k}, n_tokens={n_tokens} "
                          f"and window={window} must be non-empty, positive and >= 0")
-    cfg = run_config_of(meta)
-    info = describe_sources(cfg.sources, log=log)
-    names = [spec.name for spec in info.specs]
-    if names != meta.source_names or info.d_model != meta.d_model:  # the run config must give the same snapshots
-        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
-                          f"was trained on {meta.source_names} (d={meta.d_model})")
+    cfg, info = dictionary_sources(meta, log)
     runners = load_runners(cfg.sources, info.specs, device)
     bos, pad = special_token_ids(info.tokenizer)
     n_snap, index = len(info.specs), torch.tensor(features, device=device)
@@ -199,7 +210,7 @@ def top_contexts(
     result = [FeatureContexts(i, channels[j * width], channels[j * width + 1:(j + 1) * width])
               for j, i in enumerate(features)]
     log(f"contexts: done over {seen:,} tokens")
-    return ContextsResult(snapshots=names, features=result, n_tokens=seen, top_k=top_k, window=window,
+    return ContextsResult(snapshots=meta.source_names, features=result, n_tokens=seen, top_k=top_k, window=window,
                           steps=[s.step for s in info.specs])
 
 

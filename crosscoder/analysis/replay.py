@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from crosscoder.analysis.contexts import run_config_of
+from crosscoder.analysis.contexts import dictionary_sources, run_config_of
 from crosscoder.analysis.planted import planted_config
 from crosscoder.checkpoint import DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.sources import describe_sources, load_runners
+from crosscoder.sources import load_runners
 
 PLANTED_BATCH_TOKENS = 4096
 """Rows per planted draw."""
@@ -62,12 +62,7 @@ def snapshot_batches(meta: DictionaryMeta, n_tokens: int, device: torch.device,
                      log: Callable[[str], None] = print) -> Iterator[torch.Tensor]:
     """The snapshots' activations on the first `n_tokens` valid tokens of the run's token stream (ConfigError
     when the run configuration no longer gives the dictionary's snapshots)."""
-    cfg = run_config_of(meta)
-    info = describe_sources(cfg.sources, log=log)
-    names = [spec.name for spec in info.specs]
-    if names != meta.source_names or info.d_model != meta.d_model:
-        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
-                          f"was trained on {meta.source_names} (d={meta.d_model})")
+    cfg, info = dictionary_sources(meta, log)
     runners = load_runners(cfg.sources, info.specs, device)
     bos, pad = special_token_ids(info.tokenizer)
     seen = 0

@@ -27,7 +27,7 @@ from typing import Any
 
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import CACHE_MANIFEST_FILE
-from crosscoder.data.tokens import TokenBatch, _local_corpus, _tokenized, iter_token_batches
+from crosscoder.data.tokens import TokenBatch, iter_token_batches, local_corpus, tokenized
 
 HELD_OUT_SEED_OFFSET = 1_000_003
 """The toy held-out corpus is generated with data.seed + this (shifted past the tiny LM's corpus seed)."""
@@ -93,10 +93,10 @@ def _stream_after_training(cfg: RunConfig, positions: list[dict[str, Any]] | Non
 
 def _first_epoch_batches(cfg: RunConfig, tokenizer: Any, shard: int, n_shards: int) -> int:  # noqa: ANN401
     """Whole batches in the first epoch of one shard of a local corpus (later ones repeat its documents)."""
-    documents = _local_corpus(cfg.data, n_shards)
+    documents = local_corpus(cfg.data, n_shards)
     order = list(range(len(documents)))
     random.Random(cfg.data.seed).shuffle(order)  # epoch 0's order, as crosscoder.data.tokens._iter_local draws it
-    tokens = sum(len(ids) + 1 for ids in _tokenized(iter(documents[i] for i in order[shard::n_shards]), tokenizer))
+    tokens = sum(len(ids) + 1 for ids in tokenized(iter(documents[i] for i in order[shard::n_shards]), tokenizer))
     return tokens // (cfg.data.model_batch_size * (cfg.data.seq_len - 1))
 
 

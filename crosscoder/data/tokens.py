@@ -35,10 +35,10 @@ def iter_documents(cfg: DataConfig, shard: int = 0, n_shards: int = 1) -> Iterat
         raise ValueError(f"shard {shard} is not in [0, {n_shards})")
     if cfg.kind == "hf_dataset":
         return _iter_hf_dataset(cfg, shard, n_shards)
-    return _iter_local(_local_corpus(cfg, n_shards), cfg.seed, shard, n_shards)
+    return _iter_local(local_corpus(cfg, n_shards), cfg.seed, shard, n_shards)
 
 
-def _local_corpus(cfg: DataConfig, n_shards: int) -> list[str]:
+def local_corpus(cfg: DataConfig, n_shards: int) -> list[str]:
     """Every document of a local corpus, with at least one for each of the `n_shards` stream shards."""
     documents = _load_documents(cfg)
     if not documents:
@@ -107,7 +107,7 @@ TOKENIZE_CHUNK = 64
 """Documents per tokenizer call: one call per document spends most of its time in Python overhead."""
 
 
-def _tokenized(documents: Iterator[str], tokenizer) -> Iterator[list[int]]:  # noqa: ANN001
+def tokenized(documents: Iterator[str], tokenizer) -> Iterator[list[int]]:  # noqa: ANN001
     """Token ids of each document, in order, tokenized a chunk of documents at a time."""
     while chunk := list(itertools.islice(documents, TOKENIZE_CHUNK)):
         yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
@@ -131,14 +131,14 @@ def iter_token_batches(
     if cfg.kind == "hf_dataset":
         documents = _iter_hf_dataset(cfg, shard, n_shards)
     else:
-        corpus = _local_corpus(cfg, n_shards)
+        corpus = local_corpus(cfg, n_shards)
         documents = _iter_local(corpus, cfg.seed, shard, n_shards)
         epoch_documents = len(range(shard, len(corpus), n_shards))
     pending: list[int] = []
     rows: list[list[int]] = []
     batch_index = 0
     first_epoch_tokens = 0
-    for n_documents, document_ids in enumerate(_tokenized(documents, tokenizer), 1):
+    for n_documents, document_ids in enumerate(tokenized(documents, tokenizer), 1):
         pending += document_ids + [eos]
         if epoch_documents is not None and n_documents <= epoch_documents:
             first_epoch_tokens += len(document_ids) + 1
