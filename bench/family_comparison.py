@@ -1,10 +1,10 @@
 """The dictionary families side by side on the embedded toy model at matched L0 (issue 13): each family's shipped
-group (conf/crosscoder/<family>.yaml) trains on the 8 toy snapshots through the real trainer, the penalised
-families with their sparsity coefficient searched until their L0 is within --tolerance of --target-l0 (TopK and
-BatchTopK get it by construction: k = the target), and each chosen dictionary is judged by the spliced-in LM loss
-per snapshot (crosscoder.evaluation) on held-out tokens.
+group (conf/crosscoder/<family>.yaml) trains on the 8 toy snapshots through the real trainer, the other families'
+L0 knob (KNOBS: lambda, or the shared gate's initial threshold) searched until their L0 is within --tolerance of
+--target-l0 (TopK and BatchTopK get it by construction: k = the target), and each chosen dictionary is judged by
+the spliced-in LM loss per snapshot (crosscoder.evaluation) on held-out tokens.
 
-    python bench/family_comparison.py                       # all five families, L0 16, 400k tokens each
+    python bench/family_comparison.py                       # all five families, L0 16, 300k tokens each
     python bench/family_comparison.py --families relu,topk --tokens 200000
 
 One line per training run (the search), then the table: L0, explained variance, dead share, fraction of CE
@@ -25,7 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("relu", "topk", "batchtopk", "jumprelu", "snapshot_jumprelu")
-PENALISED = ("relu", "jumprelu", "snapshot_jumprelu")
+KNOBS = {"relu": "crosscoder.l1_coeff", "topk": "crosscoder.k", "batchtopk": "crosscoder.k",
+         "jumprelu": "crosscoder.jumprelu.initial_threshold", "snapshot_jumprelu": "crosscoder.l1_coeff"}
+"""The setting each family's L0 is matched with (L0 falls as it rises). The shared JumpReLU gate is matched by its
+initial threshold: on the toy LM its L0 *rises* with lambda_S (bench/RESULTS.md), so lambda_S cannot match it."""
 MAX_SEARCH_RUNS = 5
 
 
@@ -33,7 +36,7 @@ MAX_SEARCH_RUNS = 5
 class Run:
     family: str
     sparsity: float
-    """l1_coeff for the penalised families, k for TopK / BatchTopK."""
+    """The value of the family's KNOBS setting."""
     l0: float
     explained_variance: float
     dead_fraction: float
@@ -59,8 +62,8 @@ def train_once(family: str, sparsity: float, tokens: int, root: Path) -> Run:
     from crosscoder.constants import RUN_SUMMARY_FILE
     from crosscoder.trainer import train
 
-    key = "crosscoder.l1_coeff" if family in PENALISED else "crosscoder.k"
-    value = sparsity if family in PENALISED else int(sparsity)
+    key = KNOBS[family]
+    value = int(sparsity) if key == "crosscoder.k" else sparsity
     out = Path(tempfile.mkdtemp(prefix=f"{family}_", dir=root))
     cfg = run_config(family, [f"{key}={value}", f"trainer.total_tokens={tokens}", "trainer.eval_tokens=0",
                               "tracking=disabled", "trainer.state_every=0"], out)
@@ -69,26 +72,34 @@ def train_once(family: str, sparsity: float, tokens: int, root: Path) -> Run:
     summary = json.loads((result.output_dir / RUN_SUMMARY_FILE).read_text())
     run = Run(family, sparsity, summary["l0"], summary["explained_variance/mean"], summary["dead_fraction"],
               time.perf_counter() - started, result.dictionary_dir)
-    print(f"[run] {family} {key}={value}: L0 {run.l0:.2f}, EV {run.explained_variance:.3f}, dead "
+    print(f"[run] {family} {key}={value:.4g}: L0 {run.l0:.2f}, EV {run.explained_variance:.3f}, dead "
           f"{run.dead_fraction:.2f} ({run.seconds:.0f} s)", flush=True)
     return run
 
 
+def shipped_value(family: str, root: Path) -> float:
+    target = run_config(family, [], root / "unused")
+    for part in KNOBS[family].split("."):
+        target = getattr(target, part)
+    return float(target)
+
+
 def matched_run(family: str, target_l0: float, tolerance: float, tokens: int, root: Path) -> Run:
-    """TopK / BatchTopK at k = target; a penalised family's coefficient moved along the log-log secant of L0
-    against it (L0 falls as the coefficient grows) from the shipped group's value until L0 is within tolerance."""
-    if family not in PENALISED:
+    """TopK / BatchTopK at k = target; the others from the shipped group's value of their knob, stepped along an
+    assumed L0 ~ 1/knob until the target is bracketed, then bisected (geometrically) inside the bracket."""
+    if KNOBS[family] == "crosscoder.k":
         return train_once(family, target_l0, tokens, root)
-    shipped = run_config(family, [], root / "unused").crosscoder.l1_coeff
-    runs = [train_once(family, shipped, tokens, root)]
-    slope = -1.0  # d log L0 / d log coefficient before two runs measure it
+    runs = [train_once(family, shipped_value(family, root), tokens, root)]
     while abs(runs[-1].l0 / target_l0 - 1) > tolerance and len(runs) < MAX_SEARCH_RUNS:
-        if len(runs) >= 2 and runs[-1].sparsity != runs[-2].sparsity and runs[-1].l0 != runs[-2].l0:
-            measured = (math.log(runs[-1].l0) - math.log(runs[-2].l0)) / (
-                math.log(runs[-1].sparsity) - math.log(runs[-2].sparsity))
-            slope = measured if measured < -0.05 else slope
-        step = (math.log(target_l0) - math.log(max(runs[-1].l0, 1e-3))) / slope
-        runs.append(train_once(family, runs[-1].sparsity * math.exp(max(-2.0, min(2.0, step))), tokens, root))
+        dense = [run for run in runs if run.l0 > target_l0]  # the knob must go up from these
+        sparse = [run for run in runs if run.l0 < target_l0]
+        if dense and sparse:
+            low, high = max(run.sparsity for run in dense), min(run.sparsity for run in sparse)
+            value = math.sqrt(low * high)
+        else:
+            last = runs[-1]
+            value = last.sparsity * math.exp(max(-2.0, min(2.0, math.log(max(last.l0, 1e-3) / target_l0))))
+        runs.append(train_once(family, value, tokens, root))
     return min(runs, key=lambda run: abs(math.log(max(run.l0, 1e-3) / target_l0)))
 
 
@@ -97,7 +108,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--target-l0", type=float, default=16.0)
     parser.add_argument("--tolerance", type=float, default=0.15, help="relative L0 mismatch accepted")
-    parser.add_argument("--tokens", type=int, default=400_000, help="training tokens per run")
+    parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per run")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions of the spliced-in loss")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -121,7 +132,7 @@ def main() -> None:
     print(f"\ntoy model, {len(result.snapshots)} snapshots ({', '.join(result.snapshots)}), {args.tokens:,} training "
           f"tokens per run, target L0 {args.target_l0:g}, spliced-in loss on {result.n_positions:,} held-out "
           f"positions ({result.tokens_from})")
-    print(f"{'family':<18} {'sparsity':>9} {'L0':>6} {'EV':>6} {'dead':>5} {'CE rec mean':>11} "
+    print(f"{'family':<18} {'knob':>9} {'L0':>6} {'EV':>6} {'dead':>5} {'CE rec mean':>11} "
           f"{'first':>6} {'last':>6} {'KL mean':>8} {'CE clean last':>13} {'wall s':>7}")
     for run, recovered, mean_recovered, mean_kl, result in rows:
         print(f"{run.family:<18} {run.sparsity:>9.3g} {run.l0:>6.2f} {run.explained_variance:>6.3f} "

@@ -242,7 +242,8 @@ class CrosscoderConfig:
     k: int = 16
     """Active latents per token for topk / batchtopk (batchtopk keeps k * batch over the batch)."""
     l1_coeff: float = 2.0
-    """lambda of the sparsity penalty: ReLU's lambda * sum_i f_i * sum_s ||W_dec[i, s]||, JumpReLU's tanh one."""
+    """lambda of the sparsity penalty: ReLU's lambda * sum_i f_i * sum_s ||W_dec[i, s]||, JumpReLU's tanh one (the
+    crosscoder=<family> groups ship their own: relu 0.5, jumprelu 5, snapshot_jumprelu 3)."""
     l1_warmup_steps: int = 200
     """lambda rises linearly from 0 over these steps (ReLU and JumpReLU)."""
     jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
