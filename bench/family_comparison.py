@@ -103,6 +103,56 @@ def matched_run(family: str, target_l0: float, tolerance: float, tokens: int, ro
     return min(runs, key=lambda run: abs(math.log(max(run.l0, 1e-3) / target_l0)))
 
 
+def finished_run(run_dir: Path) -> Run:
+    """A run this script (or crosscoder-train) finished earlier: its summary, family and knob value."""
+    from crosscoder.checkpoint import read_meta
+    from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE
+
+    summary = json.loads((run_dir / RUN_SUMMARY_FILE).read_text())
+    meta = read_meta(run_dir / DICTIONARY_DIR)
+    value = meta.training
+    for part in KNOBS[meta.activation].split(".")[:-1] if meta.activation in KNOBS else []:
+        value = value[part]
+    knob = float(value[KNOBS[meta.activation].split(".")[-1]])
+    return Run(meta.activation, knob, summary["l0"], summary["explained_variance/mean"], summary["dead_fraction"],
+               summary["wall_seconds"], run_dir / DICTIONARY_DIR)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [value for value in values if math.isfinite(value)]
+    return sum(finite) / max(len(finite), 1)
+
+
+def report(runs: list[Run], eval_tokens: int, target_l0: float) -> None:
+    from crosscoder.evaluation import evaluate_dictionary
+
+    rows = []
+    for run in runs:
+        result = evaluate_dictionary(run.dictionary_dir, eval_tokens, "cpu", log=lambda _: None)
+        recovered = [snapshot.ce_recovered for snapshot in result.per_snapshot]
+        kl = [snapshot.kl for snapshot in result.per_snapshot]
+        rows.append((run, recovered, _mean(recovered), _mean([snapshot.ce_recovered_mean for snapshot in
+                                                             result.per_snapshot]), _mean(kl), result))
+    tokens = json.loads((runs[0].dictionary_dir / "config.json").read_text())["tokens_seen"]
+    print(f"\ntoy model, {len(result.snapshots)} snapshots ({', '.join(result.snapshots)}), {tokens:,} training "
+          f"tokens per run, target L0 {target_l0:g}, spliced-in loss on {result.n_positions:,} held-out "
+          f"positions ({result.tokens_from})")
+    last = result.per_snapshot[-1]
+    print(f"CE at the last snapshot: clean {last.ce_clean:.3f}, zero-ablated {last.ce_zero:.3f}, mean-ablated "
+          f"{last.ce_mean:.3f} nats")
+    print(f"{'family':<18} {'knob':>9} {'L0':>6} {'EV':>6} {'dead':>5} {'CE rec':>7} {'first':>6} {'last':>6} "
+          f"{'vs mean':>8} {'KL':>7} {'CE spliced last':>15} {'wall s':>7}")
+    for run, recovered, mean_recovered, mean_vs_mean, mean_kl, result in rows:
+        print(f"{run.family:<18} {run.sparsity:>9.3g} {run.l0:>6.2f} {run.explained_variance:>6.3f} "
+              f"{run.dead_fraction:>5.2f} {mean_recovered:>7.3f} {recovered[0]:>6.3f} {recovered[-1]:>6.3f} "
+              f"{mean_vs_mean:>8.3f} {mean_kl:>7.4f} {result.per_snapshot[-1].ce_spliced:>15.3f} {run.seconds:>7.0f}")
+    print("(CE rec: fraction of CE recovered against zero ablation, mean over snapshots; vs mean: against mean "
+          "ablation; KL(clean || spliced), mean over snapshots, nats)")
+    print("per-snapshot CE recovered:")
+    for run, recovered, *_ in rows:
+        print(f"  {run.family:<18} " + " ".join(f"{value:6.3f}" for value in recovered))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -110,37 +160,22 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.15, help="relative L0 mismatch accepted")
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per run")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions of the spliced-in loss")
+    parser.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="evaluate these finished run folders (their dictionary/) instead of training")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from crosscoder.evaluation import evaluate_dictionary
-
+    if args.runs:
+        report([finished_run(run_dir) for run_dir in args.runs], args.eval_tokens, args.target_l0)
+        return
     families = [name.strip() for name in args.families.split(",") if name.strip()]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     root = Path(tempfile.mkdtemp(prefix="family_comparison_"))
-    rows = []
-    for family in families:
-        run = matched_run(family, args.target_l0, args.tolerance, args.tokens, root)
-        result = evaluate_dictionary(run.dictionary_dir, args.eval_tokens, "cpu", log=lambda _: None)
-        recovered = [snapshot.ce_recovered for snapshot in result.per_snapshot]
-        kl = [snapshot.kl for snapshot in result.per_snapshot]
-        finite = [value for value in recovered if math.isfinite(value)]
-        rows.append((run, recovered, sum(finite) / max(len(finite), 1), sum(kl) / len(kl), result))
-    print(f"\ntoy model, {len(result.snapshots)} snapshots ({', '.join(result.snapshots)}), {args.tokens:,} training "
-          f"tokens per run, target L0 {args.target_l0:g}, spliced-in loss on {result.n_positions:,} held-out "
-          f"positions ({result.tokens_from})")
-    print(f"{'family':<18} {'knob':>9} {'L0':>6} {'EV':>6} {'dead':>5} {'CE rec mean':>11} "
-          f"{'first':>6} {'last':>6} {'KL mean':>8} {'CE clean last':>13} {'wall s':>7}")
-    for run, recovered, mean_recovered, mean_kl, result in rows:
-        print(f"{run.family:<18} {run.sparsity:>9.3g} {run.l0:>6.2f} {run.explained_variance:>6.3f} "
-              f"{run.dead_fraction:>5.2f} {mean_recovered:>11.3f} {recovered[0]:>6.3f} {recovered[-1]:>6.3f} "
-              f"{mean_kl:>8.4f} {result.per_snapshot[-1].ce_clean:>13.3f} {run.seconds:>7.0f}")
-    print("per-snapshot CE recovered:")
-    for run, recovered, *_ in rows:
-        print(f"  {run.family:<18} " + " ".join(f"{value:6.3f}" for value in recovered))
+    runs = [matched_run(family, args.target_l0, args.tolerance, args.tokens, root) for family in families]
+    report(runs, args.eval_tokens, args.target_l0)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,34 @@ class BatchTopK(TopK):
         return sorted_flat(indices)
 
 
+class _SnapshotGate(torch.autograd.Function):
+    """codes[b, s, i] = pre[b, i] * 1[pre[b, i] n[s, i] > theta_i]: `_JumpGate` at the gate input pre * n, divided
+    by n (f = JumpReLU(pre n) / n, which is pre where the gate is open). d codes / d pre is the gate; d codes / d n
+    is 0 (pre n / n does not depend on n); theta gets the theta-space estimate -(theta / eps) K at the gate input,
+    reached by the upstream gradient divided by n. Nothing [B, S, F] is saved: backward recomputes the gate."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, norms: torch.Tensor, threshold: torch.Tensor,  # noqa: ANN001
+                bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, norms, threshold)
+        ctx.bandwidth = bandwidth
+        # Laid out [S, B, F] and returned as its [B, S, F] view: the per-snapshot decode (a batched product over
+        # snapshots) then reads it in place instead of copying the widest tensor of the step.
+        by_snapshot = pre[None]
+        return torch.where(by_snapshot * norms[:, None, :] > threshold, by_snapshot, 0.0).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:  # noqa: ANN001
+        pre, norms, threshold = ctx.saved_tensors
+        grad_out = grad_out.transpose(0, 1)  # [S, B, F], as the forward laid it out
+        gate_input = pre[None] * norms[:, None, :]
+        grad_pre = torch.where(gate_input > threshold, grad_out, 0.0).sum(dim=0)
+        near = (gate_input - threshold).abs_() < ctx.bandwidth / 2  # K((pre n - theta) / eps)
+        per_norm = torch.where(near, grad_out, 0.0).sum(dim=1) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        grad_threshold = -(threshold / ctx.bandwidth) * per_norm.sum(dim=0)
+        return grad_pre, None, grad_threshold, None
+
+
 class SnapshotJumpReLU(JumpReLU):
     """One pre-activation, gated per snapshot (Ge et al. 2025, OpenMOSS lm-saes): f[s, i] = JumpReLU(pre_i n_is;
     theta_i) / n_is with n_is = ||W_dec[i, s]||, one threshold per latent, so a latent can be on in some snapshots
@@ -220,15 +248,12 @@ class SnapshotJumpReLU(JumpReLU):
         return self.threshold().detach() / decoder_norms.amax(dim=1).clamp_min(torch.finfo(decoder_norms.dtype).tiny)
 
     def forward(self, pre: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
-        """pre [B, F], latent_weight the norms [F, S]: codes [B, S, F]. A zero norm (never trained) keeps the
-        latent off in that snapshot rather than dividing by zero."""
-        norms = latent_weight.t()[None]  # [1, S, F]
-        gated = _JumpGate.apply(pre[:, None, :] * norms, self.threshold(), self.bandwidth)
-        return gated / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+        """pre [B, F], latent_weight the norms [F, S]: codes [B, S, F] (a zero norm keeps the latent off there)."""
+        return _SnapshotGate.apply(pre, latent_weight.t(), self.threshold(), self.bandwidth)
 
     def frequency(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         """[F] p_i = mean over batch and snapshots of tanh(c f[s, i] n_is), a differentiable firing frequency."""
-        return torch.tanh(self.tanh_scale * codes * latent_weight.t()[None]).mean(dim=(0, 1))
+        return torch.tanh(codes * (self.tanh_scale * latent_weight.t())).mean(dim=(0, 1))
 
     def penalty(self, codes: torch.Tensor, latent_weight: torch.Tensor) -> torch.Tensor:
         frequency = self.frequency(codes, latent_weight)

@@ -1,4 +1,5 @@
-"""`crosscoder-analyze <dictionary dir> [--out DIR]`: the feature-evolution report of an exported dictionary."""
+"""`crosscoder-analyze <dictionary dir> [--out DIR]`: the feature-evolution report of an exported dictionary, or of
+an aligned stack of single-snapshot dictionaries (crosscoder.analysis.stack_report)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from crosscoder.analysis.replay import has_activations
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
 from crosscoder.analysis.scaling import LatentScaling
 from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS, dictionary_scaling
+from crosscoder.analysis.stack_report import SKIPPED_FOR_STACKS, stack_planted_recovery
 from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
 from crosscoder.faults import write_failure_reason
+from crosscoder.stack import is_stack
 
 PROG = "crosscoder-analyze"
 CONTEXTS_PER_CELL = 3
@@ -33,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Feature-evolution analysis of an exported crosscoder dictionary: trajectories, emergence, "
                     "classes, drift, snapshot similarity; writes PNGs, features.csv, summary.json and report.html.",
     )
-    parser.add_argument("dictionary", help="an exported dictionary folder (config.json, weights, decoder norms)")
+    parser.add_argument("dictionary", help="an exported dictionary folder (config.json, weights, decoder norms), or "
+                                           "an aligned stack folder (stack.json: crosscoder-match's output or an "
+                                           "SAE-Track chain)")
     parser.add_argument("--out", default=None, help=f"output folder (default: <dictionary>/{ANALYSIS_DIR})")
     parser.add_argument("--max-rows", type=int, default=MAX_HEATMAP_ROWS,
                         help="latents shown in the trajectory heatmap (sampled evenly beyond this)")
@@ -99,18 +104,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.contexts < 0 or args.context_tokens <= 0 or args.scaling_tokens < 0:
         parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0 and "
                      f"--scaling-tokens={args.scaling_tokens} >= 0")
+    stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
-        dictionary = check_dictionary_dir(args.dictionary)
+        dictionary = Path(args.dictionary) if stack else check_dictionary_dir(args.dictionary)
     except FileNotFoundError as error:
         _fail(str(error))  # the message names the path
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
         log(f"loading {dictionary}")
         evolution = load_evolution(dictionary)  # once, for picking the context latents and for the report
+        if stack:
+            log(f"skipping: {SKIPPED_FOR_STACKS}")
         extra = contexts_sections(dictionary, *evolution, args.contexts, args.context_tokens, args.device, log) \
-            if args.contexts else []
-        try:
-            planted = planted_recovery(dictionary)  # a dictionary of planted features is scored against them
+            if args.contexts and not stack else []
+        try:  # a dictionary (or stack) of planted features is scored against them
+            planted = stack_planted_recovery(dictionary) if stack else planted_recovery(dictionary)
         except ValueError as error:  # its metadata names a planted problem it does not fit
             log(f"skipping planted recovery: {error}")
             planted = None
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"planted features recovered (cosine >= {planted.threshold}): {planted.fraction_recovered:.1%}, "
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
         scaling = scaling_or_none(dictionary, *evolution, args.scaling_tokens, args.device, log) \
-            if args.scaling_tokens else None
+            if args.scaling_tokens and not stack else None
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
                                     recovery=planted, evolution=evolution, log=log, scaling=scaling)
     except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named

@@ -1,8 +1,5 @@
-"""Optimal one-to-one matching of learned to planted features, and how well a dictionary recovers them.
-
-`linear_sum_assignment` is the shortest-augmenting-path Hungarian algorithm (Kuhn-Munkres with potentials,
-as in Jonker-Volgenant), O(n^2 m) for n <= m, with the inner scan over columns vectorised in numpy.
-"""
+"""Optimal one-to-one matching of learned to planted features (scipy's linear assignment), and how well a
+dictionary recovers them."""
 
 from __future__ import annotations
 
@@ -19,63 +16,17 @@ RECOVERY_COSINE = 0.9
 
 
 def linear_sum_assignment(cost: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost matching of a rectangular [n, m] cost matrix: (rows, cols), min(n, m) pairs, rows sorted.
+    """Minimum-cost matching of a rectangular [n, m] cost matrix: (rows, cols), min(n, m) pairs, rows sorted:
+    scipy's (a C++ Jonker-Volgenant), given a torch or numpy matrix and refusing NaN/inf with a clear error."""
+    from scipy.optimize import linear_sum_assignment as scipy_assignment
 
-    Same contract as scipy.optimize.linear_sum_assignment (without `maximize`: negate the matrix instead).
-    """
     matrix = cost.detach().cpu().double().numpy() if isinstance(cost, torch.Tensor) else np.asarray(cost, float)
     if matrix.ndim != 2:
         raise ValueError(f"cost must be a 2-D matrix, got shape {matrix.shape}")
     if not np.isfinite(matrix).all():
         raise ValueError("cost contains NaN or infinite entries")
-    transposed = matrix.shape[0] > matrix.shape[1]
-    if transposed:
-        matrix = matrix.T
-    n, m = matrix.shape
-    if n == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy()
-
-    # Column 0 is a virtual start column; row_of[j] is the row (1-based) matched to column j, 0 = free.
-    u = np.zeros(n + 1)
-    v = np.zeros(m + 1)
-    row_of = np.zeros(m + 1, dtype=np.int64)
-    way = np.zeros(m + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        row_of[0] = i
-        j0 = 0
-        min_slack = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = row_of[j0]
-            free = ~used
-            free[0] = False
-            slack = matrix[i0 - 1] - u[i0] - v[1:]
-            better = free[1:] & (slack < min_slack[1:])
-            min_slack[1:][better] = slack[better]
-            way[1:][better] = j0
-            candidates = np.where(free, min_slack, np.inf)
-            j1 = int(np.argmin(candidates))
-            delta = candidates[j1]
-            # Shift potentials so the tree's reduced costs stay >= 0 and column j1 becomes tight.
-            u[row_of[used]] += delta
-            v[used] -= delta
-            min_slack[free] -= delta
-            j0 = j1
-            if row_of[j0] == 0:
-                break
-        while j0:  # augment along the alternating path back to the start column
-            j1 = way[j0]
-            row_of[j0] = row_of[j1]
-            j0 = j1
-
-    cols = np.nonzero(row_of[1:])[0]
-    rows = row_of[1:][cols] - 1
-    if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows)
-    return rows[order].astype(np.int64), cols[order].astype(np.int64)
+    rows, cols = scipy_assignment(matrix)
+    return rows.astype(np.int64), cols.astype(np.int64)
 
 
 def decoder_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

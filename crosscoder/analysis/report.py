@@ -47,6 +47,7 @@ from crosscoder.analysis.spliced_loss import (
     read_eval,
     spliced_section,
 )
+from crosscoder.analysis.stack_report import add_stack_details, load_stack_evolution, stack_firing_frequency
 from crosscoder.checkpoint import (
     DictionaryMeta,
     load_decoder_norms,
@@ -66,6 +67,7 @@ from crosscoder.constants import (
     WEIGHTS_FILE,
 )
 from crosscoder.metrics import DENSE_FREQUENCY, density_metrics, latent_frequency
+from crosscoder.stack import is_stack
 
 FIGURES = {
     "trajectories.png": "Feature trajectories",
@@ -106,7 +108,10 @@ def check_dictionary_dir(path: str | Path) -> Path:
 
 def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = None
                    ) -> tuple[Evolution, DictionaryMeta]:
-    """Evolution metrics of an exported dictionary (see the module docstring for which file gives what)."""
+    """Evolution metrics of an exported dictionary (see the module docstring for which file gives what), or of an
+    aligned stack of single-snapshot dictionaries (crosscoder.analysis.stack_report), read as one crosscoder."""
+    if is_stack(dictionary_dir):
+        return load_stack_evolution(dictionary_dir, dead_mask)
     path = check_dictionary_dir(dictionary_dir)
     meta = read_meta(path)
     norms = load_decoder_norms(path)
@@ -176,7 +181,8 @@ def analyze_dictionary(
     log: Callable[[str], None] = lambda _: None,
     scaling: LatentScaling | None = None,
 ) -> AnalysisResult:
-    """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`).
+    """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`); an
+    aligned stack folder is analysed as one crosscoder of its snapshots (crosscoder.analysis.stack_report).
 
     `recovery`: planted ground-truth recovery (from `matching.recovery`) to show in the report.
     `extra_sections`: (title, html) pairs appended to the report, for other analyses (e.g. top contexts).
@@ -184,7 +190,8 @@ def analyze_dictionary(
     `evolution`: `load_evolution(dictionary_dir, dead_mask)` when the caller already has it (W_dec is read once).
     `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
     """
-    dictionary_dir = check_dictionary_dir(dictionary_dir)
+    stack = is_stack(dictionary_dir)  # an aligned stack reads as one crosscoder (crosscoder.analysis.stack_report)
+    dictionary_dir = Path(dictionary_dir) if stack else check_dictionary_dir(dictionary_dir)
     out = Path(out_dir) if out_dir is not None else dictionary_dir / ANALYSIS_DIR
     if evolution is None:
         log(f"loading {dictionary_dir}")
@@ -207,11 +214,13 @@ def analyze_dictionary(
                         if recovery is not None else None)
         table = feature_table(evo)
         summary = build_summary(evo, meta, dictionary_dir, recovery)
-        frequency = load_firing_frequency(dictionary_dir)
+        frequency = stack_firing_frequency(dictionary_dir) if stack else load_firing_frequency(dictionary_dir)
         if frequency is not None:  # exports from before any log step have none
             figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png",
                                                             evo.names)
             _add_frequency(table, summary, frequency, evo.names)
+        if stack:  # the drift to the final snapshot (SAE-Track's measure) and the stack's provenance
+            extra_sections = [add_stack_details(table, summary, evo, dictionary_dir), *(extra_sections or [])]
         if scaling is not None:  # needs activations, which only the caller can re-create
             scaling.add_columns(table)
             summary["latent_scaling"] = _clean(scaling.summary())
