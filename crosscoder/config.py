@@ -260,6 +260,10 @@ class CrosscoderConfig:
     """`matched_filter`: decoder rows of norm init_decoder_norm per snapshot, encoder = decoder transpose;
     `anthropic_2025` (Anthropic's January 2025 recipe): W_dec ~ U(+-1/sqrt(n)), W_enc = (n/F) W_dec^T with
     n = S * d, and b_enc set from the first batches so each latent fires on init_firing_fraction of tokens."""
+    init_from: str = ""
+    """An exported dictionary folder whose weights start this run (unfolded into normalised space; the optimizer
+    and schedule start fresh): SAE-Track's warm start. Its activation, dict_size, width and snapshot count must
+    match this run's. Replaces `init`."""
     init_firing_fraction: float = 0.0
     """anthropic_2025: the share of tokens each latent starts firing on; 0 means the published 10000 / F, capped at
     0.1 (a small dictionary would otherwise start dense)."""

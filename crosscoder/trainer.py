@@ -75,6 +75,7 @@ from crosscoder.training_state import (
     select_training_state,
     states_root,
 )
+from crosscoder.warm_start import check_warm_start, warm_start
 
 
 @dataclass
@@ -152,6 +153,7 @@ class TrainingRun:
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with self.accelerator.main_process_first():
             self.sources = describe_sources(cfg.sources, log=log)
+        check_warm_start(cfg, len(self.sources.specs), self.sources.d_model)
         if self.resumed is not None:  # the same snapshot names may hold other weights now
             check_same_snapshots(self.resumed.trainer["sources"], self.sources.specs,
                                  f"the training state {self.resumed.path}")
@@ -186,7 +188,11 @@ class TrainingRun:
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
                                         self.log)  # every snapshot's
         model.set_input_scale(self.input_scale[share.start : share.stop])
-        if crosscoder_cfg.init == "anthropic_2025" and self.resumed is None:
+        if crosscoder_cfg.init_from and self.resumed is None:
+            with full_parameters(model, modify=True) as module:
+                warm_start(module, crosscoder_cfg.init_from)
+            self.log(f"weights from {crosscoder_cfg.init_from} (a fresh optimizer)")
+        elif crosscoder_cfg.init == "anthropic_2025" and self.resumed is None:
             # Rank 0's bias is every rank's: DeepSpeed broadcasts rank 0's weights (ZeRO-3: `modify`).
             with full_parameters(model, [model.W_enc, model.W_dec, model.b_enc], modify=True) as module:
                 module.initialize_encoder_bias(self.stream.peek(crosscoder_cfg.norm_estimation_batches),
