@@ -18,7 +18,7 @@ from crosscoder.checkpoint import DictionaryError
 from crosscoder.config import ConfigError
 from crosscoder.data.workers import resolve_worker_device
 from crosscoder.evaluation import METRIC_KEYS, SplicedEval, evaluate_dictionary, write_eval
-from crosscoder.faults import write_failure_reason
+from crosscoder.faults import exit_bad_input, write_failure_reason
 
 PROG = "crosscoder-eval"
 DEFAULT_TOKENS = 4096
@@ -40,9 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> NoReturn:
-    """Bad input is one line on stderr and exit status 2."""
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_bad_input(PROG, message)
 
 
 def _table(result: SplicedEval) -> str:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -58,6 +60,13 @@ class StorageError(RunFault):
 
 LOW_SPACE_BYTES = 64 * 2**20
 """A write that failed with this little space left on its file system is taken to have failed for lack of it."""
+
+
+def exit_bad_input(prog: str, message: str) -> NoReturn:
+    """A command-line tool's refusal of its input: one line on stderr (`prog: message`, newlines folded) and exit
+    status EXIT_BAD_INPUT, no usage text (the arguments parsed; their content is what is wrong)."""
+    print(f"{prog}: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def write_failure_reason(error: BaseException, path: Path) -> str | None:

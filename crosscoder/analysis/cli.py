@@ -22,7 +22,7 @@ from crosscoder.analysis.stack_report import SKIPPED_FOR_STACKS, stack_planted_r
 from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
-from crosscoder.faults import write_failure_reason
+from crosscoder.faults import exit_bad_input, write_failure_reason
 from crosscoder.stack import is_stack
 
 PROG = "crosscoder-analyze"
@@ -92,9 +92,7 @@ def scaling_or_none(dictionary: Path, evo: Evolution, meta: DictionaryMeta, n_to
 
 
 def _fail(message: str) -> NoReturn:
-    """A bad dictionary is one line on stderr and exit status 2 (no usage text: the arguments were fine)."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_bad_input(PROG, message)
 
 
 def main(argv: list[str] | None = None) -> None:

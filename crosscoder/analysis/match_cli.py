@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from crosscoder.analysis.sae_match import COSTS, DEFAULT_MATCH_COSINE, MATCH_QUALITY_FILE, write_matched_stack
 from crosscoder.checkpoint import DictionaryError
-from crosscoder.faults import write_failure_reason
+from crosscoder.faults import exit_bad_input, write_failure_reason
 
 PROG = "crosscoder-match"
 OUT_SUFFIX = "_sae_match"
@@ -33,8 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_bad_input(PROG, message)
 
 
 def main(argv: list[str] | None = None) -> None:
