@@ -173,10 +173,13 @@ class Crosscoder(nn.Module):
         if len(self.snapshot_share) < self.total_sources:
             raise ValueError("the encoder bias is initialised from the whole crosscoder's pre-activations")
         in_scale, _ = self._scales()
-        x = torch.cat(batches).to(self.W_enc.dtype)
-        pre = torch.einsum("bsd,sdf->bf", x * in_scale[None, :, None], self.W_enc)
-        rank = min(pre.shape[0], max(1, round(pre.shape[0] * (1 - firing_fraction))))  # k-th smallest
-        self.b_enc.copy_(gate.to(pre.dtype) - pre.kthvalue(rank, dim=0).values)
+        x = (torch.cat(batches).to(self.W_enc.dtype) * in_scale[None, :, None]).flatten(1)  # [N, S * d]
+        rank = min(x.shape[0], max(1, round(x.shape[0] * (1 - firing_fraction))))  # k-th smallest
+        w_enc = self.W_enc.view(-1, self.dict_size)
+        step = max(1, INIT_CHUNK_ELEMENTS // x.shape[0])  # latents at a time: [N, step] pre-activations
+        for first in range(0, self.dict_size, step):
+            pre = x @ w_enc[:, first : first + step]
+            self.b_enc[first : first + step] = gate[first : first + step].to(pre.dtype) - pre.kthvalue(rank, 0).values
 
     # ---- maths ------------------------------------------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:

@@ -200,7 +200,8 @@ def test_exported_snapshot_gate_reproduces_codes_with_per_snapshot_scales(tmp_pa
 
 
 @pytest.mark.parametrize("family", ["relu", "jumprelu", "snapshot_jumprelu"])
-def test_anthropic_initialisation_and_its_encoder_bias_firing_fraction(family: str) -> None:
+def test_anthropic_initialisation_and_its_encoder_bias_firing_fraction(family: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """W_dec ~ U(+-1/sqrt(n)) with n = S d, W_enc = (n / F) W_dec^T, and b_enc puts each latent's gate open on the
     set share of the data's tokens (exactly, on the batches it was set from)."""
     torch.manual_seed(3)
@@ -211,6 +212,10 @@ def test_anthropic_initialisation_and_its_encoder_bias_firing_fraction(family: s
     assert torch.allclose(model.W_enc, model.W_dec.permute(1, 2, 0) * 16 / 64)
     x = torch.randn(1000, 2, 8)
     model.initialize_encoder_bias([x[:500], x[500:]], firing_fraction=0.05)
+    whole = model.b_enc.detach().clone()
+    monkeypatch.setattr("crosscoder.model.INIT_CHUNK_ELEMENTS", 7000)  # 7 latents at a time: the same bias
+    model.initialize_encoder_bias([x[:500], x[500:]], firing_fraction=0.05)
+    assert torch.allclose(model.b_enc, whole, atol=1e-6)
     codes = model.encode(x)
     fired = (codes > 0).any(dim=1) if codes.dim() == 3 else codes > 0
     assert fired.float().mean(dim=0).sub(0.05).abs().max() <= 0.002
