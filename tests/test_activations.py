@@ -241,3 +241,12 @@ def test_snapshot_gate_and_init_settings_are_validated() -> None:
     assert "frequency_scale" in cfg.crosscoder.activation_options()
     cfg.crosscoder.activation = "jumprelu"
     assert "frequency_scale" not in cfg.crosscoder.activation_options()
+
+
+def test_snapshot_gate_pre_gradient_is_exact_away_from_the_threshold() -> None:
+    """Away from the jump each snapshot's gate is locally constant: d codes / d pre is the true derivative."""
+    activation = snapshot_jump(threshold=0.1)
+    activation.log_threshold.requires_grad_(False)
+    pre = torch.tensor([[0.5, -0.2], [0.9, 0.3], [0.02, 1.5]], dtype=torch.float64, requires_grad=True)
+    norms = torch.tensor([[1.0, 0.5], [2.0, 0.01]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: activation(p, norms), (pre,), eps=1e-6)
