@@ -6,6 +6,7 @@ the spliced-in LM loss per snapshot (crosscoder.evaluation) on held-out tokens.
 
     python bench/family_comparison.py                       # all five families, L0 16, 300k tokens each
     python bench/family_comparison.py --families relu,topk --tokens 200000
+    python bench/family_comparison.py --families jumprelu --knob crosscoder.l1_coeff --values 1,5,25 --tokens 150000
 
 One line per training run (the search), then the table: L0, explained variance, dead share, fraction of CE
 recovered (mean over snapshots, and at the first and last snapshot), KL, and the run's wall time.
@@ -58,11 +59,11 @@ def run_config(family: str, overrides: list[str], out_dir: Path):  # noqa: ANN20
     return OmegaConf.to_object(composed)
 
 
-def train_once(family: str, sparsity: float, tokens: int, root: Path) -> Run:
+def train_once(family: str, sparsity: float, tokens: int, root: Path, knob: str | None = None) -> Run:
     from crosscoder.constants import RUN_SUMMARY_FILE
     from crosscoder.trainer import train
 
-    key = KNOBS[family]
+    key = knob or KNOBS[family]
     value = int(sparsity) if key == "crosscoder.k" else sparsity
     out = Path(tempfile.mkdtemp(prefix=f"{family}_", dir=root))
     cfg = run_config(family, [f"{key}={value}", f"trainer.total_tokens={tokens}", "trainer.eval_tokens=0",
@@ -160,6 +161,9 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.15, help="relative L0 mismatch accepted")
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens per run")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out positions of the spliced-in loss")
+    parser.add_argument("--values", help="train the one family of --families at these comma-separated values of "
+                                           "--knob (its KNOBS setting by default) and print the runs, no search")
+    parser.add_argument("--knob", help="the setting --values sets, e.g. crosscoder.l1_coeff")
     parser.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="evaluate these finished run folders (their dictionary/) instead of training")
     args = parser.parse_args()
@@ -170,6 +174,11 @@ def main() -> None:
         report([finished_run(run_dir) for run_dir in args.runs], args.eval_tokens, args.target_l0)
         return
     families = [name.strip() for name in args.families.split(",") if name.strip()]
+    if args.values:  # a plain sweep of one setting, e.g. how L0 answers lambda
+        root = Path(tempfile.mkdtemp(prefix="family_sweep_"))
+        for value in args.values.split(","):
+            train_once(families[0], float(value), args.tokens, root, args.knob)
+        return
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
