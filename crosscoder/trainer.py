@@ -207,8 +207,9 @@ class TrainingRun:
         self.param_dtype = next(self.engine.parameters()).dtype
         self.dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens,
                                       self.accelerator.device)
-        per_snapshot = (len(share), crosscoder_cfg.dict_size) if model.activation.per_snapshot else ()
-        self.firing = FiringFrequency(per_snapshot or crosscoder_cfg.dict_size, self.accelerator.device)
+        latents = crosscoder_cfg.dict_size
+        firing_shape = (len(share), latents) if model.activation.per_snapshot else (latents,)
+        self.firing = FiringFrequency(firing_shape, self.accelerator.device)
 
     def _restore(self) -> None:
         self.first_step = 0

@@ -12,6 +12,7 @@ import torch
 from crosscoder.activations import JumpReLU, SnapshotJumpReLU
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
 from crosscoder.config import ConfigError, RunConfig
+from crosscoder.metrics import fired_latents
 from crosscoder.model import Crosscoder, estimate_input_scale
 
 
@@ -169,13 +170,7 @@ def test_snapshot_gate_crosscoder_decodes_each_snapshot_with_its_own_codes() -> 
     assert torch.allclose(out.loss, expected, rtol=1e-5)
     out.loss.backward()
     assert model.activation.log_threshold.grad.abs().sum() > 0
-    assert metrics_fired(out.codes).shape == (16,)
-
-
-def metrics_fired(codes: torch.Tensor) -> torch.Tensor:
-    from crosscoder.metrics import fired_latents
-
-    return fired_latents(codes)
+    assert fired_latents(out.codes).shape == (16,)
 
 
 def test_exported_snapshot_gate_reproduces_codes_with_per_snapshot_scales(tmp_path) -> None:  # noqa: ANN001
