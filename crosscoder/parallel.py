@@ -200,17 +200,26 @@ def full_state_dict(accelerator, engine, layout: Layout) -> dict[str, torch.Tens
     return layout.assemble(state, SNAPSHOT_DIMS)
 
 
-def teardown(accelerator) -> None:  # noqa: ANN001
-    """Leave the process clean for the next job of a Hydra multirun in the same process."""
+def teardown(accelerator, synchronize: bool = False) -> None:  # noqa: ANN001
+    """Leave the process clean for the next job of a Hydra multirun in the same process. `synchronize` (a run that
+    finished on every rank): meet at a barrier first, so no rank takes its process groups down while a peer's
+    last collective may still be in flight (a 4-rank CPU run once aborted in teardown under load); a failed run
+    skips it, since a dead peer would hold the others there until the gloo timeout."""
+    import gc
+
     import deepspeed.comm
     import deepspeed.utils.groups
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    initialized = dist.is_available() and dist.is_initialized()
+    if synchronize and initialized:
+        dist.barrier()
     accelerator.free_memory()  # destroys the DeepSpeed engine, which still needs the process group
-    if dist.is_available() and dist.is_initialized():
+    if initialized:
         # Through DeepSpeed, so it also forgets its cached groups (the next job makes new ones).
         deepspeed.comm.destroy_process_group()
+        gc.collect()  # the groups' last references go now, not in the interpreter's shutdown
     deepspeed.utils.groups.mpu = None  # DeepSpeed keeps the last engine's model-parallel unit module-wide
     accelerator.end_training()
     AcceleratorState._reset_state(reset_partial_state=True)

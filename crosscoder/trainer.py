@@ -101,16 +101,19 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
     run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop)
+    finished = False
     try:
         run.start()
-        return run.train(started)
+        result = run.train(started)
+        finished = True
+        return result
     except BaseException as error:
         run.stopped_by = f"{type(error).__name__}: {error}"
         raise
     finally:
         stop.restore()
         run.close()
-        teardown(accelerator)
+        teardown(accelerator, synchronize=finished)
 
 
 class TrainingRun:
