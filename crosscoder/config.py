@@ -25,6 +25,7 @@ DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+METHOD_NAMES = ("crosscoder", "independent")
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -352,6 +353,19 @@ class ParallelConfig:
 
 
 @dataclass
+class MethodConfig:
+    """What is trained on the snapshots (issue 14): one crosscoder, or a stack of single-snapshot dictionaries of
+    the `crosscoder` group's family (crosscoder.stack)."""
+
+    name: str = "crosscoder"
+    """`crosscoder` (one dictionary over all snapshots) or `independent` (one dictionary per snapshot, all trained
+    at once from the same stream; split by snapshot, a rank trains its own snapshots'). SAE-Track's chain is
+    issue 14's next step: today, one link is `method.snapshot` with `crosscoder.init_from` the previous one's."""
+    snapshot: str = ""
+    """Train on this one snapshot (by name) only: a plain SAE of one checkpoint."""
+
+
+@dataclass
 class TrackingConfig:
     """Weights & Biases."""
 
@@ -379,6 +393,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     output_dir: str = MISSING
     """Run directory (Hydra's output dir unless set)."""
 
@@ -464,6 +479,7 @@ class RunConfig:
                               f"{self.n_snapshots()} snapshots: every snapshot rank needs at least one")
         if self.parallel.token_check_every < 0:
             raise ConfigError(f"parallel.token_check_every={self.parallel.token_check_every} must be >= 0 (0: off)")
+        _validate_method(self)
         return self
 
     def n_snapshots(self) -> int:
@@ -474,6 +490,28 @@ class RunConfig:
         if s.kind == "planted":
             return s.planted.n_snapshots
         return len(s.paths) if s.paths else max(len(s.revisions), 1)
+
+
+def _validate_method(cfg: RunConfig) -> None:
+    m, c = cfg.method, cfg.crosscoder
+    _one_of("method.name", m.name, METHOD_NAMES)
+    if m.snapshot and cfg.parallel.snapshot_parallel > 1:
+        raise ConfigError(f"method.snapshot={m.snapshot!r} trains one snapshot: it cannot be split by snapshot "
+                          "(parallel.snapshot_parallel=1)")
+    if m.name == "crosscoder":
+        return
+    if m.snapshot:
+        raise ConfigError(f"method.snapshot={m.snapshot!r} trains one snapshot's dictionary: use it with "
+                          f"method.name=crosscoder, not {m.name} (which trains every snapshot's)")
+    if cfg.n_snapshots() < 2:
+        raise ConfigError(f"method.name={m.name} trains a stack of one dictionary per snapshot: it needs at least 2 "
+                          f"snapshots, the sources name {cfg.n_snapshots()}")
+    if c.activation == "snapshot_jumprelu":
+        raise ConfigError(f"crosscoder.activation=snapshot_jumprelu gates latents per snapshot of one crosscoder; "
+                          f"method.name={m.name} trains single-snapshot dictionaries: use jumprelu")
+    if c.init_from:
+        raise ConfigError("crosscoder.init_from warm-starts one dictionary; method.name=independent trains one per "
+                          "snapshot from scratch")
 
 
 def _validate_data(d: DataConfig) -> None:

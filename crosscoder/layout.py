@@ -178,6 +178,17 @@ class Layout:
                 whole[name] = torch.cat(parts, dim=dims[name]) if name in dims else local[name]
         return whole
 
+    def merge(self, local: dict[str, Any]) -> dict[str, Any]:
+        """The union on global rank 0 ({} elsewhere) of the data-index-0 ranks' dicts, whose keys differ (each
+        rank's own snapshots' entries). Collective over the snapshot group of data index 0."""
+        if not self.split:
+            return local
+        if self.data_rank != 0:
+            return {}
+        parts: list[Any] | None = [None] * self.snapshot_parallel if self.snapshot_rank == 0 else None
+        dist.gather_object(local, parts, dst=0, group=self.snapshot_group)
+        return {key: value for part in parts for key, value in part.items()} if parts is not None else {}
+
     # ---- the token check ---------------------------------------------------------------------------
     def check_same_tokens(self, token_ids: torch.Tensor | None, step: int, device: torch.device) -> None:
         """Every rank of a snapshot group must be training on the same tokens in the same order (the crosscoder

@@ -32,17 +32,24 @@ def fired_latents(codes: torch.Tensor) -> torch.Tensor:
     return codes.reshape(-1, codes.shape[-1]).amax(dim=0) > 0
 
 
-class DeadLatentTracker:
-    """Counts tokens since each latent last fired; a latent silent for `dead_after_tokens` is dead."""
+def fired_per_snapshot(codes: torch.Tensor) -> torch.Tensor:
+    """[S, F] bool: the latents active on some token of each snapshot's codes [B, S, F]."""
+    return codes.amax(dim=0) > 0
 
-    def __init__(self, dict_size: int, dead_after_tokens: int, device: torch.device | str = "cpu") -> None:
+
+class DeadLatentTracker:
+    """Counts tokens since each latent last fired; a latent silent for `dead_after_tokens` is dead. Shape [F], or
+    [S, F] for one dictionary per snapshot (crosscoder.independent)."""
+
+    def __init__(self, shape: int | tuple[int, ...], dead_after_tokens: int, device: torch.device | str = "cpu"
+                 ) -> None:
         self.dead_after_tokens = dead_after_tokens
-        self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
+        self.tokens_since_fired = torch.zeros(shape, dtype=torch.long, device=device)
 
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
-        """fired: [F] bool, whether each latent fired anywhere in the last `n_tokens` tokens."""
+        """fired: bool of the tracker's shape (or flat), whether each latent fired in the last `n_tokens` tokens."""
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device).view_as(self.tokens_since_fired)] = 0
 
     @property
     def dead_mask(self) -> torch.Tensor:
@@ -102,23 +109,34 @@ def step_metrics(
 ) -> dict[str, float]:
     """Loss parts and per-source quality, averaged over the data ranks. Split by snapshot, each rank's losses are
     its snapshots' share (summed over its group) and its per-source values sit in its own columns (zeros
-    elsewhere), so one sum over the world divided by data_parallel gives them all; codes, and so L0, are the
-    same on every rank of a group, so the firing counts are summed over the world and divided by
-    snapshot_parallel; they are added to `firing` (per snapshot for per-snapshot codes)."""
+    elsewhere), so one sum over the world divided by data_parallel gives them all. Shared codes [B, F], and so
+    L0, are the same on every rank of a group: their firing counts are summed over the world and divided by
+    snapshot_parallel. Per-snapshot codes [B, S, F] are each rank's own snapshots': scattered to their columns,
+    so the world's sum is the global batch's count; L0 is then also given per snapshot (`l0/<snapshot>`)."""
     recon = reconstruction_metrics(output.normalized_input, output.normalized_reconstruction, output.codes)
     n = len(source_names)
+    per_snapshot = output.codes.dim() == 3
+    counts = (output.codes > 0).sum(dim=0).float()  # [F] or [S_j, F]
+    if per_snapshot:
+        snapshot_l0 = layout.scatter(counts.sum(dim=1) / output.codes.shape[0])  # [S]
+        l0_part = snapshot_l0.sum().reshape(1) / n
+        counts = layout.scatter(counts.t()).t()
+    else:
+        snapshot_l0 = counts.new_zeros(0)
+        l0_part = recon["l0"].float().reshape(1) / layout.snapshot_parallel
     local = torch.cat([
         torch.stack([output.loss.detach(), output.mse_loss.detach(), output.sparsity_loss.detach(),
-                     output.aux_loss.detach(), recon["l0"]]).float(),
+                     output.aux_loss.detach()]).float(), l0_part,
         layout.scatter(recon["mse"].float()), layout.scatter(recon["explained_variance"].float()),
-        (output.codes > 0).sum(dim=0).float().flatten(),
+        snapshot_l0, counts.flatten(),
     ])
     summed = accelerator.reduce(local, "sum")
-    firing.add(summed[5 + 2 * n :] / layout.snapshot_parallel, output.codes.shape[0] * layout.data_parallel)
-    values = (summed[: 5 + 2 * n] / layout.data_parallel).tolist()
-    loss, mse_loss, sparsity_loss, aux_loss = values[:4]
-    l0 = summed[4].item() / accelerator.num_processes
-    mse, ev = values[5 : 5 + n], values[5 + n :]
+    figures = 5 + (3 if per_snapshot else 2) * n
+    firing.add(summed[figures:] / (1 if per_snapshot else layout.snapshot_parallel),
+               output.codes.shape[0] * layout.data_parallel)
+    values = (summed[:figures] / layout.data_parallel).tolist()
+    loss, mse_loss, sparsity_loss, aux_loss, l0 = values[:5]
+    mse, ev, l0s = values[5 : 5 + n], values[5 + n : 5 + 2 * n], values[5 + 2 * n :]
     metrics = {
         "loss/total": loss, "loss/mse": mse_loss, "loss/sparsity": sparsity_loss, "loss/aux": aux_loss,
         "l0": l0, "dead_fraction": dead.dead_fraction, "lr": scheduler.get_last_lr()[0], "l1_coeff": l1_coeff,
@@ -128,4 +146,6 @@ def step_metrics(
     for name, source_mse, source_ev in zip(source_names, mse, ev, strict=True):
         metrics[f"mse/{name}"] = source_mse
         metrics[f"explained_variance/{name}"] = source_ev
+    for name, source_l0 in zip(source_names, l0s, strict=False):  # per-snapshot codes only
+        metrics[f"l0/{name}"] = source_l0
     return metrics

@@ -54,6 +54,9 @@ class CrosscoderOutput(NamedTuple):
 
 
 class Crosscoder(nn.Module):
+    dictionaries_per_snapshot = False
+    """One dictionary over all sources (crosscoder.independent's module holds one per snapshot)."""
+
     def __init__(
         self,
         n_sources: int,
@@ -180,6 +183,15 @@ class Crosscoder(nn.Module):
         for first in range(0, self.dict_size, step):
             pre = x @ w_enc[:, first : first + step]
             self.b_enc[first : first + step] = gate[first : first + step].to(pre.dtype) - pre.kthvalue(rank, 0).values
+
+    @property
+    def codes_per_snapshot(self) -> bool:
+        """Codes [B, S, F] (a per-snapshot gate) rather than [B, F]."""
+        return self.activation.per_snapshot
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What `decoder_norms` reads (to gather under ZeRO-3)."""
+        return [self.W_dec]
 
     # ---- maths ------------------------------------------------------------------------------------------
     def decoder_norms(self) -> torch.Tensor:

@@ -197,6 +197,8 @@ def full_state_dict(accelerator, engine, layout: Layout) -> dict[str, torch.Tens
                 master = param.detach().float()
         if keep:
             state[name] = master.detach().cpu().clone()
+    if module.dictionaries_per_snapshot:  # whole dictionaries per rank: named globally, nothing to concatenate
+        return layout.merge(module.global_state(state) if keep else {})
     return layout.assemble(state, SNAPSHOT_DIMS)
 
 

@@ -15,13 +15,24 @@ decoder norms [F, S] in each snapshot's normalised space, so a stack is analysed
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from crosscoder.checkpoint import DictionaryError, DictionaryMeta, read_meta, read_tensors, write_text_atomic
+from crosscoder.checkpoint import (
+    DictionaryError,
+    DictionaryMeta,
+    export_dictionary,
+    read_meta,
+    read_tensors,
+    replace_dir,
+    temporary_sibling,
+    write_text_atomic,
+)
 from crosscoder.constants import DECODER_NORMS_FILE, WEIGHTS_FILE
 
 STACK_MANIFEST_FILE = "stack.json"
@@ -75,6 +86,32 @@ def write_stack_manifest(stack_dir: str | Path, manifest: StackManifest) -> Path
     path = stack_dir / STACK_MANIFEST_FILE
     write_text_atomic(path, json.dumps(asdict(manifest), indent=2))
     return path
+
+
+def entry_folder(index: int, name: str) -> str:
+    """A stack entry's folder name: its position and its snapshot's name, kept to safe characters."""
+    return f"{index:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+
+
+def export_stack(states: list[dict[str, torch.Tensor]], metas: list[DictionaryMeta], out_dir: str | Path,
+                 manifest: StackManifest, firing_frequencies: list[torch.Tensor | None] | None = None) -> Path:
+    """A complete stack folder at `out_dir` (replacing an older one, as export_dictionary does): each snapshot's
+    full state exported under its entry's folder, then stack.json, all in a hidden sibling renamed into place.
+    A NaN anywhere raises DictionaryError before the old stack is touched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        frequencies = firing_frequencies or [None] * len(states)
+        for entry, state, meta, frequency in zip(manifest.entries, states, metas, frequencies, strict=True):
+            export_dictionary(state, meta, tmp / entry.dictionary, firing_frequency=frequency)
+        write_stack_manifest(tmp, manifest)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def check_manifest(manifest: StackManifest) -> None:

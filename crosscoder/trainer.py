@@ -44,9 +44,17 @@ from crosscoder.faults import (
     writing,
 )
 from crosscoder.fingerprint import check_same_snapshots
+from crosscoder.independent import split_dictionary_states
 from crosscoder.layout import build_layout, check_layout
-from crosscoder.metrics import DeadLatentTracker, FiringFrequency, fired_latents, step_metrics
-from crosscoder.model import Crosscoder
+from crosscoder.methods import (
+    build_module,
+    dead_mask_for,
+    dead_shape,
+    independent_manifest,
+    restrict_sources,
+    snapshot_window,
+)
+from crosscoder.metrics import DeadLatentTracker, FiringFrequency, fired_latents, fired_per_snapshot, step_metrics
 from crosscoder.normalization import estimate_input_scale
 from crosscoder.parallel import (
     build_accelerator,
@@ -61,6 +69,7 @@ from crosscoder.parallel import (
 from crosscoder.preemption import StopRequest, TrainingInterrupted
 from crosscoder.schedules import adam, l1_coefficient, lr_multiplier
 from crosscoder.sources import SourceInfo, describe_sources
+from crosscoder.stack import export_stack
 from crosscoder.tracking import ProgressBar, Tracker
 from crosscoder.training_state import (
     TrainingState,
@@ -155,7 +164,9 @@ class TrainingRun:
         self.resumed = _resumable_state(self.accelerator, resume, self.output_dir, self.run_config, log)
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with self.accelerator.main_process_first():
-            self.sources = describe_sources(cfg.sources, log=log)
+            self.stream_sources = describe_sources(cfg.sources, log=log)  # what the stream reads from
+        self.window = snapshot_window(cfg, self.stream_sources)  # what this run trains (method.snapshot: one)
+        self.sources = restrict_sources(self.stream_sources, self.window)
         check_warm_start(cfg, len(self.sources.specs), self.sources.d_model)
         if self.resumed is not None:  # the same snapshot names may hold other weights now
             check_same_snapshots(self.resumed.trainer["sources"], self.sources.specs,
@@ -167,10 +178,11 @@ class TrainingRun:
         self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
 
     def _open_stream(self) -> None:
-        resumed, layout = self.resumed, self.layout
+        resumed, layout, offset = self.resumed, self.layout, self.window.start
         self.stream = build_activation_stream(
-            self.cfg, self.sources, layout.data_rank, layout.data_parallel, self.micro_batch, log=self.log,
-            state=None if resumed is None else (resumed.rank, resumed.tensors), share=layout.share)
+            self.cfg, self.stream_sources, layout.data_rank, layout.data_parallel, self.micro_batch, log=self.log,
+            state=None if resumed is None else (resumed.rank, resumed.tensors),
+            share=range(offset + layout.share.start, offset + layout.share.stop))
         if resumed is None:
             _check_enough_tokens(self.stream, self.cfg, self.total_steps * self.micro_batch)
 
@@ -180,13 +192,7 @@ class TrainingRun:
         share, total_steps = layout.share, self.total_steps
         self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage
         with partitioned_init(self.accelerator, layout):  # ZeRO-3: no rank ever holds even its whole share
-            model = Crosscoder(
-                n_sources=len(self.sources.specs), d_model=self.sources.d_model, dict_size=crosscoder_cfg.dict_size,
-                activation=crosscoder_cfg.activation, k=crosscoder_cfg.k, aux_k=crosscoder_cfg.aux_k,
-                aux_coeff=crosscoder_cfg.aux_coeff, init_decoder_norm=crosscoder_cfg.init_decoder_norm,
-                snapshot_share=share, reduction=layout.reduction, sparse_topk=crosscoder_cfg.sparse_topk,
-                activation_options=crosscoder_cfg.activation_options(), init=crosscoder_cfg.init,
-            )
+            model = build_module(cfg, len(self.sources.specs), self.sources.d_model, layout)
         self.aux_k = model.aux_k
         self.input_scale = estimate_input_scale(cfg, self.accelerator, layout, self.stream, self.sources, self.resumed,
                                         self.log)  # every snapshot's
@@ -197,7 +203,7 @@ class TrainingRun:
             self.log(f"weights from {crosscoder_cfg.init_from} (a fresh optimizer)")
         elif crosscoder_cfg.init == "anthropic_2025" and self.resumed is None:
             # Rank 0's bias is every rank's: DeepSpeed broadcasts rank 0's weights (ZeRO-3: `modify`).
-            with full_parameters(model, [model.W_enc, model.W_dec, model.b_enc], modify=True) as module:
+            with full_parameters(model, modify=True) as module:
                 module.initialize_encoder_bias(self.stream.peek(crosscoder_cfg.norm_estimation_batches),
                                                crosscoder_cfg.firing_fraction())
         optimizer = adam(model.parameters(), lr=trainer_cfg.lr, betas=tuple(trainer_cfg.adam_betas))
@@ -208,10 +214,11 @@ class TrainingRun:
         with with_model_parallel_unit(layout):  # ZeRO over the data group only
             self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.param_dtype = next(self.engine.parameters()).dtype
-        self.dead = DeadLatentTracker(crosscoder_cfg.dict_size, crosscoder_cfg.dead_after_tokens,
+        latents, n_snapshots = crosscoder_cfg.dict_size, len(self.sources.specs)
+        self.per_dictionary = model.dictionaries_per_snapshot
+        self.dead = DeadLatentTracker(dead_shape(model, n_snapshots, latents), crosscoder_cfg.dead_after_tokens,
                                       self.accelerator.device)
-        latents = crosscoder_cfg.dict_size
-        firing_shape = (len(share), latents) if model.activation.per_snapshot else (latents,)
+        firing_shape = (n_snapshots, latents) if model.codes_per_snapshot else (latents,)
         self.firing = FiringFrequency(firing_shape, self.accelerator.device)
 
     def _restore(self) -> None:
@@ -259,16 +266,20 @@ class TrainingRun:
             # Snapshot groups pair the same tokens.
             layout.check_same_tokens(None if data_error else self.stream.last_token_ids, step, device)
         l1_coeff = l1_coefficient(step, crosscoder_cfg.l1_coeff, crosscoder_cfg.l1_warmup_steps)
-        output = self.engine(x, l1_coeff, self.dead.dead_mask)
+        module = self.accelerator.unwrap_model(self.engine)
+        output = self.engine(x, l1_coeff, dead_mask_for(module, self.dead.dead_mask, layout))
         # One reduction per step, before the update: which latents fired, and the health flags (NaN/inf in the
         # batch or the loss, a failed stream, a stop signal) that stop every rank together.
         # The loss rides along (summed over the world: each rank's share of its data rank's loss), so the
         # progress line needs no transfer of its own after the update.
-        local = torch.cat([fired_latents(output.codes).float(),
+        # One dictionary per snapshot: each rank's snapshots' rows, in their place among all the snapshots.
+        fired = layout.scatter(fired_per_snapshot(output.codes).t()).t() if self.per_dictionary else \
+            fired_latents(output.codes)
+        local = torch.cat([fired.float().flatten(),
                            local_health(layout, x, output.loss, data_error is not None, self.stop.signum),
                            output.loss.detach().float().reshape(1)])
         reduced = self.accelerator.reduce(local, "sum")
-        *flags, loss_sum = reduced[crosscoder_cfg.dict_size :].tolist()  # the step's one host transfer
+        *flags, loss_sum = reduced[fired.numel() :].tolist()  # the step's one host transfer
         health = read_health(flags, self.source_names)
         self.step_loss = loss_sum / layout.data_parallel
         if not health.healthy:
@@ -277,7 +288,7 @@ class TrainingRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        self.dead.update(reduced[: crosscoder_cfg.dict_size] > 0, cfg.trainer.batch_size)
+        self.dead.update(reduced[: fired.numel()] > 0, cfg.trainer.batch_size)
         self._report(step + 1, output, l1_coeff)
         self._after_step(step + 1, health)
 
@@ -293,7 +304,8 @@ class TrainingRun:
             waited = self.stream.wait_seconds - window_waited
             metrics["data_wait_fraction"] = waited / max(now - window_started, 1e-9)
             self._window = (now, self.stream.wait_seconds)
-            with full_parameters(self.engine, [self.accelerator.unwrap_model(self.engine).W_dec]) as module:
+            decoders = self.accelerator.unwrap_model(self.engine).decoder_parameters()
+            with full_parameters(self.engine, decoders) as module:
                 local_norms = module.decoder_norms().detach().cpu()
             decoder_norms = self.layout.assemble({"norms": local_norms}, {"norms": 1}).get("norms")  # [F, S], rank 0
             self.tracker.log(metrics, step=done)
@@ -351,8 +363,10 @@ class TrainingRun:
     def export(self, step: int, out_dir: Path, aliases: list[str]) -> Path:
         state_dict = full_state_dict(self.accelerator, self.engine, self.layout)  # whole only on rank 0
         positions = gather_object([self.stream.state_dict()])  # collective too: where each rank's stream stands
-        if self.is_main:
-            meta = _dictionary_meta(self.sources, self.cfg, self.aux_k, step, self.run_config)
+        if self.is_main and self.per_dictionary:
+            self._export_stack(state_dict, step, out_dir, aliases)
+        elif self.is_main:
+            meta = _dictionary_meta(self.sources.specs, self.sources, self.cfg, self.aux_k, step, self.run_config)
             with writing("the dictionary", out_dir, self.last_state, _last_state_hint(self.last_state)):
                 export_dictionary(state_dict, meta, out_dir,
                                   extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)},
@@ -365,6 +379,21 @@ class TrainingRun:
             self.log(f"exported dictionary at step {step} to {out_dir}")
         self.accelerator.wait_for_everyone()
         return out_dir
+
+    def _export_stack(self, state_dict: dict[str, torch.Tensor], step: int, out_dir: Path, aliases: list[str]) -> None:
+        """Main process: one dictionary per snapshot and the stack manifest (crosscoder.stack), one W&B artifact.
+        Its latents are unaligned: the analysis waits for crosscoder-match, and the spliced-in evaluation reads
+        crosscoders only for now."""
+        specs = self.sources.specs
+        metas = [_dictionary_meta([spec], self.sources, self.cfg, self.aux_k, step, self.run_config) for spec in specs]
+        frequencies = list(self.firing.frequency()) if self.firing.tokens else None  # [F] per dictionary
+        manifest = independent_manifest(self.sources, step)
+        with writing("the stack", out_dir, self.last_state, _last_state_hint(self.last_state)):
+            export_stack(split_dictionary_states(state_dict, len(specs)), metas, out_dir, manifest, frequencies)
+        self.tracker.log_dictionary(out_dir, step, {"train_step": step, "method": manifest.method,
+                                                    "tokens_seen": step * self.cfg.trainer.batch_size}, aliases)
+        self.log(f"exported a stack of {len(specs)} dictionaries at step {step} to {out_dir} (unaligned: "
+                 f"crosscoder-match {out_dir} aligns them)")
 
     def _evaluate(self, out_dir: Path, step: int) -> dict[str, float]:
         """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
@@ -440,11 +469,12 @@ def _resumable_state(
 
 
 def _dictionary_meta(
-    sources: SourceInfo, cfg: RunConfig, aux_k: int, step: int, run_config: dict[str, Any]
+    specs: list, sources: SourceInfo, cfg: RunConfig, aux_k: int, step: int, run_config: dict[str, Any]
 ) -> DictionaryMeta:
+    """The config.json of a dictionary over `specs` (all the run's snapshots, or one of a stack's)."""
     crosscoder_cfg = cfg.crosscoder
     return DictionaryMeta(
-        sources=[asdict(spec) for spec in sources.specs], hook=sources.hook, d_model=sources.d_model,
+        sources=[asdict(spec) for spec in specs], hook=sources.hook, d_model=sources.d_model,
         dict_size=crosscoder_cfg.dict_size, activation=crosscoder_cfg.activation, k=crosscoder_cfg.k,
         aux_k=aux_k, tokens_seen=step * cfg.trainer.batch_size, train_step=step,
         input_scale=[],  # filled in by export_dictionary from the model's buffer

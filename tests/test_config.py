@@ -72,6 +72,17 @@ def test_valid_config_passes_and_returns_self() -> None:
         (_set("data.seq_len", 1), r"data\.seq_len=1"),
         (_set("trainer.lr", 0.0), r"trainer\.lr=0\.0"),
         (_set("sources.hook", "resid_mid"), r"sources\.hook='resid_mid'"),
+        (_set("method.name", "sae_lens"), r"method\.name='sae_lens'"),
+        (lambda c: (_set("method.name", "independent")(c), _set("crosscoder.activation", "snapshot_jumprelu")(c)),
+         r"snapshot_jumprelu gates latents per snapshot .* use jumprelu"),
+        (lambda c: (_set("method.name", "independent")(c), _set("method.snapshot", "step0")(c)),
+         r"method\.snapshot='step0' trains one snapshot's dictionary: use it with method\.name=crosscoder"),
+        (lambda c: (_set("method.name", "independent")(c), _set("crosscoder.init_from", "/a/dictionary")(c)),
+         r"crosscoder\.init_from warm-starts one dictionary"),
+        (lambda c: (_set("method.name", "independent")(c), _set("sources.toy.snapshot_steps", [5])(c)),
+         r"needs at least 2 snapshots, the sources name 1"),
+        (lambda c: (_set("method.snapshot", "step0")(c), _set("parallel.snapshot_parallel", 2)(c)),
+         r"method\.snapshot='step0' trains one snapshot: it cannot be split"),
     ],
 )
 def test_validate_names_the_bad_value(mutate: Callable[[RunConfig], None], message: str) -> None:

@@ -36,8 +36,8 @@ def planted_recovery(dictionary_dir: str | Path) -> Recovery | None:
     path = Path(dictionary_dir)
     meta = read_meta(path)
     cfg = planted_config(meta.training)
-    if cfg is None:
-        return None
+    if cfg is None or len(meta.sources) == 1 < cfg.n_snapshots:  # one snapshot's SAE (method.snapshot, a stack's
+        return None  # dictionary): no emergence to score; the stack is scored whole (stack_report)
     truth = planted_truth(cfg)
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as weights:
         decoder = weights.get_tensor("W_dec")

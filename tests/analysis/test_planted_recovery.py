@@ -153,3 +153,93 @@ def test_analyze_reports_recovery_for_a_planted_dictionary(planted_dictionary: P
     with (planted_dictionary / ANALYSIS_DIR / "features.csv").open() as table:
         flagged = {int(row["feature"]) for row in csv.DictReader(table) if row["shrinkage_artefact"] == "True"}
     assert not flagged & set(result.learned_index[result.recovered].tolist())
+
+
+def _per_snapshot_recovered(decoders: list[torch.Tensor], truth_decoder: torch.Tensor) -> list[float]:
+    """For each snapshot s, the share of the features planted there that dictionary decoders[s] [F, d] holds
+    (assignment on decoder cosine, >= the recovery cosine)."""
+    from crosscoder.analysis.matching import RECOVERY_COSINE, linear_sum_assignment
+
+    shares = []
+    for s, learned in enumerate(decoders):
+        present = truth_decoder[:, s].norm(dim=-1) > 0
+        true = torch.nn.functional.normalize(truth_decoder[present, s], dim=-1)
+        cos = true @ torch.nn.functional.normalize(learned, dim=-1).T
+        rows, cols = linear_sum_assignment(-cos)
+        shares.append(float((cos[rows, cols] >= RECOVERY_COSINE).float().mean()))
+    return shares
+
+
+def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_pass(tmp_path: Path) -> None:
+    """method=independent with crosscoder=topk (k 6, 128 latents per snapshot), the planted budget: one pass
+    trains 8 single-snapshot dictionaries and exports them as a stack, each holding >= 95% of the features planted
+    in its snapshot; the same dictionaries read against other snapshots (a shuffled stack) do not. W&B logs each
+    dictionary under its snapshot's name and the stack as one artifact.
+
+    Not yet asserted: the emergence snapshot after crosscoder-match. Chains of matched latents join a feature that
+    vanishes with one that emerges later (both use the slot), so the aligned stack's emergence is right for about
+    half the planted features on this budget (bench/RESULTS.md); issue 14 keeps that open."""
+    from crosscoder.stack import load_stack_decoders, read_stack
+    from tests.launching import single_wandb_run_file
+    from tests.wandb_records import artifacts, history_keys
+
+    cfg = family_run_config(tmp_path / "run", "topk", 4e-3)
+    cfg.method.name = "independent"
+    cfg.crosscoder.dict_size, cfg.crosscoder.k = 128, 6
+    cfg.tracking.mode, cfg.tracking.log_analysis = "offline", False
+    stack = _train_clean(cfg)
+    manifest, metas = read_stack(stack)
+    assert manifest.method == "independent" and manifest.aligned == "none" and len(manifest.entries) == 8
+    assert [meta.source_names for meta in metas] == [[name] for name in manifest.names]
+    assert all(meta.train_step == 390 and meta.activation == "topk" for meta in metas)
+    decoders, _, _ = load_stack_decoders(stack)
+    truth = planted_truth(planted_config(metas[0].training))
+    shares = _per_snapshot_recovered(list(decoders.unbind(1)), truth.decoder)
+    print("per-snapshot recovered", [round(share, 3) for share in shares])
+    assert min(shares) >= 0.95, shares
+    shuffled = _per_snapshot_recovered(list(decoders.unbind(1)[::-1]), truth.decoder)  # snapshot 7's at 0, ...
+    # The bar fails: the features change over training, so a far snapshot's dictionary misses many (neighbours
+    # share most: 3 and 4 swapped still hold 91-96%).
+    assert min(shuffled) < 0.7, shuffled
+
+    wandb_file = single_wandb_run_file(tmp_path / "run")
+    keys = history_keys(wandb_file)
+    for name in manifest.names:
+        assert {f"l0/{name}", f"explained_variance/{name}", f"decoder_norm/mean/{name}",
+                f"density/log10_frequency_hist/{name}/values"} <= keys, sorted(keys)
+    logged = [a for a in artifacts(wandb_file) if a.type == "crosscoder"]
+    assert len(logged) == 1
+    contents = {c.path for c in logged[0].manifest.contents}
+    assert "stack.json" in contents and f"{manifest.entries[-1].dictionary}/weights.safetensors" in contents
+
+
+def test_one_snapshot_of_the_sources_trains_a_plain_sae_of_it(tmp_path: Path) -> None:
+    """method.snapshot=snapshot5: a one-source dictionary of that snapshot (its input scale is the one the
+    8-snapshot stream measures for it), holding its planted features; a name the sources lack is refused."""
+    from crosscoder.config import ConfigError
+    from crosscoder.stack import read_stack
+
+    cfg = family_run_config(tmp_path / "one", "topk", 4e-3)
+    cfg.method.snapshot, cfg.crosscoder.dict_size, cfg.crosscoder.k = "snapshot5", 128, 6
+    dictionary = _train_clean(cfg)
+    meta = read_meta(dictionary)
+    assert meta.source_names == ["snapshot5"]
+    truth = planted_truth(planted_config(meta.training))
+    decoder = load_dictionary_decoder(dictionary)
+    assert _per_snapshot_recovered([decoder], truth.decoder[:, 5:6])[0] >= 0.95
+    stack = tmp_path / "stack-run"
+    whole = family_run_config(stack, "topk", 4e-3)
+    whole.method.name, whole.crosscoder.dict_size, whole.trainer.total_tokens = "independent", 128, 1024
+    _, metas = read_stack(_train_clean(whole))
+    assert meta.input_scale[0] == pytest.approx(metas[5].input_scale[0], rel=1e-5)
+
+    cfg.method.snapshot, cfg.output_dir = "snapshot9", str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"method\.snapshot='snapshot9' is not one of the sources' snapshots"):
+        _train_clean(cfg)
+
+
+def load_dictionary_decoder(dictionary: Path) -> torch.Tensor:
+    """[F, d] the single-snapshot dictionary's decoder in its normalised space."""
+    from safetensors.torch import load_file
+
+    return load_file(str(dictionary / "weights.safetensors"))["W_dec"][:, 0] * read_meta(dictionary).input_scale[0]
