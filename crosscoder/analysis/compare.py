@@ -27,9 +27,10 @@ from crosscoder.analysis.compare_replay import ReplayResult, replay_metrics
 from crosscoder.analysis.evolution import ZERO_NORM, Evolution
 from crosscoder.analysis.matching import linear_sum_assignment
 from crosscoder.analysis.report import check_dictionary_dir, load_evolution
+from crosscoder.analysis.stack_report import load_stack_chains
 from crosscoder.checkpoint import DictionaryMeta, read_tensors
 from crosscoder.constants import RUN_SUMMARY_FILE, WEIGHTS_FILE
-from crosscoder.stack import is_stack, load_stack_decoders, read_stack
+from crosscoder.stack import is_stack, read_stack
 
 DEFAULT_MATCH_THRESHOLD = 0.7
 """Similarity a crosscoder latent and a stack latent need to count as the same feature."""
@@ -138,8 +139,8 @@ def check_compatible(inputs: Sequence[CompareInput]) -> None:
 
 def load_decoder(item: CompareInput) -> torch.Tensor:
     """W_dec [F, S, d] (only its directions are used: a crosscoder's folded decoder has the same ones)."""
-    if item.stack:
-        return load_stack_decoders(item.path)[0]
+    if item.stack:  # the chains the stack's evolution analysis reads (one latent per chain)
+        return load_stack_chains(item.path)[0].decoder
     return read_tensors(item.path / WEIGHTS_FILE, ["W_dec"])["W_dec"]
 
 

@@ -1,8 +1,10 @@
 """The evolution analysis of a stack (crosscoder.stack): one single-snapshot dictionary per snapshot, read as one
 crosscoder's decoder would be (`stack.load_stack_decoders`: W_dec [F, S, d] and decoder norms [F, S] in each
 snapshot's normalised space), provided latent i means the same feature in every dictionary (`aligned` is
-warm_start or sae_match). What needs the dictionaries' activations (top contexts, latent scaling) is skipped;
-planted recovery works when every dictionary trained on the same planted problem of S snapshots.
+warm_start or sae_match). Each slot is cut into chains where consecutive decoders stop being one feature
+(crosscoder.analysis.chains): the analysis' latents are the chains, and features.csv names each chain's slot.
+What needs the dictionaries' activations (top contexts, latent scaling) is skipped; planted recovery works when
+every dictionary trained on the same planted problem of S snapshots.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from crosscoder.analysis.chains import CHAIN_MIN_COSINE, Chains, chain_segments
 from crosscoder.analysis.evolution import Evolution, FeatureTable, analyze_evolution
 from crosscoder.analysis.matching import Recovery, recovery
 from crosscoder.analysis.planted import planted_config
@@ -54,27 +57,34 @@ def stack_meta(manifest: StackManifest, metas: list[DictionaryMeta]) -> Dictiona
     )
 
 
-def load_stack_evolution(stack_dir: str | Path, dead_mask: torch.Tensor | None = None
-                         ) -> tuple[Evolution, DictionaryMeta]:
-    """Evolution metrics of an aligned stack; StackNotAlignedError for an unaligned one."""
+def load_stack_chains(stack_dir: str | Path) -> tuple[Chains, StackManifest, list[DictionaryMeta]]:
+    """An aligned stack's chains (its slots cut where consecutive decoders part); StackNotAlignedError for an
+    unaligned one."""
     stack_dir = Path(stack_dir)
     manifest, metas = read_stack(stack_dir)
     check_aligned(stack_dir, manifest)
     w_dec, norms, _ = load_stack_decoders(stack_dir)
+    return chain_segments(w_dec, norms), manifest, metas
+
+
+def load_stack_evolution(stack_dir: str | Path, dead_mask: torch.Tensor | None = None
+                         ) -> tuple[Evolution, DictionaryMeta]:
+    """Evolution metrics of an aligned stack's chains; `dead_mask` is per chain."""
+    chains, manifest, metas = load_stack_chains(stack_dir)
     meta = stack_meta(manifest, metas)
-    evo = analyze_evolution(w_dec, norms, names=manifest.names, steps=[source["step"] for source in meta.sources],
-                            dead_mask=dead_mask)
+    evo = analyze_evolution(chains.decoder, chains.norms, names=manifest.names,
+                            steps=[source["step"] for source in meta.sources], dead_mask=dead_mask)
     return evo, meta
 
 
 def stack_firing_frequency(stack_dir: str | Path) -> torch.Tensor | None:
-    """[S, F] each dictionary's firing frequency, or None unless every dictionary has one."""
-    stack_dir = Path(stack_dir)
-    manifest, _ = read_stack(stack_dir)
-    frequencies = [load_firing_frequency(stack_dir / entry.dictionary) for entry in manifest.entries]
+    """[S, F'] each chain's firing frequency in each snapshot (its slot's, zero outside the chain), or None unless
+    every dictionary has one."""
+    chains, manifest, _ = load_stack_chains(stack_dir)
+    frequencies = [load_firing_frequency(Path(stack_dir) / entry.dictionary) for entry in manifest.entries]
     if any(frequency is None for frequency in frequencies):
         return None
-    return torch.stack([frequency.reshape(-1) for frequency in frequencies])  # [1, F] or [F] each
+    return chains.spread(torch.stack([frequency.reshape(-1) for frequency in frequencies]))  # [1, F] or [F] each
 
 
 def stack_planted_recovery(stack_dir: str | Path) -> Recovery | None:
@@ -93,10 +103,9 @@ def stack_planted_recovery(stack_dir: str | Path) -> Recovery | None:
     if (cfg.n_snapshots, cfg.d_model) != (len(metas), metas[0].d_model):
         raise ValueError(f"the planted problem in the metadata ({cfg.n_snapshots} snapshots, d={cfg.d_model}) does "
                          f"not fit the stack ({len(metas)} snapshots, d={metas[0].d_model})")
-    check_aligned(stack_dir, manifest)
-    w_dec, norms, _ = load_stack_decoders(stack_dir)
+    chains, _, _ = load_stack_chains(stack_dir)
     truth = planted_truth(cfg)
-    return recovery(w_dec, truth.decoder, truth.emergence, learned_norms=norms)
+    return recovery(chains.decoder, truth.decoder, truth.emergence, learned_norms=chains.norms)
 
 
 def median_cosine_to_final(evo: Evolution) -> list[float]:
@@ -111,14 +120,16 @@ def add_stack_details(table: FeatureTable, summary: dict[str, Any], evo: Evoluti
     """The drift to the final snapshot (SAE-Track's measure: cos(W_dec_i^t, W_dec_i^final)) as `cos_final@`
     columns in features.csv and in summary.json, the stack's provenance in summary.json; returns the report
     section."""
-    manifest, _ = read_stack(stack_dir)
+    chains, manifest, _ = load_stack_chains(stack_dir)
     rounded = ((evo.cos_to_last.double() * 1e6).round() / 1e6).tolist()
-    table.columns.extend(f"cos_final@{name}" for name in evo.names)
-    for row in table.rows:
-        row.extend(None if math.isnan(value) else value for value in rounded[row[0]])  # row[0]: the latent
+    table.columns.extend(["stack_latent", *(f"cos_final@{name}" for name in evo.names)])
+    for row in table.rows:  # row[0]: the chain; its latent in the dictionaries, then its drift to the final one
+        row.extend([int(chains.slot[row[0]]), *(None if math.isnan(value) else value for value in rounded[row[0]])])
     medians = median_cosine_to_final(evo)
     summary["stack"] = {"method": manifest.method, "aligned": manifest.aligned, "dictionaries":
-                        [entry.dictionary for entry in manifest.entries], "skipped": SKIPPED_FOR_STACKS}
+                        [entry.dictionary for entry in manifest.entries], "skipped": SKIPPED_FOR_STACKS,
+                        "slots": int(chains.slot.max()) + 1, "chains": len(chains.slot),
+                        "chain_min_cosine": CHAIN_MIN_COSINE}
     if "sae_match" in manifest.details:
         summary["stack"]["sae_match"] = manifest.details["sae_match"]
     summary["median_cosine_to_final"] = [None if math.isnan(value) else value for value in medians]
@@ -126,7 +137,9 @@ def add_stack_details(table: FeatureTable, summary: dict[str, Any], evo: Evoluti
     cells = "".join(f"<tr><td class='l'>{html.escape(name)}</td><td>{value}</td></tr>"
                     for name, value in zip(evo.names, shown, strict=True))
     section = (f"<p class='muted'>A stack of {len(manifest.entries)} single-snapshot dictionaries "
-               f"(method {manifest.method}, aligned by {manifest.aligned}). Median cosine of each latent's decoder "
+               f"(method {manifest.method}, aligned by {manifest.aligned}); its {int(chains.slot.max()) + 1} latent "
+               f"slots are read as {len(chains.slot)} chains, cut where consecutive decoders' cosine is below "
+               f"{CHAIN_MIN_COSINE}. Median cosine of each latent's decoder "
                "at a snapshot with its decoder at the final one, over latents present at both. "
                f"{SKIPPED_FOR_STACKS.capitalize()}.</p>"
                "<table><tr><th class='l'>snapshot</th><th>median cos to final</th></tr>"
