@@ -25,7 +25,7 @@ DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
-METHOD_NAMES = ("crosscoder", "independent")
+METHOD_NAMES = ("crosscoder", "independent", "sae_track")
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
@@ -358,11 +358,17 @@ class MethodConfig:
     the `crosscoder` group's family (crosscoder.stack)."""
 
     name: str = "crosscoder"
-    """`crosscoder` (one dictionary over all snapshots) or `independent` (one dictionary per snapshot, all trained
-    at once from the same stream; split by snapshot, a rank trains its own snapshots'). SAE-Track's chain is
-    issue 14's next step: today, one link is `method.snapshot` with `crosscoder.init_from` the previous one's."""
+    """`crosscoder` (one dictionary over all snapshots), `independent` (one dictionary per snapshot, all trained
+    at once from the same stream; split by snapshot, a rank trains its own snapshots'), or `sae_track` (a chain:
+    snapshot 0 from scratch, each next one warm-started from the previous one's weights; crosscoder.sae_track)."""
     snapshot: str = ""
-    """Train on this one snapshot (by name) only: a plain SAE of one checkpoint."""
+    """Train on this one snapshot (by name) only: a plain SAE of one checkpoint. SAE-Track's links set it."""
+    first_tokens: int = 0
+    """sae_track: tokens of the from-scratch first link (0: trainer.total_tokens)."""
+    link_tokens: int = 0
+    """sae_track: tokens of each warm-started link (0: first_tokens / 20, the paper's 300 M then 15 M)."""
+    link_lr: float = 0.0
+    """sae_track: learning rate of the warm-started links (0: trainer.lr / 10, the paper's 4e-4 then 4e-5)."""
 
 
 @dataclass
@@ -510,8 +516,19 @@ def _validate_method(cfg: RunConfig) -> None:
         raise ConfigError(f"crosscoder.activation=snapshot_jumprelu gates latents per snapshot of one crosscoder; "
                           f"method.name={m.name} trains single-snapshot dictionaries: use jumprelu")
     if c.init_from:
-        raise ConfigError("crosscoder.init_from warm-starts one dictionary; method.name=independent trains one per "
-                          "snapshot from scratch")
+        raise ConfigError(f"crosscoder.init_from warm-starts one dictionary; method.name={m.name} starts its first "
+                          "from scratch")
+    if m.name == "sae_track":
+        if cfg.parallel.snapshot_parallel > 1:
+            raise ConfigError("method.name=sae_track trains one snapshot at a time: use parallel.snapshot_parallel=1 "
+                              "(its ranks are data parallel)")
+        for key in ("first_tokens", "link_tokens"):
+            if getattr(m, key) < 0:
+                raise ConfigError(f"method.{key}={getattr(m, key)} must be >= 0 (0: the default)")
+        if m.link_lr < 0:
+            raise ConfigError(f"method.link_lr={m.link_lr} must be >= 0 (0: trainer.lr / 10)")
+    elif m.first_tokens or m.link_tokens or m.link_lr:
+        raise ConfigError(f"method.first_tokens, link_tokens and link_lr are SAE-Track's; method.name={m.name}")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -53,6 +53,18 @@ def resolve_snapshots(cfg: SourcesConfig, log: Callable[[str], None] = print) ->
     return specs
 
 
+def configured_snapshot_names(cfg: SourcesConfig) -> list[str]:
+    """The snapshots' names as the config gives them, before anything is built or read (resolve_snapshots and
+    planted_specs name them the same way): what a driver over the snapshots (SAE-Track's chain) walks."""
+    if cfg.kind == "planted":
+        return [f"snapshot{index}" for index in range(cfg.planted.n_snapshots)]
+    if cfg.kind == "toy":
+        return [f"step{step}" for step in cfg.toy.snapshot_steps]
+    if cfg.paths:
+        return [Path(raw).expanduser().name for raw in cfg.paths]
+    return [revision or "main" for revision in (list(cfg.revisions) or [None])]
+
+
 def check_names_and_order(specs: list[SnapshotSpec]) -> None:
     """Every snapshot names its metrics, W&B keys and feature-table columns, so names must be unique; the
     crosscoder's snapshot axis is read as time, so snapshots whose steps are all known must come in training order."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +26,23 @@ ANALYSIS_TABLE_ROWS = 2000
 _DATA_DIR_OWNED = "CROSSCODER_OWNS_WANDB_DATA_DIR"
 
 
+@dataclass
+class RunContinuation:
+    """A W&B run a new training run logs into, after the steps already there (SAE-Track: one run, every link)."""
+
+    run_id: str
+    step_offset: int = 0
+
+
 class Tracker:
     def __init__(
         self, cfg: TrackingConfig, run_config: dict[str, Any], output_dir: Path, is_main: bool,
-        resume_id: str | None = None,
+        resume_id: str | None = None, step_offset: int = 0,
     ) -> None:
-        """`resume_id`: the W&B run a resumed training run continues (its history goes on at the saved step)."""
+        """`resume_id`: the W&B run a resumed training run continues (its history goes on at the saved step).
+        `step_offset`: added to every step logged (SAE-Track's links continue one run, each from its own step 0)."""
         self.run = None
+        self.step_offset = step_offset
         if not is_main or cfg.mode == "disabled":
             return
         # Artifact files are staged here rather than in ~/.local/share, so they stay with the run and a later
@@ -58,7 +69,7 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log(metrics, step=step + self.step_offset)
 
     def log_decoder_norms(self, decoder_norms: torch.Tensor, source_names: list[str], step: int) -> None:
         """Per-snapshot mean decoder norm (a trajectory over the dashboard) and a histogram per snapshot."""
@@ -74,7 +85,7 @@ class Tracker:
         # Share of each latent's total decoder norm per snapshot: where in training the latents live.
         share = norms / norms.sum(dim=1, keepdim=True).clamp_min(1e-12)
         metrics["decoder_norm/peak_snapshot_hist"] = wandb.Histogram(share.argmax(dim=1).numpy())
-        self.run.log(metrics, step=step)
+        self.run.log(metrics, step=step + self.step_offset)
 
     def log_firing_frequency(self, frequency: torch.Tensor, step: int, source_names: list[str] | None = None) -> None:
         """log10 of each fired latent's firing frequency as a histogram (the density plot of the SAE literature),
@@ -92,7 +103,7 @@ class Tracker:
             if fired.numel():
                 metrics[f"density/log10_frequency_hist{suffix}"] = wandb.Histogram(fired.log10().numpy())
         if metrics:
-            self.run.log(metrics, step=step)
+            self.run.log(metrics, step=step + self.step_offset)
 
     def log_analysis(self, result: AnalysisResult, step: int, max_rows: int = ANALYSIS_TABLE_ROWS) -> None:
         """An exported dictionary's evolution: a table of per-feature trajectories, the report's plots, and class
@@ -115,16 +126,18 @@ class Tracker:
         if result.recovery is not None:  # planted sources: how much of the ground truth is found, as it trains
             metrics["analysis/recovery/fraction_recovered"] = result.recovery.fraction_recovered
             metrics["analysis/recovery/emergence_accuracy"] = result.recovery.emergence_accuracy
-        self.run.log(metrics, step=step)
+        self.run.log(metrics, step=step + self.step_offset)
 
-    def log_dictionary(self, path: Path, step: int, metadata: dict[str, Any], aliases: list[str]) -> None:
+    def log_dictionary(self, path: Path, step: int, metadata: dict[str, Any], aliases: list[str],
+                       kind: str = "crosscoder") -> None:
+        """The folder as one artifact (`kind`: crosscoder, or stack for a stack of dictionaries)."""
         if self.run is None or not self.log_artifacts:
             return
         import wandb
 
-        artifact = wandb.Artifact(name=f"crosscoder-{self.run.id}", type="crosscoder", metadata=metadata)
+        artifact = wandb.Artifact(name=f"{kind}-{self.run.id}", type=kind, metadata=metadata)
         artifact.add_dir(str(path))
-        self.run.log_artifact(artifact, aliases=aliases + [f"step-{step}"])
+        self.run.log_artifact(artifact, aliases=aliases + [f"step-{step + self.step_offset}"])
 
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         """Close the W&B run; a non-zero `exit_code` marks it failed in W&B (a stopped run can still resume)."""

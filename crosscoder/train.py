@@ -120,17 +120,27 @@ def sweep_group(sweep_dir: str | Path) -> str:
     return "sweep:" + "/".join(Path(sweep_dir).parts[-2:])
 
 
+def train_method(cfg: RunConfig):  # noqa: ANN201 (a TrainResult; the trainer is imported late)
+    """One run of what `method` says: a crosscoder or independent dictionaries (one training run), or SAE-Track's
+    chain of runs."""
+    if cfg.method.name == "sae_track":
+        from crosscoder.sae_track import train_sae_track
+
+        return train_sae_track(cfg)
+    from crosscoder.trainer import train
+
+    return train(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from crosscoder.trainer import train
-
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.tracking.group is None:
         cfg.tracking.group = sweep_group(hydra_cfg.sweep.dir)  # the sweep's runs side by side in W&B
-    result = run_command("crosscoder", cfg, train)
+    result = run_command("crosscoder", cfg, train_method)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_metrics.get("explained_variance/mean", float("nan"))
         print(f"crosscoder: {result.steps} steps, {result.tokens_seen} tokens in {result.wall_seconds:.1f}s; "

@@ -70,7 +70,7 @@ from crosscoder.preemption import StopRequest, TrainingInterrupted
 from crosscoder.schedules import adam, l1_coefficient, lr_multiplier
 from crosscoder.sources import SourceInfo, describe_sources
 from crosscoder.stack import export_stack
-from crosscoder.tracking import ProgressBar, Tracker
+from crosscoder.tracking import ProgressBar, RunContinuation, Tracker
 from crosscoder.training_state import (
     TrainingState,
     check_same_run,
@@ -97,8 +97,9 @@ class TrainResult:
     final_metrics: dict[str, Any]
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Train one crosscoder as the config says (every rank of a launch calls this); see `TrainingRun`."""
+def train(cfg: RunConfig, continuation: RunContinuation | None = None) -> TrainResult:
+    """Train one crosscoder as the config says (every rank of a launch calls this); see `TrainingRun`.
+    `continuation`: log into that W&B run after its steps (a chain of runs, crosscoder.sae_track)."""
     cfg.validate()
     started = time.perf_counter()
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
@@ -109,7 +110,7 @@ def train(cfg: RunConfig) -> TrainResult:
     data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
-    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop)
+    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation)
     finished = False
     try:
         run.start()
@@ -130,8 +131,10 @@ class TrainingRun:
     state it can resume from. Every method is collective (all ranks call it, in the same order) unless it says
     otherwise."""
 
-    def __init__(self, cfg: RunConfig, accelerator, micro_batch: int, stop: StopRequest) -> None:  # noqa: ANN001
+    def __init__(self, cfg: RunConfig, accelerator, micro_batch: int, stop: StopRequest,  # noqa: ANN001
+                 continuation: RunContinuation | None = None) -> None:
         self.cfg, self.accelerator, self.micro_batch, self.stop = cfg, accelerator, micro_batch, stop
+        self.continuation = continuation
         self.is_main = accelerator.is_main_process
         self.log: Callable[[str], None] = print if self.is_main else (lambda *_: None)
         self.stream: ActivationStream | None = None
@@ -238,7 +241,12 @@ class TrainingRun:
     def _start_tracking(self) -> None:
         cfg, layout = self.cfg, self.layout
         resume_id = None if self.resumed is None else self.resumed.trainer.get("wandb_run_id")
-        self.tracker = Tracker(cfg.tracking, self.run_config, self.output_dir, self.is_main, resume_id=resume_id)
+        continuation = self.continuation  # a chain's run (with its step offset) wins over the state's own id
+        if continuation is None and resume_id:
+            continuation = RunContinuation(resume_id)
+        self.tracker = Tracker(cfg.tracking, self.run_config, self.output_dir, self.is_main,
+                               resume_id=continuation.run_id if continuation else None,
+                               step_offset=continuation.step_offset if continuation else 0)
         self.progress = ProgressBar(self.total_steps - self.first_step, cfg.trainer.batch_size, enabled=self.is_main)
         split = f" ({layout.describe()})" if layout.split else ""
         self.log(f"training {self.total_steps} steps of {cfg.trainer.batch_size} tokens on "
@@ -391,7 +399,8 @@ class TrainingRun:
         with writing("the stack", out_dir, self.last_state, _last_state_hint(self.last_state)):
             export_stack(split_dictionary_states(state_dict, len(specs)), metas, out_dir, manifest, frequencies)
         self.tracker.log_dictionary(out_dir, step, {"train_step": step, "method": manifest.method,
-                                                    "tokens_seen": step * self.cfg.trainer.batch_size}, aliases)
+                                                    "tokens_seen": step * self.cfg.trainer.batch_size}, aliases,
+                                    kind="stack")
         self.log(f"exported a stack of {len(specs)} dictionaries at step {step} to {out_dir} (unaligned: "
                  f"crosscoder-match {out_dir} aligns them)")
 

@@ -83,6 +83,11 @@ def test_valid_config_passes_and_returns_self() -> None:
          r"needs at least 2 snapshots, the sources name 1"),
         (lambda c: (_set("method.snapshot", "step0")(c), _set("parallel.snapshot_parallel", 2)(c)),
          r"method\.snapshot='step0' trains one snapshot: it cannot be split"),
+        (lambda c: (_set("method.name", "sae_track")(c), _set("parallel.snapshot_parallel", 2)(c)),
+         r"method\.name=sae_track trains one snapshot at a time"),
+        (lambda c: (_set("method.name", "sae_track")(c), _set("method.link_tokens", -1)(c)), r"method\.link_tokens=-1"),
+        (lambda c: (_set("method.name", "independent")(c), _set("method.link_lr", 1e-4)(c)),
+         r"link_tokens and link_lr are SAE-Track's; method\.name=independent"),
     ],
 )
 def test_validate_names_the_bad_value(mutate: Callable[[RunConfig], None], message: str) -> None:

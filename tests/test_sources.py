@@ -32,8 +32,10 @@ from crosscoder.sources import (
     SnapshotRunner,
     SnapshotSpec,
     check_causal_decoder,
+    configured_snapshot_names,
     describe_sources,
     load_sources,
+    planted_specs,
     resolve_snapshots,
 )
 from crosscoder.toy.tiny_lm import train_tokenizer
@@ -162,6 +164,22 @@ def test_resolve_reads_steps_from_names(tiny_snapshots: list) -> None:
     ]
     no_revision = resolve_snapshots(SourcesConfig(model="org/model"))
     assert [(s.name, s.revision, s.step) for s in no_revision] == [("main", None, None)]
+
+
+def test_configured_names_are_the_names_the_snapshots_resolve_to(tiny_snapshots: list, toy_cache: Path) -> None:
+    """What SAE-Track's chain walks before anything is built equals what the run later describes."""
+    from tests.conftest import TINY_TOY
+
+    paths = SourcesConfig(paths=[str(s.path) for s in tiny_snapshots])
+    hub = SourcesConfig(model="org/model", revisions=["step1000", "main"])
+    toy = SourcesConfig(kind="toy")
+    toy.toy.cache_dir, toy.toy.snapshot_steps = str(toy_cache), list(TINY_TOY["snapshot_steps"])
+    toy.toy.hidden_size, toy.toy.num_layers = TINY_TOY["hidden_size"], TINY_TOY["num_layers"]
+    toy.toy.train_steps = TINY_TOY["train_steps"]
+    for cfg in (paths, hub, toy, SourcesConfig(model="org/model")):
+        assert configured_snapshot_names(cfg) == [s.name for s in resolve_snapshots(cfg, log=lambda _: None)]
+    planted = SourcesConfig(kind="planted")
+    assert configured_snapshot_names(planted) == [s.name for s in planted_specs(planted)]
 
 
 def test_missing_snapshot_dir_in_paths_is_named(tiny_snapshots: list, tmp_path: Path) -> None:

@@ -5,9 +5,10 @@ An aligned stack gives every snapshot's dictionary the same F slots, but the fea
 feature vanishes, SAE Match still pairs its slot with some leftover latent of the next dictionary, and a feature
 that emerges later takes over a slot another feature held before (SAE-Track reuses a latent the same way). Read
 as one crosscoder, such a slot is present throughout and its flattened decoder matches neither feature. So a
-slot is cut wherever the decoder cosine of consecutive snapshots falls below `min_cosine` (a zero vector on
-either side cuts nothing); each run of snapshots between cuts is one chain, zero outside its run, and the
-analysis sees chains. A stack whose slots never break reads exactly as before (one chain per slot).
+slot is cut wherever the decoder cosine of consecutive snapshots falls below `min_cosine` and wherever it
+starts or stops holding anything (a latent that never fired in a snapshot's dictionary holds nothing there,
+though its decoder keeps the direction it last learned); each run of snapshots between cuts is one chain, zero
+outside its run, and the analysis sees chains. A stack whose slots never break reads exactly as before.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crosscoder.analysis.evolution import consecutive_cosine
+from crosscoder.analysis.evolution import ZERO_NORM, consecutive_cosine
 
 CHAIN_MIN_COSINE = 0.7
 """Consecutive decoder cosine below which a slot is cut (the SAE Match quality threshold)."""
@@ -44,11 +45,18 @@ class Chains:
         return per_slot[:, self.slot] * inside
 
 
-def chain_segments(w_dec: torch.Tensor, norms: torch.Tensor, min_cosine: float = CHAIN_MIN_COSINE) -> Chains:
-    """Cut each slot of an aligned stack's decoder [F, S, d] (norms [F, S]) where consecutive cosines break."""
+def chain_segments(w_dec: torch.Tensor, norms: torch.Tensor, min_cosine: float = CHAIN_MIN_COSINE,
+                   present: torch.Tensor | None = None) -> Chains:
+    """Cut each slot of an aligned stack's decoder [F, S, d] (norms [F, S]) where consecutive cosines break or the
+    slot starts or stops holding anything. `present` [F, S]: where each slot's latent holds a feature at all
+    (it fired in that snapshot's dictionary); elsewhere its vector counts as zero. Runs of zeros are no chain,
+    except that a slot zero everywhere stays one (dead) chain, as a dead latent of a crosscoder does."""
+    if present is not None:
+        w_dec, norms = w_dec * present[..., None], norms * present
     n_slots, n_snapshots, width = w_dec.shape
+    nonzero = w_dec.norm(dim=-1) > ZERO_NORM  # [F, S]
     cosine = consecutive_cosine(w_dec)  # [F, S-1], NaN where a vector is zero
-    cut = cosine < min_cosine  # NaN (a zero vector on either side) is no cut: the zero adds nothing to the chain
+    cut = (cosine < min_cosine) | (nonzero[:, 1:] != nonzero[:, :-1])
     segment = torch.cat([torch.zeros(n_slots, 1, dtype=torch.long), cut.long().cumsum(dim=1)], dim=1)  # [F, S]
     per_slot = segment[:, -1] + 1
     offset = torch.cat([torch.zeros(1, dtype=torch.long), per_slot.cumsum(0)[:-1]])
@@ -66,4 +74,6 @@ def chain_segments(w_dec: torch.Tensor, norms: torch.Tensor, min_cosine: float =
     first = torch.full((n_chains,), n_snapshots, dtype=torch.long).scatter_reduce(
         0, chain.flatten(), snapshots.flatten(), "amin")
     last = torch.full((n_chains,), -1, dtype=torch.long).scatter_reduce(0, chain.flatten(), snapshots.flatten(), "amax")
-    return Chains(decoder=decoder, norms=chain_norms, slot=slot, first=first, last=last)
+    holds = decoder.norm(dim=-1).amax(dim=1) > ZERO_NORM
+    keep = holds | ~nonzero.any(dim=1)[slot]  # drop runs of zeros; keep a never-present slot as its dead chain
+    return Chains(decoder=decoder[keep], norms=chain_norms[keep], slot=slot[keep], first=first[keep], last=last[keep])

@@ -14,6 +14,8 @@ from crosscoder.analysis.evolution import Evolution
 from crosscoder.analysis.html import leading_features
 from crosscoder.analysis.planted import planted_recovery
 from crosscoder.analysis.plots import MAX_HEATMAP_ROWS
+from crosscoder.analysis.progress import DEFAULT_PROGRESS_TOKENS
+from crosscoder.analysis.progress_report import progress_or_none
 from crosscoder.analysis.replay import has_activations
 from crosscoder.analysis.report import analyze_dictionary, check_dictionary_dir, load_evolution
 from crosscoder.analysis.scaling import LatentScaling
@@ -52,8 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                              "absent in a snapshot that still holds its direction), from planted draws or the "
                              f"snapshots re-run on the run's token stream (default {DEFAULT_SCALING_TOKENS}; 0 "
                              "disables; skipped for dictionaries whose activations cannot be re-created)")
+    parser.add_argument("--progress-tokens", type=int, default=DEFAULT_PROGRESS_TOKENS, metavar="T",
+                        help="aligned stacks only: tokens replayed for SAE-Track's progress measure (each final "
+                             "latent's top tokens' code cosine at every snapshot, minus random tokens'), from planted "
+                             f"draws or the snapshots re-run on the run's token stream (default "
+                             f"{DEFAULT_PROGRESS_TOKENS}; 0 disables; skipped when activations cannot be re-created)")
     parser.add_argument("--device", default="cpu",
-                        help="where the snapshots and the crosscoder run for contexts and latent scaling")
+                        help="where the snapshots and the crosscoder run for contexts, latent scaling and the "
+                             "progress measure")
     return parser
 
 
@@ -99,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     """Analyse one exported dictionary; a missing, truncated or corrupt dictionary file exits 2 naming it."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.contexts < 0 or args.context_tokens <= 0 or args.scaling_tokens < 0:
-        parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0 and "
-                     f"--scaling-tokens={args.scaling_tokens} >= 0")
+    if args.contexts < 0 or args.context_tokens <= 0 or args.scaling_tokens < 0 or args.progress_tokens < 0:
+        parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0, "
+                     f"--scaling-tokens={args.scaling_tokens} >= 0 and --progress-tokens={args.progress_tokens} >= 0")
     stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
         dictionary = Path(args.dictionary) if stack else check_dictionary_dir(args.dictionary)
@@ -125,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"emergence snapshot exact: {planted.emergence_accuracy:.1%}")
         scaling = scaling_or_none(dictionary, *evolution, args.scaling_tokens, args.device, log) \
             if args.scaling_tokens and not stack else None
+        progress = progress_or_none(dictionary, args.progress_tokens, args.device, log) \
+            if args.progress_tokens and stack else None
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
-                                    recovery=planted, evolution=evolution, log=log, scaling=scaling)
+                                    recovery=planted, evolution=evolution, log=log, scaling=scaling,
+                                    progress=progress)
     except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named
         _fail(str(error))
     except ValueError as error:  # e.g. weights and decoder norms of different shapes

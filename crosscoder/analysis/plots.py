@@ -251,3 +251,25 @@ def plot_latent_scaling(norm_ratio: torch.Tensor, nu: torch.Tensor, flagged: tor
     else:
         ax.text(0.5, 0.5, "no measured latents", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
+
+
+def plot_progress(progress: torch.Tensor, names: list[str], steps: list[int | None], path: str | Path) -> Path:
+    """SAE-Track's progress measure per snapshot (crosscoder.analysis.progress): median and quartiles over the
+    latents live at the final snapshot (rows of `progress` [F, S] that are not NaN there)."""
+    labels = snapshot_labels(names, steps)
+    fig = Figure(figsize=(_width(len(labels)), 4.5))
+    ax = fig.add_subplot()
+    live = progress[~progress[:, -1].isnan()].double().numpy()
+    x = np.arange(len(labels))
+    if live.shape[0]:
+        q1, median, q3 = (np.nanquantile(live, q, axis=0) for q in (0.25, 0.5, 0.75))
+        ax.plot(x, median, marker="o", markersize=3, color="#4c72b0", label=f"median ({live.shape[0]} latents)")
+        ax.fill_between(x, q1, q3, color="#4c72b0", alpha=0.2, label="quartiles")
+        ax.legend(frameon=False, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no latent fires at the final snapshot", ha="center", va="center", transform=ax.transAxes)
+    ax.axhline(0.0, color="#777", linestyle="--", linewidth=0.8)
+    _label_snapshot_axis(ax, labels)
+    ax.set(xlabel="snapshot", ylabel="progress (top-token code cosine - random)",
+           title="Feature formation: progress of the final latents")
+    return _save(fig, path)

@@ -32,6 +32,8 @@ from crosscoder.analysis.plots import (
     plot_similarity,
     plot_trajectory_heatmap,
 )
+from crosscoder.analysis.progress import ProgressResult
+from crosscoder.analysis.progress_report import PROGRESS_TITLE, add_progress_columns, progress_section
 from crosscoder.analysis.scaling import LatentScaling
 from crosscoder.analysis.scaling_report import (
     SCALING_FIGURE,
@@ -47,7 +49,12 @@ from crosscoder.analysis.spliced_loss import (
     read_eval,
     spliced_section,
 )
-from crosscoder.analysis.stack_report import add_stack_details, load_stack_evolution, stack_firing_frequency
+from crosscoder.analysis.stack_report import (
+    add_stack_details,
+    load_stack_chains,
+    load_stack_evolution,
+    stack_firing_frequency,
+)
 from crosscoder.checkpoint import (
     DictionaryMeta,
     load_decoder_norms,
@@ -180,6 +187,7 @@ def analyze_dictionary(
     evolution: tuple[Evolution, DictionaryMeta] | None = None,
     log: Callable[[str], None] = lambda _: None,
     scaling: LatentScaling | None = None,
+    progress: ProgressResult | None = None,
 ) -> AnalysisResult:
     """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`); an
     aligned stack folder is analysed as one crosscoder of its snapshots (crosscoder.analysis.stack_report).
@@ -189,6 +197,7 @@ def analyze_dictionary(
     `dead_mask` [F]: latents known dead from activation statistics, on top of the norm floor.
     `evolution`: `load_evolution(dictionary_dir, dead_mask)` when the caller already has it (W_dec is read once).
     `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
+    `progress`: an aligned stack's progress measure (`progress.stack_progress`): columns, summary, a section.
     """
     stack = is_stack(dictionary_dir)  # an aligned stack reads as one crosscoder (crosscoder.analysis.stack_report)
     dictionary_dir = Path(dictionary_dir) if stack else check_dictionary_dir(dictionary_dir)
@@ -221,6 +230,9 @@ def analyze_dictionary(
             _add_frequency(table, summary, frequency, evo.names)
         if stack:  # the drift to the final snapshot (SAE-Track's measure) and the stack's provenance
             extra_sections = [add_stack_details(table, summary, evo, dictionary_dir), *(extra_sections or [])]
+        if stack and progress is not None:  # needs activations, which only the caller can re-create
+            add_progress_columns(table, summary, progress, load_stack_chains(dictionary_dir)[0])
+            extra_sections = [(PROGRESS_TITLE, progress_section(progress, evo.steps, tmp)), *(extra_sections or [])]
         if scaling is not None:  # needs activations, which only the caller can re-create
             scaling.add_columns(table)
             summary["latent_scaling"] = _clean(scaling.summary())

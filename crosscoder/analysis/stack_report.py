@@ -64,7 +64,17 @@ def load_stack_chains(stack_dir: str | Path) -> tuple[Chains, StackManifest, lis
     manifest, metas = read_stack(stack_dir)
     check_aligned(stack_dir, manifest)
     w_dec, norms, _ = load_stack_decoders(stack_dir)
-    return chain_segments(w_dec, norms), manifest, metas
+    frequency = _slot_frequency(stack_dir, manifest)
+    present = None if frequency is None else (frequency > 0).t()  # a latent never seen firing holds nothing there
+    return chain_segments(w_dec, norms, present=present), manifest, metas
+
+
+def _slot_frequency(stack_dir: Path, manifest: StackManifest) -> torch.Tensor | None:
+    """[S, F] each dictionary's firing frequency per latent slot, or None unless every dictionary has one."""
+    frequencies = [load_firing_frequency(stack_dir / entry.dictionary) for entry in manifest.entries]
+    if any(frequency is None for frequency in frequencies):
+        return None
+    return torch.stack([frequency.reshape(-1) for frequency in frequencies])  # [1, F] or [F] each
 
 
 def load_stack_evolution(stack_dir: str | Path, dead_mask: torch.Tensor | None = None
@@ -81,10 +91,8 @@ def stack_firing_frequency(stack_dir: str | Path) -> torch.Tensor | None:
     """[S, F'] each chain's firing frequency in each snapshot (its slot's, zero outside the chain), or None unless
     every dictionary has one."""
     chains, manifest, _ = load_stack_chains(stack_dir)
-    frequencies = [load_firing_frequency(Path(stack_dir) / entry.dictionary) for entry in manifest.entries]
-    if any(frequency is None for frequency in frequencies):
-        return None
-    return chains.spread(torch.stack([frequency.reshape(-1) for frequency in frequencies]))  # [1, F] or [F] each
+    frequency = _slot_frequency(Path(stack_dir), manifest)
+    return None if frequency is None else chains.spread(frequency)
 
 
 def stack_planted_recovery(stack_dir: str | Path) -> Recovery | None:

@@ -216,7 +216,7 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
     for name in manifest.names:
         assert {f"l0/{name}", f"explained_variance/{name}", f"decoder_norm/mean/{name}",
                 f"density/log10_frequency_hist/{name}/values"} <= keys, sorted(keys)
-    logged = [a for a in artifacts(wandb_file) if a.type == "crosscoder"]
+    logged = [a for a in artifacts(wandb_file) if a.type == "stack"]
     assert len(logged) == 1
     contents = {c.path for c in logged[0].manifest.contents}
     assert "stack.json" in contents and f"{manifest.entries[-1].dictionary}/weights.safetensors" in contents

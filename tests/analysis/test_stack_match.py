@@ -54,7 +54,8 @@ def write_single(path: Path, name: str, w_dec: torch.Tensor, *, scale: float = 1
         d_model=d_model, dict_size=n_latents, activation=activation, k=4, aux_k=0, tokens_seen=1000, train_step=10,
         input_scale=[1.0], training=training or {},
     )
-    frequency = (tag if tag is not None else torch.arange(n_latents).float()) / (10 * n_latents)
+    # Which latent this is again, and never 0: a latent never seen firing holds nothing (analysis.chains).
+    frequency = ((tag if tag is not None else torch.arange(n_latents).float()) + 1) / (10 * n_latents)
     return export_dictionary(model.state_dict(), meta, path, firing_frequency=frequency)
 
 
@@ -112,7 +113,7 @@ def test_match_puts_known_permutations_back(tmp_path: Path, capsys: pytest.Captu
         assert weights["b_enc"].tolist() == perms[0].float().tolist()  # every snapshot now tags like snapshot 0
         torch.testing.assert_close(load_decoder_norms(out / f"snap{s}"),
                                    load_decoder_norms(stack / f"snap{s}")[expected], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(load_firing_frequency(out / f"snap{s}"), perms[0].float() / (10 * DICT_SIZE))
+        torch.testing.assert_close(load_firing_frequency(out / f"snap{s}"), (perms[0].float() + 1) / (10 * DICT_SIZE))
     for pair in quality["pairs"]:
         assert pair["share_above_threshold"] == 1.0 and pair["mean_cosine"] > 0.99 and pair["relative_mse"] < 0.02
     assert (out / "snap0" / WEIGHTS_FILE).read_bytes() == (stack / "snap0" / WEIGHTS_FILE).read_bytes()
