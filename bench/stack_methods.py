@@ -1,10 +1,13 @@
-"""A crosscoder and independent per-snapshot dictionaries (+ SAE Match) on the planted source, side by side at
-the same tokens (issue 14): wall time of each through the real trainer, each dictionary's recovery of the
-features planted in its own snapshot, and the planted recovery (emergence exact) of the aligned stack.
+"""The three methods on the planted source (issue 14), through the real trainer: wall time of each, each
+dictionary's recovery of the features planted in its own snapshot, and the planted recovery (emergence exact)
+the evolution analysis reads from the crosscoder, the aligned independent stack and the SAE-Track stack.
 
-    python bench/stack_methods.py            # TopK, k 6; 128 latents per dictionary, 512 for the crosscoder
+    python bench/stack_methods.py
 
-The crosscoder is the planted test's shipped TopK recipe (crosscoder=topk over 8 snapshots, F=512, lr 4e-3).
+The crosscoder is the planted test's shipped TopK recipe (crosscoder=topk over 8 snapshots, F=512, lr 4e-3,
+200k tokens). Independent: 8 x F=128, k 6, the same 200k tokens (one pass). SAE-Track: F=128 and F=256, k 6,
+200k tokens from scratch, then each link either the paper's ratios (a twentieth of the tokens at a tenth of the
+rate) or 51200 tokens at the first link's rate.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     from crosscoder.analysis.planted import planted_config, planted_recovery
     from crosscoder.analysis.sae_match import write_matched_stack
     from crosscoder.analysis.stack_report import stack_planted_recovery
+    from crosscoder.sae_track import train_sae_track
     from crosscoder.stack import load_stack_decoders, read_stack
     from crosscoder.toy.planted import planted_truth
     from tests.analysis.test_planted_recovery import _per_snapshot_recovered, _train_clean, family_run_config
@@ -53,6 +57,22 @@ def main() -> None:
         pairs = ", ".join(f"{pair.share_above_threshold:.2f}" for pair in matched.pairs)
         print(f"  + crosscoder-match --cost {cost}: pairs above 0.7 {pairs}; recovered "
               f"{aligned.fraction_recovered:.3f}, emergence exact {aligned.emergence_accuracy:.3f}")
+
+    for dict_size, link_tokens, link_lr in ((128, 0, 0.0), (256, 0, 0.0), (256, 51200, 4e-3)):
+        cfg = family_run_config(root / f"sae_track-{dict_size}-{link_tokens}", "topk", 4e-3)
+        cfg.method.name, cfg.crosscoder.dict_size, cfg.crosscoder.k = "sae_track", dict_size, 6
+        cfg.method.link_tokens, cfg.method.link_lr = link_tokens, link_lr
+        started = time.perf_counter()
+        chain = train_sae_track(cfg, log=lambda _: None)
+        seconds = time.perf_counter() - started
+        _, metas = read_stack(chain.dictionary_dir)
+        decoders, _, _ = load_stack_decoders(chain.dictionary_dir)
+        shares = _per_snapshot_recovered(list(decoders.unbind(1)), truth.decoder)
+        score = stack_planted_recovery(chain.dictionary_dir)
+        links = "paper ratios" if not link_tokens else f"links {link_tokens} tokens at lr {link_lr:g}"
+        print(f"sae_track F={dict_size}, {links}: {seconds:.1f}s, {chain.tokens_seen} tokens, per-snapshot "
+              f"recovered {', '.join(f'{share:.2f}' for share in shares)}; recovered {score.fraction_recovered:.3f}, "
+              f"emergence exact {score.emergence_accuracy:.3f}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> Train
         link_cfg = link_config(cfg, link, root, previous)
         if (done / "config.json").is_file():
             _check_done_link(done, link_cfg)
-            log(f"SAE-Track link {link.index} ({link.name}) is done: {done}")
+            log(f"SAE-Track link {link.index + 1}/{len(links)} ({link.name}) is done: {done}")
         else:
             log(f"SAE-Track link {link.index + 1}/{len(links)}: {link.name}, {link.tokens} tokens at lr {link.lr:g}"
                 + (f", from {previous}" if previous else ", from scratch"))
@@ -119,7 +119,7 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> Train
     stack_dir = root / DICTIONARY_DIR
     total_steps = sum(link.tokens for link in links) // cfg.trainer.batch_size
     if int(os.environ.get("RANK", "0")) == 0:
-        write_chain_stack(root, links, stack_dir, cfg)
+        write_chain_stack(root, links, stack_dir)
         write_chain_summary(root, links, stack_dir)
         tracker = Tracker(cfg.tracking, _plain_config(cfg), root, True,
                           resume_id=run_id, step_offset=0) if run_id else None
@@ -133,7 +133,7 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> Train
     return TrainResult(root, stack_dir, total_steps, tokens, time.perf_counter() - started, metrics)
 
 
-def write_chain_stack(root: Path, links: list[Link], stack_dir: Path, cfg: RunConfig) -> Path:
+def write_chain_stack(root: Path, links: list[Link], stack_dir: Path) -> Path:
     """The chain's stack: each link's dictionary hard-linked (copied across file systems) under its entry folder,
     then stack.json; built under a hidden name and renamed into place."""
     tmp = temporary_sibling(stack_dir, "tmp")

@@ -3,8 +3,9 @@ crosscoder's decoder would be (`stack.load_stack_decoders`: W_dec [F, S, d] and 
 snapshot's normalised space), provided latent i means the same feature in every dictionary (`aligned` is
 warm_start or sae_match). Each slot is cut into chains where consecutive decoders stop being one feature
 (crosscoder.analysis.chains): the analysis' latents are the chains, and features.csv names each chain's slot.
-What needs the dictionaries' activations (top contexts, latent scaling) is skipped; planted recovery works when
-every dictionary trained on the same planted problem of S snapshots.
+Top contexts and latent scaling are skipped; SAE-Track's progress measure, which replays activations through
+each snapshot's dictionary, is crosscoder.analysis.progress. Planted recovery works when every dictionary trained
+on the same planted problem of S snapshots.
 """
 
 from __future__ import annotations
