@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from crosscoder.analysis.report import check_dictionary_dir
@@ -18,7 +17,7 @@ from crosscoder.checkpoint import DictionaryError
 from crosscoder.config import ConfigError
 from crosscoder.data.workers import resolve_worker_device
 from crosscoder.evaluation import METRIC_KEYS, SplicedEval, evaluate_dictionary, write_eval
-from crosscoder.faults import exit_bad_input, write_failure_reason
+from crosscoder.faults import exit_bad_input, exit_if_storage_failed
 
 PROG = "crosscoder-eval"
 DEFAULT_TOKENS = 4096
@@ -66,10 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as error:  # e.g. --device=cuda:3 on a machine without it
         _fail(f"cannot run the snapshots on --device={args.device}: {error}")
     except OSError as error:  # eval.json: a full disk, read-only, no permission
-        reason = write_failure_reason(error, Path(error.filename or args.dictionary))
-        if reason is None:
-            raise
-        _fail(f"cannot write {error.filename}: {reason}")
+        exit_if_storage_failed(PROG, error, args.dictionary)
+        raise
     print(_table(result), flush=True)
     print(f"eval: {path}", flush=True)
 

@@ -69,6 +69,14 @@ def exit_bad_input(prog: str, message: str) -> NoReturn:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def exit_if_storage_failed(prog: str, error: OSError, fallback: str | Path) -> None:
+    """A command-line tool's write that failed for want of storage (a full disk, read-only, no permission): one
+    line naming the file, exit EXIT_BAD_INPUT. Returns for any other error, which the caller re-raises."""
+    reason = write_failure_reason(error, Path(error.filename or fallback))
+    if reason is not None:
+        exit_bad_input(prog, f"cannot write {error.filename}: {reason}")
+
+
 def write_failure_reason(error: BaseException, path: Path) -> str | None:
     """Why a write to `path` failed, in words, when the cause is the storage (None for anything else). torch's
     and safetensors' writers lose the errno (`enforce fail at inline_container.cc`), so a failure on a file

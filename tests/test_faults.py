@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from crosscoder.config import ConfigError
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR, WEIGHTS_FILE
-from crosscoder.faults import StorageError
+from crosscoder.faults import StorageError, exit_if_storage_failed
 from crosscoder.trainer import train
 from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV
@@ -317,3 +317,18 @@ def test_crosscoder_analyze_into_a_read_only_folder_is_one_line(activation_cache
                   "--out", str(read_only / "report")], tmp_path, returncode=2)
     assert last_line_of(result, "crosscoder-analyze:").endswith("the file system is read-only ([Errno 30] "
                                                                 "Read-only file system)")
+
+
+def test_a_tools_write_that_failed_for_storage_is_one_line_exit_2_and_other_errors_go_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What crosscoder-analyze, -match, -compare and -eval do with an OSError from writing their output."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.html"))
+    with pytest.raises(SystemExit) as stopped:
+        exit_if_storage_failed("crosscoder-compare", full, tmp_path)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"crosscoder-compare: cannot write {tmp_path / 'report.html'}: no space left "
+                                       "on the device ([Errno 28] No space left on device)\n")
+    exit_if_storage_failed("crosscoder-compare", OSError(errno.ENOENT, "No such file", str(tmp_path / "x")), tmp_path)
+    assert capsys.readouterr().err == ""  # not storage: returned, for the caller to raise

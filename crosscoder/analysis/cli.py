@@ -24,7 +24,7 @@ from crosscoder.analysis.stack_report import SKIPPED_FOR_STACKS, stack_planted_r
 from crosscoder.checkpoint import DictionaryError, DictionaryMeta
 from crosscoder.config import ConfigError
 from crosscoder.constants import ANALYSIS_DIR
-from crosscoder.faults import exit_bad_input, write_failure_reason
+from crosscoder.faults import exit_bad_input, exit_if_storage_failed
 from crosscoder.stack import is_stack
 
 PROG = "crosscoder-analyze"
@@ -143,10 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # e.g. weights and decoder norms of different shapes
         _fail(f"{args.dictionary}: {error}")
     except OSError as error:  # the report folder: a full disk, read-only, no permission
-        reason = write_failure_reason(error, Path(error.filename or args.out or args.dictionary))
-        if reason is None:
-            raise
-        _fail(f"cannot write {error.filename}: {reason}")
+        exit_if_storage_failed(PROG, error, args.out or args.dictionary)
+        raise
     print(f"report: {result.report}", flush=True)
 
 

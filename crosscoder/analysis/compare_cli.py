@@ -18,7 +18,7 @@ from crosscoder.analysis.compare import (
 )
 from crosscoder.analysis.compare_report import COMPARE_JSON, write_compare_report
 from crosscoder.checkpoint import DictionaryError
-from crosscoder.faults import exit_bad_input, write_failure_reason
+from crosscoder.faults import exit_bad_input, exit_if_storage_failed
 
 PROG = "crosscoder-compare"
 DEFAULT_OUT = "compare"
@@ -104,10 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # e.g. weights and decoder norms of different shapes
         _fail(str(error))
     except OSError as error:  # the report folder: a full disk, read-only, no permission
-        reason = write_failure_reason(error, Path(error.filename or out))
-        if reason is None:
-            raise
-        _fail(f"cannot write {error.filename}: {reason}")
+        exit_if_storage_failed(PROG, error, out)
+        raise
     print(f"report: {report} ({COMPARE_JSON} beside it)", flush=True)
 
 

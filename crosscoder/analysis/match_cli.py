@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from crosscoder.analysis.sae_match import COSTS, DEFAULT_MATCH_COSINE, MATCH_QUALITY_FILE, write_matched_stack
 from crosscoder.checkpoint import DictionaryError
-from crosscoder.faults import exit_bad_input, write_failure_reason
+from crosscoder.faults import exit_bad_input, exit_if_storage_failed
 
 PROG = "crosscoder-match"
 OUT_SUFFIX = "_sae_match"
@@ -50,10 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # --out inside the stack, non-finite costs
         _fail(f"{stack}: {error}")
     except OSError as error:  # the output folder: a full disk, read-only, no permission
-        reason = write_failure_reason(error, Path(error.filename or out))
-        if reason is None:
-            raise
-        _fail(f"cannot write {error.filename}: {reason}")
+        exit_if_storage_failed(PROG, error, out)
+        raise
     for pair in result.pairs:
         print(f"{pair.a} -> {pair.b}: {pair.share_above_threshold:.1%} of matched pairs at cosine >= "
               f"{pair.threshold}, mean cosine {pair.mean_cosine:.3f}, relative mse {pair.relative_mse:.3g}", flush=True)
