@@ -140,7 +140,7 @@ def check_compatible(inputs: Sequence[CompareInput]) -> None:
 def load_decoder(item: CompareInput) -> torch.Tensor:
     """W_dec [F, S, d] (only its directions are used: a crosscoder's folded decoder has the same ones)."""
     if item.stack:  # the chains the stack's evolution analysis reads (one latent per chain)
-        return load_stack_chains(item.path)[0].decoder
+        return load_stack_chains(item.path).chains.decoder
     return read_tensors(item.path / WEIGHTS_FILE, ["W_dec"])["W_dec"]
 
 

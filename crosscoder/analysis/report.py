@@ -53,6 +53,7 @@ from crosscoder.analysis.stack_report import (
     add_stack_details,
     load_stack_chains,
     load_stack_evolution,
+    stack_evolution,
     stack_firing_frequency,
 )
 from crosscoder.checkpoint import (
@@ -199,12 +200,13 @@ def analyze_dictionary(
     `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
     `progress`: an aligned stack's progress measure (`progress.stack_progress`): columns, summary, a section.
     """
-    stack = is_stack(dictionary_dir)  # an aligned stack reads as one crosscoder (crosscoder.analysis.stack_report)
+    # An aligned stack reads as one crosscoder (crosscoder.analysis.stack_report): its chains, read once here.
+    stack = load_stack_chains(dictionary_dir) if is_stack(dictionary_dir) else None
     dictionary_dir = Path(dictionary_dir) if stack else check_dictionary_dir(dictionary_dir)
     out = Path(out_dir) if out_dir is not None else dictionary_dir / ANALYSIS_DIR
     if evolution is None:
         log(f"loading {dictionary_dir}")
-        evolution = load_evolution(dictionary_dir, dead_mask)
+        evolution = stack_evolution(stack, dead_mask) if stack else load_evolution(dictionary_dir, dead_mask)
     evo, meta = evolution
     log(f"{evo.trajectories.shape[0]} latents x {len(evo.names)} snapshots: {evo.class_counts()}")
 
@@ -223,15 +225,15 @@ def analyze_dictionary(
                         if recovery is not None else None)
         table = feature_table(evo)
         summary = build_summary(evo, meta, dictionary_dir, recovery)
-        frequency = stack_firing_frequency(dictionary_dir) if stack else load_firing_frequency(dictionary_dir)
+        frequency = stack_firing_frequency(stack) if stack else load_firing_frequency(dictionary_dir)
         if frequency is not None:  # exports from before any log step have none
             figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png",
                                                             evo.names)
             _add_frequency(table, summary, frequency, evo.names)
         if stack:  # the drift to the final snapshot (SAE-Track's measure) and the stack's provenance
-            extra_sections = [add_stack_details(table, summary, evo, dictionary_dir), *(extra_sections or [])]
+            extra_sections = [add_stack_details(table, summary, evo, stack), *(extra_sections or [])]
         if stack and progress is not None:  # needs activations, which only the caller can re-create
-            add_progress_columns(table, summary, progress, load_stack_chains(dictionary_dir)[0])
+            add_progress_columns(table, summary, progress, stack.chains)
             extra_sections = [(PROGRESS_TITLE, progress_section(progress, evo.steps, tmp)), *(extra_sections or [])]
         if scaling is not None:  # needs activations, which only the caller can re-create
             scaling.add_columns(table)

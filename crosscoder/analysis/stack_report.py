@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,27 @@ def stack_meta(manifest: StackManifest, metas: list[DictionaryMeta]) -> Dictiona
     )
 
 
-def load_stack_chains(stack_dir: str | Path) -> tuple[Chains, StackManifest, list[DictionaryMeta]]:
+@dataclass
+class StackChains:
+    """An aligned stack read once for its analysis: its chains and what they were cut from."""
+
+    chains: Chains
+    manifest: StackManifest
+    metas: list[DictionaryMeta]
+    slot_frequency: torch.Tensor | None
+    """[S, F] each dictionary's firing frequency per latent slot; None unless every dictionary has one."""
+
+
+def load_stack_chains(stack_dir: str | Path) -> StackChains:
     """An aligned stack's chains (its slots cut where consecutive decoders part); StackNotAlignedError for an
-    unaligned one."""
+    unaligned one. Reads every dictionary's decoder: load it once per analysis and pass it on."""
     stack_dir = Path(stack_dir)
     manifest, metas = read_stack(stack_dir)
     check_aligned(stack_dir, manifest)
     w_dec, norms, _ = load_stack_decoders(stack_dir)
     frequency = _slot_frequency(stack_dir, manifest)
     present = None if frequency is None else (frequency > 0).t()  # a latent never seen firing holds nothing there
-    return chain_segments(w_dec, norms, present=present), manifest, metas
+    return StackChains(chain_segments(w_dec, norms, present=present), manifest, metas, frequency)
 
 
 def _slot_frequency(stack_dir: Path, manifest: StackManifest) -> torch.Tensor | None:
@@ -81,19 +93,20 @@ def _slot_frequency(stack_dir: Path, manifest: StackManifest) -> torch.Tensor | 
 def load_stack_evolution(stack_dir: str | Path, dead_mask: torch.Tensor | None = None
                          ) -> tuple[Evolution, DictionaryMeta]:
     """Evolution metrics of an aligned stack's chains; `dead_mask` is per chain."""
-    chains, manifest, metas = load_stack_chains(stack_dir)
-    meta = stack_meta(manifest, metas)
-    evo = analyze_evolution(chains.decoder, chains.norms, names=manifest.names,
+    return stack_evolution(load_stack_chains(stack_dir), dead_mask)
+
+
+def stack_evolution(stack: StackChains, dead_mask: torch.Tensor | None = None) -> tuple[Evolution, DictionaryMeta]:
+    meta = stack_meta(stack.manifest, stack.metas)
+    evo = analyze_evolution(stack.chains.decoder, stack.chains.norms, names=stack.manifest.names,
                             steps=[source["step"] for source in meta.sources], dead_mask=dead_mask)
     return evo, meta
 
 
-def stack_firing_frequency(stack_dir: str | Path) -> torch.Tensor | None:
+def stack_firing_frequency(stack: StackChains) -> torch.Tensor | None:
     """[S, F'] each chain's firing frequency in each snapshot (its slot's, zero outside the chain), or None unless
     every dictionary has one."""
-    chains, manifest, _ = load_stack_chains(stack_dir)
-    frequency = _slot_frequency(Path(stack_dir), manifest)
-    return None if frequency is None else chains.spread(frequency)
+    return None if stack.slot_frequency is None else stack.chains.spread(stack.slot_frequency)
 
 
 def stack_planted_recovery(stack_dir: str | Path) -> Recovery | None:
@@ -112,7 +125,7 @@ def stack_planted_recovery(stack_dir: str | Path) -> Recovery | None:
     if (cfg.n_snapshots, cfg.d_model) != (len(metas), metas[0].d_model):
         raise ValueError(f"the planted problem in the metadata ({cfg.n_snapshots} snapshots, d={cfg.d_model}) does "
                          f"not fit the stack ({len(metas)} snapshots, d={metas[0].d_model})")
-    chains, _, _ = load_stack_chains(stack_dir)
+    chains = load_stack_chains(stack_dir).chains
     truth = planted_truth(cfg)
     return recovery(chains.decoder, truth.decoder, truth.emergence, learned_norms=chains.norms)
 
@@ -124,12 +137,12 @@ def median_cosine_to_final(evo: Evolution) -> list[float]:
     return torch.where(both, evo.cos_to_last, torch.nan).nanmedian(dim=0).values.tolist()
 
 
-def add_stack_details(table: FeatureTable, summary: dict[str, Any], evo: Evolution, stack_dir: Path
+def add_stack_details(table: FeatureTable, summary: dict[str, Any], evo: Evolution, stack: StackChains
                       ) -> tuple[str, str]:
     """The drift to the final snapshot (SAE-Track's measure: cos(W_dec_i^t, W_dec_i^final)) as `cos_final@`
     columns in features.csv and in summary.json, the stack's provenance in summary.json; returns the report
     section."""
-    chains, manifest, _ = load_stack_chains(stack_dir)
+    chains, manifest = stack.chains, stack.manifest
     rounded = ((evo.cos_to_last.double() * 1e6).round() / 1e6).tolist()
     table.columns.extend(["stack_latent", *(f"cos_final@{name}" for name in evo.names)])
     for row in table.rows:  # row[0]: the chain; its latent in the dictionaries, then its drift to the final one

@@ -206,7 +206,7 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
     aligned = stack_planted_recovery(tmp_path / "aligned")
     print("aligned stack", aligned.summary())
     assert aligned.fraction_recovered >= 0.9 and aligned.emergence_accuracy >= 0.9
-    chains, _, _ = load_stack_chains(tmp_path / "aligned")
+    chains = load_stack_chains(tmp_path / "aligned").chains
     order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     control = recovery(chains.decoder[:, order], truth.decoder, truth.emergence, learned_norms=chains.norms[:, order])
     assert control.emergence_accuracy < 0.5, control.summary()
@@ -274,7 +274,7 @@ def test_sae_track_chain_recovers_the_planted_emergence_and_its_control_fails(tm
     score = stack_planted_recovery(stack)
     print("sae_track", score.summary())
     assert score.fraction_recovered >= 0.9 and score.emergence_accuracy >= 0.9
-    chains, _, _ = load_stack_chains(stack)
+    chains = load_stack_chains(stack).chains
     truth = planted_truth(planted_config(metas[0].training))
     order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     control = recovery(chains.decoder[:, order], truth.decoder, truth.emergence, learned_norms=chains.norms[:, order])
