@@ -184,15 +184,13 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 def _check_done_link(done: Path, link_cfg: RunConfig) -> None:
     """A finished link must be the one this chain would train (a changed budget, rate or setting is refused)."""
-    from omegaconf import OmegaConf
-
     from crosscoder.training_state import check_same_run
 
-    wanted = OmegaConf.to_container(OmegaConf.structured(link_cfg), resolve=True)
-    check_same_run(read_meta(done).training, wanted, done)
+    check_same_run(read_meta(done).training, _plain_config(link_cfg), done)
 
 
 def _plain_config(cfg: RunConfig) -> dict:
+    """The resolved config as the trainer records it (a dictionary's meta.training, W&B's config)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
