@@ -6,10 +6,12 @@ name is always complete. `load_dictionary` needs nothing from the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +90,7 @@ def export_dictionary(
     check_finite({**tensors, "decoder_norms": decoder_norms}, "the folded dictionary")
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out_dir, "tmp")
-    tmp.mkdir()
-    try:
+    with building_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         statistics = {"decoder_norms": decoder_norms}
         if firing_frequency is not None:
@@ -101,10 +100,6 @@ def export_dictionary(
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -130,6 +125,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = temporary_sibling(path, "tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def building_dir(out_dir: Path) -> Iterator[Path]:
+    """A folder to fill under a hidden sibling name: renamed to `out_dir` (replacing an older one) when the block
+    ends, removed if it raises, so `out_dir` is never seen half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(src: Path, dst: Path) -> None:

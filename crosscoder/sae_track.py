@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crosscoder.checkpoint import read_meta, replace_dir, temporary_sibling, write_text_atomic
+from crosscoder.checkpoint import building_dir, read_meta, write_text_atomic
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE
 from crosscoder.sources import configured_snapshot_names
@@ -136,9 +136,7 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> Train
 def write_chain_stack(root: Path, links: list[Link], stack_dir: Path) -> Path:
     """The chain's stack: each link's dictionary hard-linked (copied across file systems) under its entry folder,
     then stack.json; built under a hidden name and renamed into place."""
-    tmp = temporary_sibling(stack_dir, "tmp")
-    tmp.mkdir(parents=True)
-    try:
+    with building_dir(stack_dir) as tmp:
         entries = []
         for link in links:
             source = root / link.folder / DICTIONARY_DIR
@@ -152,10 +150,6 @@ def write_chain_stack(root: Path, links: list[Link], stack_dir: Path) -> Path:
         write_stack_manifest(tmp, StackManifest(method="sae_track", aligned="warm_start", entries=entries,
                                                 hook=read_meta(root / links[0].folder / DICTIONARY_DIR).hook,
                                                 details=details))
-        replace_dir(tmp, stack_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stack_dir
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,10 @@ import torch
 from crosscoder.checkpoint import (
     DictionaryError,
     DictionaryMeta,
+    building_dir,
     export_dictionary,
     read_meta,
     read_tensors,
-    replace_dir,
-    temporary_sibling,
     write_text_atomic,
 )
 from crosscoder.constants import DECODER_NORMS_FILE, WEIGHTS_FILE
@@ -99,18 +97,11 @@ def export_stack(states: list[dict[str, torch.Tensor]], metas: list[DictionaryMe
     full state exported under its entry's folder, then stack.json, all in a hidden sibling renamed into place.
     A NaN anywhere raises DictionaryError before the old stack is touched."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out_dir, "tmp")
-    tmp.mkdir()
-    try:
+    with building_dir(out_dir) as tmp:
         frequencies = firing_frequencies or [None] * len(states)
         for entry, state, meta, frequency in zip(manifest.entries, states, metas, frequencies, strict=True):
             export_dictionary(state, meta, tmp / entry.dictionary, firing_frequency=frequency)
         write_stack_manifest(tmp, manifest)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

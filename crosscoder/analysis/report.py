@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +57,11 @@ from crosscoder.analysis.stack_report import (
 )
 from crosscoder.checkpoint import (
     DictionaryMeta,
+    building_dir,
     load_decoder_norms,
     load_firing_frequency,
     read_meta,
     read_tensors,
-    replace_dir,
-    temporary_sibling,
 )
 from crosscoder.constants import (
     ANALYSIS_DIR,
@@ -210,10 +208,7 @@ def analyze_dictionary(
     evo, meta = evolution
     log(f"{evo.trajectories.shape[0]} latents x {len(evo.names)} snapshots: {evo.class_counts()}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out, "tmp")
-    tmp.mkdir()
-    try:
+    with building_dir(out) as tmp:
         log("plotting")
         figures = {
             FIGURES["trajectories.png"]: plot_trajectory_heatmap(evo, tmp / "trajectories.png", max_heatmap_rows),
@@ -252,10 +247,6 @@ def analyze_dictionary(
                              extra_sections=extra_sections,
                              latent_flags=scaling_flags(scaling) if scaling is not None else None)
         (tmp / ANALYSIS_REPORT_FILE).write_text(page, encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = sorted(out.iterdir())
     return AnalysisResult(out_dir=out, report=out / ANALYSIS_REPORT_FILE, evolution=evo, table=table,
                           summary=summary, meta=meta, files=files, recovery=recovery)

@@ -31,11 +31,10 @@ from crosscoder.analysis.matching import linear_sum_assignment
 from crosscoder.checkpoint import (
     DictionaryError,
     DictionaryMeta,
+    building_dir,
     export_dictionary,
     load_firing_frequency,
     read_tensors,
-    replace_dir,
-    temporary_sibling,
     write_text_atomic,
 )
 from crosscoder.constants import ANALYSIS_DIR, CONFIG_FILE, WEIGHTS_FILE
@@ -209,10 +208,7 @@ def write_matched_stack(stack_dir: str | Path, out_dir: str | Path, cost: str = 
         "pairs": [asdict(pair) for pair in pairs],
         "mean_share_above_threshold": _mean([pair.share_above_threshold for pair in pairs]),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out_dir, "tmp")
-    tmp.mkdir()
-    try:
+    with building_dir(out_dir) as tmp:
         for s, (entry, meta) in enumerate(zip(manifest.entries, metas, strict=True)):
             src, dst = stack_dir / entry.dictionary, tmp / entry.dictionary
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -224,10 +220,6 @@ def write_matched_stack(stack_dir: str | Path, out_dir: str | Path, cost: str = 
         write_text_atomic(tmp / MATCH_QUALITY_FILE, json.dumps(quality, indent=2))
         aligned = replace(manifest, aligned="sae_match", details={**manifest.details, "sae_match": details})
         write_stack_manifest(tmp, aligned)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MatchResult(out_dir=out_dir, orders=orders, pairs=pairs, details=details)
 
 
