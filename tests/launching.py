@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from crosscoder.constants import TRAINING_STATES_DIR
+from crosscoder.checkpoint import load_dictionary
+from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
 from crosscoder.parallel import free_port
+from crosscoder.train import sweep_group
 from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV, TINY_TOY
+from tests.wandb_records import run_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,3 +162,17 @@ def build_activation_cache(toy_cache: Path, workdir: Path) -> Path:
     assert f"activations in {cache_dir}" in result.stdout
     assert (cache_dir / "manifest.json").is_file()
     return cache_dir
+
+
+def check_sweep(sweep_dir: Path) -> dict[float, float]:
+    """Jobs 0 and 1 of a lambda = 0.5, 5 sweep each exported their dictionary and ran one W&B run, both in
+    the sweep's W&B group; returns L0 per lambda."""
+    sparsity, groups = {}, set()
+    for job, coeff in (("0", 0.5), ("1", 5.0)):
+        _, meta = load_dictionary(sweep_dir / job / DICTIONARY_DIR)
+        assert meta.training["crosscoder"]["l1_coeff"] == coeff
+        summary = json.loads((sweep_dir / job / RUN_SUMMARY_FILE).read_text())
+        sparsity[coeff] = summary["l0"]
+        groups.add(run_group(single_wandb_run_file(sweep_dir / job)))
+    assert groups == {sweep_group(sweep_dir)}, groups
+    return sparsity

@@ -19,6 +19,7 @@ from crosscoder.checkpoint import load_decoder_norms, load_dictionary
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
 from tests.launching import (
     REPO,
+    check_sweep,
     in_order_overrides,
     launch,
     newest_state_step,
@@ -141,8 +142,9 @@ def test_independent_dictionaries_split_by_snapshot_train_as_on_one_rank(
 def test_online_snapshot_ranks_load_only_their_snapshots_in_a_sweep_of_launches(toy_cache: Path,
                                                                                 tiny_snapshots: list,
                                                                                 tmp_path: Path) -> None:
-    """A 2-value sweep through the accelerate launcher, each member 2 ranks with snapshot_parallel=2 and one
-    activation worker per rank: rank 0's worker loads step0 and step4, rank 1's step12 alone (they report what
+    """hydra/launcher=accelerate: each member of a 2-value sweep is its own 2-rank `accelerate launch` (both
+    exported, one W&B run each in the sweep's group), here with snapshot_parallel=2 and one activation worker per
+    rank: rank 0's worker loads step0 and step4, rank 1's step12 alone (they report what
     they loaded); the token check runs every step and holds; W&B (one run per member) and the export have
     all 3 snapshots."""
     sweep_dir = tmp_path / "sweep"
@@ -163,6 +165,7 @@ def test_online_snapshot_ranks_load_only_their_snapshots_in_a_sweep_of_launches(
         norms = load_decoder_norms(sweep_dir / job / DICTIONARY_DIR)
         assert norms.shape == (64, 3) and torch.isfinite(norms).all()
     assert l0["1"] < l0["0"], f"a 10x larger lambda should give a sparser code: {l0}"
+    assert check_sweep(sweep_dir) == {0.5: l0["0"], 5.0: l0["1"]}
 
 
 def test_snapshot_ranks_reading_different_tokens_stop_before_training_on_them(toy_cache: Path, tiny_snapshots: list,
