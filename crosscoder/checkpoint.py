@@ -51,10 +51,19 @@ class DictionaryMeta:
     training: dict[str, Any] = field(default_factory=dict)
     """The run's configuration, for provenance."""
     format_version: int = FORMAT_VERSION
+    source_axis: str = "step"
+    """What the sources are (crosscoder.sources.source_axis): `step` (snapshots of a training run), `layer` (hooks
+    of one snapshot at distinct blocks), `hook` or `source` (snapshots x hooks)."""
 
     @property
     def source_names(self) -> list[str]:
         return [source["name"] for source in self.sources]
+
+    @property
+    def source_positions(self) -> list[int | None]:
+        """Where each source lies on its axis: the training step, or for layers the block index."""
+        key = "layer" if self.source_axis == "layer" else "step"
+        return [source.get(key) for source in self.sources]
 
 
 def build_model(meta: DictionaryMeta) -> Crosscoder:

@@ -20,13 +20,16 @@ from omegaconf import MISSING
 ACTIVATION_NAMES = ("relu", "topk", "batchtopk", "jumprelu", "snapshot_jumprelu")
 JUMPRELU_FAMILIES = ("jumprelu", "snapshot_jumprelu")
 INIT_SCHEMES = ("matched_filter", "anthropic_2025")
-SOURCE_KINDS = ("hf", "toy", "planted")
+SOURCE_KINDS = ("hf", "toy", "planted", "files")
 DATA_KINDS = ("toy", "text_files", "hf_dataset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRACKING_MODES = ("online", "offline", "disabled")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 METHOD_NAMES = ("crosscoder", "independent", "sae_track")
-HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+HOOK_FORMS = "blocks.L.hook_resid_pre, blocks.L.hook_resid_post, blocks.L.hook_attn_out or blocks.L.hook_mlp_out"
+HOOK_POSITIONS = ("pre", "attn_out", "mlp_out", "post")
+"""Hook positions within a block, in the order a sequential block computes them (crosscoder.hooks reads them)."""
 
 
 class ConfigError(ValueError):
@@ -37,16 +40,25 @@ class ConfigError(ValueError):
 class HookPoint:
     layer: int
     position: str
-    """`pre`: input of block `layer`; `post`: its output (the residual stream after it)."""
+    """`pre`: input of block `layer`; `post`: its output (the residual stream after it); `attn_out` / `mlp_out`:
+    what its attention / MLP sublayer adds to the residual stream (crosscoder.hooks)."""
 
     @classmethod
-    def parse(cls, hook: str) -> HookPoint:
+    def parse(cls, hook: str, key: str = "sources.hook") -> HookPoint:
         match = HOOK_PATTERN.match(hook)
         if match is None:
-            raise ConfigError(
-                f"sources.hook={hook!r} is not a known hook; use blocks.L.hook_resid_post or blocks.L.hook_resid_pre"
-            )
-        return cls(layer=int(match.group(1)), position=match.group(2))
+            raise ConfigError(f"{key}={hook!r} is not a known hook; use {HOOK_FORMS}")
+        return cls(layer=int(match.group(1)), position=match.group(2).removeprefix("resid_"))
+
+    @property
+    def name(self) -> str:
+        kind = f"resid_{self.position}" if self.position in ("pre", "post") else self.position
+        return f"blocks.{self.layer}.hook_{kind}"
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        """Where the forward computes it: a later hook has a larger depth."""
+        return self.layer, HOOK_POSITIONS.index(self.position)
 
 
 @dataclass
@@ -119,12 +131,21 @@ class PlantedSourceConfig:
 
 
 @dataclass
+class FilesSourceConfig:
+    """Activations computed elsewhere (nnsight, TransformerLens, a peer's cache), read from a folder."""
+
+    dir: str = ""
+    """The folder: `sources.json` plus `*.safetensors` or `*.npy` shards (format: crosscoder.data.files)."""
+
+
+@dataclass
 class SourcesConfig:
     """The snapshots the crosscoder reads: one hook point in each of several checkpoints of one model."""
 
     kind: str = "hf"
     """`hf`: snapshots named below (hub ids or local dirs); `toy`: the embedded tiny model, built on demand;
-    `planted`: synthetic snapshots from a known dictionary (crosscoder.toy.planted)."""
+    `planted`: synthetic snapshots from a known dictionary (crosscoder.toy.planted); `files`: activations already
+    on disk (`files.dir`, crosscoder.data.files)."""
     model: str = ""
     """Hub id (e.g. EleutherAI/pythia-160m-deduped) or local directory shared by all `revisions`."""
     revisions: list[str] = field(default_factory=list)
@@ -134,13 +155,18 @@ class SourcesConfig:
     steps: list[int] = field(default_factory=list)
     """Training step of each snapshot, for reports; read from `stepN` revision/dir names when empty."""
     hook: str = "blocks.1.hook_resid_post"
-    """Hook point: blocks.L.hook_resid_post (residual after block L) or blocks.L.hook_resid_pre."""
+    """Hook point: blocks.L.hook_resid_pre / hook_resid_post (the residual stream entering / leaving block L),
+    blocks.L.hook_attn_out / hook_mlp_out (what its attention / MLP sublayer adds to the residual stream)."""
+    hooks: list[str] = field(default_factory=list)
+    """Several hook points instead of `hook`, in forward order: every snapshot is read at each of them in one
+    forward, and each (snapshot, hook) pair is a source (many layers of one snapshot, or a product)."""
     dtype: str = "float32"
     """Dtype the snapshots run in (float32, bfloat16, float16)."""
     trust_remote_code: bool = False
     """Passed to transformers; off unless you trust the checkpoint's code."""
     toy: ToySourceConfig = field(default_factory=ToySourceConfig)
     planted: PlantedSourceConfig = field(default_factory=PlantedSourceConfig)
+    files: FilesSourceConfig = field(default_factory=FilesSourceConfig)
 
 
 @dataclass
@@ -412,7 +438,7 @@ class RunConfig:
         _one_of("trainer.precision", t.precision, PRECISIONS)
         _one_of("tracking.mode", self.tracking.mode, TRACKING_MODES)
         _one_of("deepspeed.offload_optimizer", self.deepspeed.offload_optimizer, ("none", "cpu"))
-        HookPoint.parse(s.hook)
+        _validate_hooks(s)
         if s.kind == "hf":
             if not s.model and not s.paths:
                 raise ConfigError("sources.model (hub id or dir) or sources.paths must be set for sources.kind=hf")
@@ -422,6 +448,9 @@ class RunConfig:
                 raise ConfigError(f"sources.steps has {len(s.steps)} entries for {self.n_snapshots()} snapshots")
         if s.kind == "planted":
             s.planted.validate()
+        if s.kind == "files" and not (s.files.dir and os.path.isdir(os.path.expanduser(s.files.dir))):
+            raise ConfigError(f"sources.files.dir={s.files.dir!r} is not an existing folder: set it to the folder "
+                              "holding sources.json and the activation shards (sources.kind=files)")
         _positive("crosscoder.dict_size", c.dict_size)
         _validate_data(d)
         _positive("data.seq_len", d.seq_len)
@@ -480,9 +509,11 @@ class RunConfig:
         if stage is not None and stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage={stage} must be 0, 1, 2 or 3")
         _positive("parallel.snapshot_parallel", self.parallel.snapshot_parallel)
-        if self.parallel.snapshot_parallel > self.n_snapshots():
+        n_sources = self.n_sources()
+        if self.parallel.snapshot_parallel > n_sources:
+            noun = "snapshots" if n_sources == self.n_snapshots() and s.kind != "files" else "sources"
             raise ConfigError(f"parallel.snapshot_parallel={self.parallel.snapshot_parallel} is more than the "
-                              f"{self.n_snapshots()} snapshots: every snapshot rank needs at least one")
+                              f"{n_sources} {noun}: every snapshot rank needs at least one")
         if self.parallel.token_check_every < 0:
             raise ConfigError(f"parallel.token_check_every={self.parallel.token_check_every} must be >= 0 (0: off)")
         _validate_method(self)
@@ -497,6 +528,16 @@ class RunConfig:
             return s.planted.n_snapshots
         return len(s.paths) if s.paths else max(len(s.revisions), 1)
 
+    def n_sources(self) -> int:
+        """How many sources the crosscoder has (known before any model loads): the snapshots times the hooks, or
+        the entries of a files source's sources.json."""
+        s = self.sources
+        if s.kind == "files":
+            from crosscoder.data.files import file_source_names
+
+            return len(file_source_names(s))
+        return self.n_snapshots() * max(1, len(s.hooks))
+
 
 def _validate_method(cfg: RunConfig) -> None:
     m, c = cfg.method, cfg.crosscoder
@@ -509,9 +550,9 @@ def _validate_method(cfg: RunConfig) -> None:
     if m.snapshot:
         raise ConfigError(f"method.snapshot={m.snapshot!r} trains one snapshot's dictionary: use it with "
                           f"method.name=crosscoder, not {m.name} (which trains every snapshot's)")
-    if cfg.n_snapshots() < 2:
+    if cfg.n_sources() < 2:
         raise ConfigError(f"method.name={m.name} trains a stack of one dictionary per snapshot: it needs at least 2 "
-                          f"snapshots, the sources name {cfg.n_snapshots()}")
+                          f"snapshots, the sources name {cfg.n_sources()}")
     if c.activation == "snapshot_jumprelu":
         raise ConfigError(f"crosscoder.activation=snapshot_jumprelu gates latents per snapshot of one crosscoder; "
                           f"method.name={m.name} trains single-snapshot dictionaries: use jumprelu")
@@ -566,6 +607,22 @@ def _complete_cache(cache_dir: str | None) -> bool:
 
 TEXT_PROBE_BYTES = 64 * 1024
 """At most this much of each data.paths file is read at start-up to tell a blank file from one with text."""
+
+
+def _validate_hooks(s: SourcesConfig) -> None:
+    """`sources.hook`, or `sources.hooks`: known hooks, in forward order, each once (the analysis reads the order of
+    the sources as depth), and only for sources with a model to hook."""
+    HookPoint.parse(s.hook)
+    if not s.hooks:
+        return
+    if s.kind not in ("hf", "toy"):
+        raise ConfigError(f"sources.hooks is set, but sources.kind={s.kind} has no model to hook; leave it empty")
+    hooks = [HookPoint.parse(hook, f"sources.hooks[{index}]") for index, hook in enumerate(s.hooks)]
+    for before, after in zip(hooks, hooks[1:], strict=False):
+        if after.depth <= before.depth:
+            raise ConfigError(f"sources.hooks lists {after.name} after {before.name}: list the hooks in forward order "
+                              f"(earlier blocks first; in a block resid_pre, attn_out, mlp_out, resid_post), each "
+                              f"once; as listed: {list(s.hooks)}")
 
 
 def _check_text_files(paths: list[str]) -> None:

@@ -37,7 +37,7 @@ from crosscoder.constants import EVAL_FILE, STREAM_POSITION_FILE
 from crosscoder.data.activations import valid_token_mask
 from crosscoder.data.held_out import held_out_batches
 from crosscoder.data.tokens import TokenBatch, special_token_ids
-from crosscoder.sources import SnapshotRunner, load_runners
+from crosscoder.sources import SnapshotRunner, load_runners, source_runners
 from crosscoder.splicing import logits_and_activation, logits_with_replacement
 
 EVAL_CHUNK_ROWS = 8
@@ -161,31 +161,34 @@ def spliced_eval(runners: list[SnapshotRunner], batches: Iterable[TokenBatch], r
                  n_positions: int, bos: int, pad: int | None, device: torch.device,
                  log: Callable[[str], None] = print) -> tuple[list[SnapshotEval], int]:
     """Per-snapshot figures over the first sequences of `batches` holding >= `n_positions` evaluated positions,
-    and that number (module docstring). `runners` hold causal LMs, in the crosscoder's snapshot order."""
+    and that number (module docstring). `runners` hold causal LMs, in the crosscoder's snapshot order; a runner
+    with several hooks gives one source per hook, each spliced alone."""
     started = time.perf_counter()
     chunks = _chunks(_take_rows(batches, n_positions, bos, pad), device)
     valid = [valid_token_mask(chunk, bos, pad) for chunk in chunks]
-    # All snapshots' activations of each token first: the shared code needs them together.
-    clean = [torch.stack([runner(c.input_ids, c.attention_mask)[v].float() for runner in runners], dim=1)
-             for c, v in zip(chunks, valid, strict=True)]  # per chunk [n, S, d]
+    # All sources' activations of each token first: the shared code needs them together.
+    clean = [torch.stack([a[v].float() for runner in runners for a in runner.capture(c.input_ids, c.attention_mask)],
+                         dim=1) for c, v in zip(chunks, valid, strict=True)]  # per chunk [n, S, d]
     mean = torch.cat(clean).mean(dim=0)  # [S, d]: the mean-ablation values
     spliced = [reconstruct(x) for x in clean]
     results = []
-    for s, runner in enumerate(runners):
+    sources = source_runners(runners)
+    for s, (runner, hook) in enumerate(sources):
         sums = _Sums()
         for chunk, v, x_hat in zip(chunks, valid, spliced, strict=True):
             ids, mask = chunk.input_ids, chunk.attention_mask
             where, targets = _ce_positions(chunk, bos, pad), ids[:, 1:]
             sums.n += int(where.sum())
-            logits, activation = logits_and_activation(runner, ids, mask)
+            logits, activation = logits_and_activation(runner, ids, mask, hook)
             reference = sums.add("clean", logits, targets, where)
             for variant, values in (("spliced", x_hat[:, s]), ("zero", torch.zeros_like(mean[s])),
                                     ("mean", mean[s])):
-                logits = logits_with_replacement(runner, ids, mask, _replaced(activation, v, values))
+                logits = logits_with_replacement(runner, ids, mask, _replaced(activation, v, values), hook)
                 sums.add(variant, logits, targets, where, reference if variant == "spliced" else None)
         results.append(sums.result())
         elapsed = time.perf_counter() - started
-        log(f"eval: snapshot {s + 1}/{len(runners)} {runner.name}: CE clean {results[-1].ce_clean:.4f}, spliced "
+        shown = runner.name if len(runner.hooks) == 1 else f"{runner.name} at {runner.hooks[hook].name}"
+        log(f"eval: source {s + 1}/{len(sources)} {shown}: CE clean {results[-1].ce_clean:.4f}, spliced "
             f"{results[-1].ce_spliced:.4f}, zero {results[-1].ce_zero:.4f}, recovered {results[-1].ce_recovered:.3f} "
             f"| {(s + 1) * sums.n / max(elapsed, 1e-9):,.0f} tok/s")
     return results, sums.n

@@ -19,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from crosscoder.causal_check import check_causal_decoder as check_causal_decoder  # re-exported for callers
+from crosscoder.causal_check import describe_snapshot
 from crosscoder.config import ConfigError, HookPoint, SourcesConfig
 from crosscoder.fingerprint import check_same_snapshots as check_same_snapshots  # re-exported for callers
 from crosscoder.fingerprint import snapshot_fingerprint
+from crosscoder.hooks import SnapshotRunner as SnapshotRunner  # re-exported for callers
 
 STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,15 +32,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class SnapshotSpec:
-    """Where one snapshot lives, which training step it is, and (once `describe_sources` has run) what it is:
-    `fingerprint` is `crosscoder.fingerprint.snapshot_fingerprint`, compared whenever a cache or a training
-    state made from these snapshots is read back."""
+    """One source of the crosscoder: where its snapshot lives, which training step it is, the hook it reads, and
+    (once `describe_sources` has run) what the snapshot is: `fingerprint` is
+    `crosscoder.fingerprint.snapshot_fingerprint`, compared whenever a cache or a training state made from these
+    sources is read back. With one hook a source is a snapshot and carries its name; with several
+    (`sources.hooks`), each (snapshot, hook) pair is a source named after its hook (one snapshot) or
+    `<snapshot>:<hook>` (several), and `snapshot` keeps the snapshot's own name."""
 
     name: str
     path: str
     revision: str | None = None
     step: int | None = None
     fingerprint: str | None = None
+    hook: str | None = None
+    """The hook point this source reads (None: the run's `sources.hook`)."""
+    layer: int | None = None
+    """The block the hook reads, when the sources differ by layer (what the analysis plots them against)."""
+    snapshot: str | None = None
+    """The snapshot's own name when several hooks read it (None: `name`)."""
+
+    @property
+    def snapshot_name(self) -> str:
+        return self.snapshot or self.name
 
 
 def _step_from_name(name: str) -> int | None:
@@ -54,15 +70,52 @@ def resolve_snapshots(cfg: SourcesConfig, log: Callable[[str], None] = print) ->
 
 
 def configured_snapshot_names(cfg: SourcesConfig) -> list[str]:
-    """The snapshots' names as the config gives them, before anything is built or read (resolve_snapshots and
-    planted_specs name them the same way): what a driver over the snapshots (SAE-Track's chain) walks."""
+    """The sources' names as the config gives them, before anything is built or read (describe_sources names them
+    the same way): what a driver over the sources (SAE-Track's chain) walks."""
     if cfg.kind == "planted":
         return [f"snapshot{index}" for index in range(cfg.planted.n_snapshots)]
+    if cfg.kind == "files":
+        from crosscoder.data.files import file_source_names
+
+        return file_source_names(cfg)
     if cfg.kind == "toy":
-        return [f"step{step}" for step in cfg.toy.snapshot_steps]
-    if cfg.paths:
-        return [Path(raw).expanduser().name for raw in cfg.paths]
-    return [revision or "main" for revision in (list(cfg.revisions) or [None])]
+        names = [f"step{step}" for step in cfg.toy.snapshot_steps]
+    elif cfg.paths:
+        names = [Path(raw).expanduser().name for raw in cfg.paths]
+    else:
+        names = [revision or "main" for revision in (list(cfg.revisions) or [None])]
+    return [spec.name for spec in expand_hooks([SnapshotSpec(name, "") for name in names], cfg)]
+
+
+def configured_hooks(cfg: SourcesConfig) -> list[HookPoint]:
+    """The hook points every snapshot is read at: `sources.hooks`, else the one `sources.hook`."""
+    if cfg.hooks:
+        return [HookPoint.parse(hook, f"sources.hooks[{index}]") for index, hook in enumerate(cfg.hooks)]
+    return [HookPoint.parse(cfg.hook)]
+
+
+def expand_hooks(snapshots: list[SnapshotSpec], cfg: SourcesConfig) -> list[SnapshotSpec]:
+    """The sources: each snapshot as it is under one hook; under several (`sources.hooks`), one source per
+    (snapshot, hook) pair, snapshot-major (so a snapshot's sources are adjacent and one forward reads them all),
+    named after the hook (one snapshot) or `<snapshot>:<hook>`."""
+    if not cfg.hooks:
+        return snapshots
+    hooks = configured_hooks(cfg)
+    return [replace(snapshot, name=f"{snapshot.name}:{hook.name}" if len(snapshots) > 1 else hook.name,
+                    hook=hook.name, layer=hook.layer, snapshot=snapshot.name)
+            for snapshot in snapshots for hook in hooks]
+
+
+def source_axis(cfg: SourcesConfig, n_snapshots: int) -> str:
+    """What the crosscoder's source axis is, for labels and plots: `step` (snapshots of a training run), `layer`
+    (hooks of one snapshot at distinct blocks), `hook` (hooks of one snapshot, some in one block) or `source`
+    (snapshots x hooks)."""
+    hooks = configured_hooks(cfg) if cfg.kind in ("hf", "toy") else []
+    if len(hooks) <= 1:
+        return "step"
+    if n_snapshots > 1:
+        return "source"
+    return "layer" if len({hook.layer for hook in hooks}) == len(hooks) else "hook"
 
 
 def check_names_and_order(specs: list[SnapshotSpec]) -> None:
@@ -173,8 +226,7 @@ def check_finite_parameters(model: nn.Module, spec: SnapshotSpec) -> None:
                 )
 
 
-def _describe(spec: SnapshotSpec) -> str:
-    return f"{spec.path!r}" + (f" at revision {spec.revision!r}" if spec.revision else "")
+_describe = describe_snapshot
 
 
 def check_same_tokenizer(tokenizers: list, specs: list[SnapshotSpec]) -> None:
@@ -191,69 +243,18 @@ def check_same_tokenizer(tokenizers: list, specs: list[SnapshotSpec]) -> None:
             )
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks (gpt_neox.layers, model.layers, transformer.h, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
-            return module
-    raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}")
-
-
-class _StopForward(Exception):
-    """Raised by the hook once the activation is captured, so later blocks never run."""
-
-
-class SnapshotRunner:
-    """Runs one snapshot up to the hook point and returns the hooked activations [B, T, d]."""
-
-    def __init__(self, model: nn.Module, hook: HookPoint, name: str = "") -> None:
-        blocks = find_blocks(model)
-        if hook.layer >= len(blocks):
-            raise ConfigError(
-                f"sources.hook=blocks.{hook.layer}.hook_resid_{hook.position}: snapshot {name!r} has only "
-                f"{len(blocks)} blocks (0..{len(blocks) - 1})"
-            )
-        self.model, self.hook, self.name = model, hook, name
-        self.block = blocks[hook.layer]
-        self.d_model = int(model.config.hidden_size)
-        self._captured: torch.Tensor | None = None
-
-    def _capture_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._captured = hidden
-        raise _StopForward
-
-    def _capture_post(self, module: nn.Module, args: tuple, output: object) -> None:
-        self._captured = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.hook.position == "pre":
-            handle = self.block.register_forward_pre_hook(self._capture_pre, with_kwargs=True)
-        else:
-            handle = self.block.register_forward_hook(self._capture_post)
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        captured, self._captured = self._captured, None
-        if captured is None:
-            raise RuntimeError(f"hook on snapshot {self.name!r} did not fire")
-        return captured
-
-
 @dataclass
 class SourceInfo:
     """What the token stream, the crosscoder and the export need to know of the snapshots (no weights)."""
 
     specs: list[SnapshotSpec]
+    """One per source, in the crosscoder's source order."""
     tokenizer: object
     d_model: int
     hook: str
+    """The hook point (several: comma-separated)."""
+    axis: str = "step"
+    """What the source axis is (`source_axis`): `step`, `layer`, `hook` or `source`."""
 
 
 @dataclass
@@ -272,57 +273,6 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
         raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
 
 
-def _class_names(mapping: dict[str, Any], model_type: str | None = None) -> set[str]:
-    """The class names of an HF auto mapping (of one model type, or of all); a value may be a tuple of names."""
-    values = mapping.values() if model_type is None else [mapping.get(model_type, ())]
-    return {name for value in values for name in ((value,) if isinstance(value, str) else value)}
-
-
-def check_causal_decoder(model_config: Any, spec: SnapshotSpec) -> None:  # noqa: ANN401 (HF config type)
-    """Refuse a snapshot that is not a decoder-only causal LM (from its config, before any weights load).
-
-    The crosscoder reads one residual stream per token, and the token stream, the analysis and the spliced-in
-    evaluation all assume token t saw only tokens <= t: an encoder-decoder (T5) or a bidirectional encoder (BERT)
-    would train without complaint on activations that mean something else. Refused: `is_encoder_decoder`; a model
-    type with a masked-LM head (bert, roberta, ...) or an encoder base model unless its config sets `is_decoder`
-    (or XLM's `causal`); `architectures` none of which is a causal-LM class (nor a head of a causal model type: its
-    base model, the one AutoModel loads and the hooks read, is the same causal decoder); without `architectures`, a
-    model type that transformers has no causal LM for.
-    """
-    from transformers.models.auto import modeling_auto as auto
-
-    causal_types = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    model_type = getattr(model_config, "model_type", None) or ""
-    architectures = [str(a) for a in getattr(model_config, "architectures", None) or []]
-    shown = f"architecture {', '.join(architectures)}" if architectures else f"model_type {model_type!r}"
-    reason = None
-    # Types whose attention is bidirectional unless configured as a decoder (bert-generation's base is an encoder).
-    bidirectional = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | {
-        kind for kind in causal_types if any("Encoder" in name for name in _class_names(auto.MODEL_MAPPING_NAMES, kind))
-    }
-    if getattr(model_config, "is_encoder_decoder", False):
-        reason = "an encoder-decoder model"
-    elif model_type in bidirectional and not (getattr(model_config, "is_decoder", False)
-                                              or getattr(model_config, "causal", False)):
-        reason = "a bidirectional encoder (its config does not set is_decoder=True)"
-    elif architectures:
-        accepted = _class_names(causal_types)
-        if model_type in causal_types:
-            for heads in (auto.MODEL_MAPPING_NAMES, auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                          auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-                          auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES):
-                accepted |= _class_names(heads, model_type)
-        if not any(a in accepted or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            reason = "not a causal language model"
-    elif model_type not in causal_types:
-        reason = "not a causal language model type"
-    if reason is not None:
-        raise ConfigError(
-            f"snapshot {spec.name!r} ({_describe(spec)}, {shown}) is {reason}: the crosscoder reads the residual "
-            "stream of a decoder-only causal LM (token t sees only tokens <= t); use causal-LM snapshots"
-        )
-
-
 def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
     """Synthetic snapshots (`sources.kind=planted`): the revision is a hash of the planted config, so a cache of
     them is never reused for another planted problem."""
@@ -332,14 +282,36 @@ def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
             for index in range(cfg.planted.n_snapshots)]
 
 
+NO_SUBLAYER_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
+"""Model types whose blocks have no attention or MLP sublayer for hook_attn_out / hook_mlp_out to read."""
+
+
+def _check_hooks(cfg: SourcesConfig, model_config: Any, spec: SnapshotSpec) -> None:  # noqa: ANN401 (HF config)
+    """Every hook within the model's blocks, and sublayer hooks only where the blocks have sublayers."""
+    n_layers = getattr(model_config, "num_hidden_layers", None)
+    model_type = getattr(model_config, "model_type", "")
+    for hook in configured_hooks(cfg):
+        if n_layers is not None and hook.layer >= n_layers:
+            key = "sources.hooks" if cfg.hooks else "sources.hook"
+            raise ConfigError(f"{key}={hook.name}: snapshot {spec.name!r} has only {n_layers} blocks "
+                              f"(0..{n_layers - 1})")
+        if hook.position in ("attn_out", "mlp_out") and model_type in NO_SUBLAYER_TYPES:
+            raise ConfigError(f"{hook.name}: snapshot {spec.name!r} is a {model_type} model, whose blocks have no "
+                              "attention or MLP sublayer; hook its residual stream (hook_resid_pre/post)")
+
+
 def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> SourceInfo:
-    """Resolve the snapshots and check they are compatible, reading only tokenizers and configs (cheap): one
-    tokenizer, one width, the hook within every model, every model a decoder-only causal LM; then fingerprint
-    each (a few MB of each local snapshot's weight files; a hub snapshot's commit and config)."""
+    """Resolve the sources and check they are compatible, reading only tokenizers and configs (cheap): one
+    tokenizer, one width, every hook within every model, every model a decoder-only causal LM; then fingerprint
+    each snapshot (a few MB of each local snapshot's weight files; a hub snapshot's commit and config). Every hook
+    (crosscoder.hooks) writes into the residual stream, so one width holds for all of a snapshot's hooks."""
     if cfg.kind == "planted":  # no model, no tokenizer: activations come from crosscoder.toy.planted
         specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in planted_specs(cfg)]
         return SourceInfo(specs=specs, tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
-    hook = HookPoint.parse(cfg.hook)
+    if cfg.kind == "files":  # activations the user already has (crosscoder.data.files)
+        from crosscoder.data.files import describe_file_sources
+
+        return describe_file_sources(cfg)
     specs = resolve_snapshots(cfg, log=log)
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
     check_same_tokenizer(tokenizers, specs)
@@ -353,28 +325,43 @@ def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> 
                 f"snapshot {_describe(spec)} has width {width}, but {_describe(specs[0])} has "
                 f"{widths[0]}; all snapshots must share one width"
             )
-        n_layers = getattr(model_config, "num_hidden_layers", None)
-        if n_layers is not None and hook.layer >= n_layers:
-            raise ConfigError(
-                f"sources.hook={cfg.hook}: snapshot {spec.name!r} has only {n_layers} blocks (0..{n_layers - 1})"
-            )
+        _check_hooks(cfg, model_config, spec)
         widths.append(width)
     # Once per run, after the cheap checks: what each snapshot is, so a cache or a training state made from other
     # weights under the same names is refused (crosscoder.fingerprint).
     specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in specs]
-    return SourceInfo(specs=specs, tokenizer=tokenizers[0], d_model=widths[0], hook=cfg.hook)
+    hook = ",".join(cfg.hooks) if cfg.hooks else cfg.hook
+    return SourceInfo(specs=expand_hooks(specs, cfg), tokenizer=tokenizers[0], d_model=widths[0], hook=hook,
+                      axis=source_axis(cfg, len(specs)))
+
+
+def snapshot_groups(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> list[tuple[SnapshotSpec, list[HookPoint]]]:
+    """The sources `specs` (adjacent per snapshot, as `expand_hooks` orders them) as (snapshot, its hooks)."""
+    groups: list[tuple[SnapshotSpec, list[HookPoint]]] = []
+    for spec in specs:
+        hook = HookPoint.parse(spec.hook) if spec.hook else HookPoint.parse(cfg.hook)
+        if groups and groups[-1][0].snapshot_name == spec.snapshot_name:
+            groups[-1][1].append(hook)
+        else:
+            groups.append((spec, [hook]))
+    return groups
 
 
 def load_runners(cfg: SourcesConfig, specs: list[SnapshotSpec], device: torch.device, with_lm_head: bool = False
                  ) -> list[SnapshotRunner]:
-    """Load every snapshot's weights onto `device` (each activation worker calls this once); `with_lm_head`: the
-    causal LMs, whose runners can also run to logits (the spliced-in evaluation)."""
-    hook = HookPoint.parse(cfg.hook)
+    """Load the weights of the snapshots of the sources `specs` onto `device`, once per snapshot, each runner
+    reading all of its snapshot's hooks (each activation worker calls this once); `with_lm_head`: the causal LMs,
+    whose runners can also run to logits (the spliced-in evaluation)."""
     return [
-        SnapshotRunner(load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code, with_lm_head).to(device), hook,
-                       spec.name)
-        for spec in specs
+        SnapshotRunner(load_snapshot_model(spec, cfg.dtype, cfg.trust_remote_code, with_lm_head).to(device), hooks,
+                       spec.snapshot_name)
+        for spec, hooks in snapshot_groups(cfg, specs)
     ]
+
+
+def source_runners(runners: list[SnapshotRunner]) -> list[tuple[SnapshotRunner, int]]:
+    """(runner, index of the hook) per source, in source order."""
+    return [(runner, index) for runner in runners for index in range(len(runner.hooks))]
 
 
 def load_sources(
@@ -383,7 +370,7 @@ def load_sources(
     """Resolve, check and load all snapshots; raise a ConfigError naming the offending snapshot."""
     info = describe_sources(cfg, log=log)
     runners = load_runners(cfg, info.specs, device)
-    log(f"loaded {len(info.specs)} snapshots ({', '.join(s.name for s in info.specs)}) at {cfg.hook}, "
+    log(f"loaded {len(runners)} snapshots ({', '.join(r.name for r in runners)}) at {info.hook}, "
         f"d={info.d_model}")
     return LoadedSources(specs=info.specs, tokenizer=info.tokenizer, d_model=info.d_model, hook=info.hook,
-                         runners=runners)
+                         axis=info.axis, runners=runners)

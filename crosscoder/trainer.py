@@ -107,7 +107,7 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None) -> TrainR
     # global batch is split over the data-parallel ranks only.
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_snapshots(), cfg.trainer.batch_size)
+    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, cfg.n_sources(), cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
     run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation)
@@ -487,7 +487,7 @@ def _dictionary_meta(
         dict_size=crosscoder_cfg.dict_size, activation=crosscoder_cfg.activation, k=crosscoder_cfg.k,
         aux_k=aux_k, tokens_seen=step * cfg.trainer.batch_size, train_step=step,
         input_scale=[],  # filled in by export_dictionary from the model's buffer
-        training=run_config,
+        training=run_config, source_axis=sources.axis,
     )
 
 

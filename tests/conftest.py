@@ -42,6 +42,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     get_accelerator().create_op_builder("ShareMemCommBuilder").load()
 
 
+@pytest.fixture
+def clean_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() describes a one-rank process group in os.environ; undo it so later subprocesses start clean."""
+    for key in PROCESS_ENV:
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+
+
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("toy-cache")

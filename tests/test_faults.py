@@ -31,7 +31,7 @@ from crosscoder.trainer import train
 from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV
 from tests.launching import REPO, run, tiny_overrides, wait_until
-from tests.test_trainer import clean_process_env, tiny_run_config  # noqa: F401 (a fixture)
+from tests.test_trainer import tiny_run_config
 
 LONG_RUN = ["trainer.total_tokens=6400", "trainer.state_every=5", "trainer.log_every=10"]
 """50 steps, a training state every 5: long enough to fault in the middle."""

@@ -18,7 +18,7 @@ from crosscoder.constants import DICTIONARY_DIR, TRAINER_STATE_FILE, TRAINING_ST
 from crosscoder.trainer import train
 from crosscoder.training_state import CheckpointError, list_training_states
 from tests.conftest import PROCESS_ENV
-from tests.test_trainer import clean_process_env, tiny_run_config  # noqa: F401 (fixture)
+from tests.test_trainer import tiny_run_config
 
 STEPS = 9
 

@@ -14,7 +14,6 @@ from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import RUN_SUMMARY_FILE, WEIGHTS_FILE
 from crosscoder.sae_track import CHAIN_FILE, chain_plan, train_sae_track
 from crosscoder.stack import read_stack
-from tests.test_trainer import clean_process_env  # noqa: F401 (fixture)
 from tests.wandb_records import artifacts, history_keys, read_records
 
 

@@ -14,15 +14,7 @@ from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import EVAL_FILE, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.schedules import l1_coefficient, lr_multiplier
 from crosscoder.trainer import train
-from tests.conftest import PROCESS_ENV, TINY_TOY, tiny_toy_config
-
-
-@pytest.fixture
-def clean_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train() describes a one-rank process group in os.environ; undo it so later subprocesses start clean."""
-    for key in PROCESS_ENV:
-        monkeypatch.setenv(key, "placeholder")
-        monkeypatch.delenv(key)
+from tests.conftest import TINY_TOY, tiny_toy_config
 
 
 def tiny_run_config(toy_cache: Path, output_dir: Path) -> RunConfig:

@@ -13,7 +13,7 @@ from crosscoder.config import ConfigError, RunConfig
 from crosscoder.model import Crosscoder
 from crosscoder.trainer import train
 from crosscoder.warm_start import check_warm_start, normalized_weights, warm_start
-from tests.test_trainer import clean_process_env, tiny_run_config  # noqa: F401 (fixture)
+from tests.test_trainer import tiny_run_config
 
 
 def _exported(tmp_path: Path, activation: str = "jumprelu") -> tuple[Crosscoder, Path]:

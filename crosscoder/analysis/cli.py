@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from crosscoder.analysis.adjacent_report import DEFAULT_ADJACENT_TOKENS, adjacent_or_none
 from crosscoder.analysis.contexts import CONTEXTS_TITLE, contexts_section, top_contexts, unsupported_reason
 from crosscoder.analysis.evolution import Evolution
 from crosscoder.analysis.html import leading_features
@@ -59,9 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                              "latent's top tokens' code cosine at every snapshot, minus random tokens'), from planted "
                              f"draws or the snapshots re-run on the run's token stream (default "
                              f"{DEFAULT_PROGRESS_TOKENS}; 0 disables; skipped when activations cannot be re-created)")
+    parser.add_argument("--adjacent-tokens", type=int, default=DEFAULT_ADJACENT_TOKENS, metavar="T",
+                        help="tokens replayed for the adjacent-source statistics (the best-correlated latent of the "
+                             "next source for each latent: features passing through, appearing, disappearing), from "
+                             f"planted draws or the snapshots re-run (default {DEFAULT_ADJACENT_TOKENS}; 0 disables; "
+                             "skipped when activations cannot be re-created)")
     parser.add_argument("--device", default="cpu",
-                        help="where the snapshots and the crosscoder run for contexts, latent scaling and the "
-                             "progress measure")
+                        help="where the snapshots and the crosscoder run for contexts, latent scaling, the "
+                             "progress measure and the adjacent statistics")
     return parser
 
 
@@ -107,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     """Analyse one exported dictionary; a missing, truncated or corrupt dictionary file exits 2 naming it."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.contexts < 0 or args.context_tokens <= 0 or args.scaling_tokens < 0 or args.progress_tokens < 0:
+    if args.contexts < 0 or args.context_tokens <= 0 or min(args.scaling_tokens, args.progress_tokens,
+                                                             args.adjacent_tokens) < 0:
         parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0, "
-                     f"--scaling-tokens={args.scaling_tokens} >= 0 and --progress-tokens={args.progress_tokens} >= 0")
+                     f"--scaling-tokens={args.scaling_tokens}, --progress-tokens={args.progress_tokens} and "
+                     f"--adjacent-tokens={args.adjacent_tokens} >= 0")
     stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
         dictionary = Path(args.dictionary) if stack else check_dictionary_dir(args.dictionary)
@@ -135,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.scaling_tokens and not stack else None
         progress = progress_or_none(dictionary, args.progress_tokens, args.device, log) \
             if args.progress_tokens and stack else None
+        adjacent = adjacent_or_none(dictionary, args.adjacent_tokens, args.device, log) if args.adjacent_tokens \
+            else None
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
                                     recovery=planted, evolution=evolution, log=log, scaling=scaling,
-                                    progress=progress)
+                                    progress=progress, adjacent=adjacent)
     except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named
         _fail(str(error))
     except ValueError as error:  # e.g. weights and decoder norms of different shapes

@@ -174,6 +174,10 @@ def lifetime_cosine(w_dec: torch.Tensor, traj: torch.Tensor, threshold: float = 
     return torch.where(ok.all(dim=1) & present.any(dim=1), cos, torch.nan)
 
 
+AXIS_NOUNS = {"step": "snapshot", "layer": "layer", "hook": "hook", "source": "source"}
+"""What one position of the source axis is called in labels, by `SourceInfo.axis` (crosscoder.sources)."""
+
+
 @dataclass
 class Evolution:
     """Everything `analyze_evolution` computes for one dictionary; F latents, S snapshots."""
@@ -205,6 +209,14 @@ class Evolution:
     similarity: torch.Tensor
     """[S, S] snapshot similarity."""
     threshold: float = EMERGENCE_THRESHOLD
+    axis: str = "step"
+    """What the sources are: `step` (snapshots; `steps` are training steps), `layer` (`steps` are block indices),
+    `hook` or `source` (crosscoder.sources.source_axis)."""
+
+    @property
+    def noun(self) -> str:
+        """What one source is called in labels: snapshot, layer, hook or source."""
+        return AXIS_NOUNS.get(self.axis, "source")
 
     @property
     def emergence_step(self) -> list[int | None]:
@@ -239,8 +251,10 @@ def analyze_evolution(
     steps: list[int | None] | None = None,
     dead_mask: torch.Tensor | None = None,
     threshold: float = EMERGENCE_THRESHOLD,
+    axis: str = "step",
 ) -> Evolution:
-    """All evolution metrics of a decoder [F, S, d]; `norms` [F, S] defaults to the decoder's own norms."""
+    """All evolution metrics of a decoder [F, S, d]; `norms` [F, S] defaults to the decoder's own norms; `axis`
+    says what the sources are (`Evolution.axis`), `steps` then being training steps or layers."""
     with torch.no_grad():
         w_dec = w_dec.detach().cpu()
         norms = (w_dec.float().norm(dim=-1) if norms is None else norms.detach().cpu().float())
@@ -260,6 +274,7 @@ def analyze_evolution(
             segments=presence_segments(traj, threshold), consecutive_cos=consecutive,
             cos_to_last=cosine_to_last(w_dec, dead), min_present_cos=min_present_cosine(consecutive, traj, threshold),
             lifetime_cos=lifetime_cosine(w_dec, traj, threshold), similarity=snapshot_similarity(w_dec, norms, dead),
+            axis=axis,
             threshold=threshold,
         )
 

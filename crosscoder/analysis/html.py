@@ -69,12 +69,13 @@ def _fmt(value: float) -> str:
 
 def metadata_section(meta: DictionaryMeta, dictionary_dir: Path) -> str:
     facts = [["folder", str(dictionary_dir)], ["hook", meta.hook], ["d_model", meta.d_model],
-             ["latents (F)", meta.dict_size], ["snapshots (S)", len(meta.sources)], ["activation", meta.activation],
+             ["latents (F)", meta.dict_size], ["sources (S)", len(meta.sources)], ["source axis", meta.source_axis],
+             ["activation", meta.activation],
              ["k", meta.k], ["train step", meta.train_step], ["tokens seen", f"{meta.tokens_seen:,}"]]
-    sources = [[s.get("name"), s.get("path"), s.get("revision"), s.get("step"),
+    sources = [[s.get("name"), s.get("path"), s.get("revision"), s.get("step"), s.get("hook") or meta.hook,
                 _fmt(meta.decoder_norm_mean.get(s.get("name"), float("nan")))] for s in meta.sources]
     return ("<h2>Dictionary</h2>" + _table(["", "value"], facts) +
-            _table(["snapshot", "path", "revision", "step", "mean decoder norm"], sources, left=3))
+            _table(["source", "path", "revision", "step", "hook", "mean decoder norm"], sources, left=4))
 
 
 def counts_section(evo: Evolution) -> str:
@@ -90,14 +91,15 @@ def counts_section(evo: Evolution) -> str:
     drift_in = [float("nan"), *evo.median_drift()]
     rows = [[label, emerging[s], *[by_class[c][s] for c in by_class], present_count[s], _fmt(drift_in[s]),
              _fmt(to_last[s])] for s, label in enumerate(labels)]
-    rule = (f"<p class='muted'>Trajectory n(s) = decoder norm at snapshot s / its maximum over snapshots "
-            f"(normalised-activation space). A latent emerges at the first snapshot with n &ge; {evo.threshold}; "
-            "its class comes from presence at the first and last snapshots only. Drift = decoder cosine between "
-            "consecutive snapshots over latents present at both. Similarity = norm-weighted mean decoder "
+    noun = evo.noun
+    rule = (f"<p class='muted'>Trajectory n(s) = decoder norm at {noun} s / its maximum over {noun}s "
+            f"(normalised-activation space). A latent emerges at the first {noun} with n &ge; {evo.threshold}; "
+            f"its class comes from presence at the first and last {noun}s only. Drift = decoder cosine between "
+            f"consecutive {noun}s over latents present at both. Similarity = norm-weighted mean decoder "
             "cosine.</p>")
     return ("<h2>Classes</h2>" + _table(["class", "latents", "share"], class_rows) +
-            "<h2>Per snapshot</h2>" + rule +
-            _table(["snapshot", "emerging here", *[f"of which {c}" for c in by_class], "present",
+            f"<h2>Per {noun}</h2>" + rule +
+            _table([noun, "emerging here", *[f"of which {c}" for c in by_class], "present",
                     "median drift in", "similarity to last"], rows))
 
 

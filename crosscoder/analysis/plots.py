@@ -97,7 +97,7 @@ def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MA
     _label_snapshot_axis(ax, labels)
     n_live = int((~evo.dead).sum())
     shown = f"{order.numel()} of {n_live}" if order.numel() < n_live else f"{n_live}"
-    ax.set(xlabel="snapshot", ylabel=f"live latents ({shown}), by emergence snapshot then class",
+    ax.set(xlabel=evo.noun, ylabel=f"live latents ({shown}), by emergence {evo.noun} then class",
            title="Feature trajectories")
     ax.set_yticks([])
     return _save(fig, path)
@@ -117,8 +117,8 @@ def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
             bottom += counts_np
     _label_snapshot_axis(ax, labels)
     known = [s for s in evo.steps if s is not None]
-    xlabel = "snapshot (training step)" if known else "snapshot"
-    ax.set(xlabel=xlabel, ylabel="latents emerging", title=f"Emergence (first snapshot with n >= {evo.threshold})")
+    xlabel = "snapshot (training step)" if known and evo.axis == "step" else evo.noun
+    ax.set(xlabel=xlabel, ylabel="latents emerging", title=f"Emergence (first {evo.noun} with n >= {evo.threshold})")
     if bottom.any():
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
@@ -131,7 +131,7 @@ def plot_drift(evo: Evolution, path: str | Path) -> Path:
     fig = Figure(figsize=(_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     if len(labels) < 2:
-        ax.text(0.5, 0.5, "one snapshot: no drift", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"one {evo.noun}: no drift", ha="center", va="center", transform=ax.transAxes)
         return _save(fig, path)
     present = evo.trajectories >= evo.threshold
     both = (present[:, :-1] & present[:, 1:]).numpy()
@@ -150,8 +150,8 @@ def plot_drift(evo: Evolution, path: str | Path) -> Path:
         ax.fill_between(x[has], q1, q3, color=CLASS_COLORS[name], alpha=0.2)
     transitions = [f"{labels[s]} → {labels[s + 1]}" for s in range(len(labels) - 1)]
     _label_snapshot_axis(ax, transitions)
-    ax.set(xlabel="snapshot transition", ylabel="decoder cosine (median, quartiles)",
-           title="Decoder drift between consecutive snapshots (latents present at both)")
+    ax.set(xlabel=f"{evo.noun} transition", ylabel="decoder cosine (median, quartiles)",
+           title=f"Decoder drift between consecutive {evo.noun}s (latents present at both)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)

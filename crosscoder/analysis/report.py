@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from crosscoder.analysis.adjacent import AdjacentStatistics
+from crosscoder.analysis.adjacent_report import add_adjacent
 from crosscoder.analysis.evolution import Evolution, FeatureTable, analyze_evolution, feature_table
 from crosscoder.analysis.html import render_report
 from crosscoder.analysis.matching import Recovery
@@ -124,8 +126,8 @@ def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = 
     w_dec = read_tensors(path / WEIGHTS_FILE, ["W_dec"])["W_dec"]  # W_dec only: W_enc is as large
     if w_dec.shape[:2] != norms.shape:
         raise ValueError(f"{path}: W_dec {list(w_dec.shape)} and decoder norms {list(norms.shape)} disagree")
-    evo = analyze_evolution(w_dec, norms, names=meta.source_names, steps=[s.get("step") for s in meta.sources],
-                            dead_mask=dead_mask)
+    evo = analyze_evolution(w_dec, norms, names=meta.source_names, steps=meta.source_positions,
+                            dead_mask=dead_mask, axis=meta.source_axis)
     return evo, meta
 
 
@@ -187,6 +189,7 @@ def analyze_dictionary(
     log: Callable[[str], None] = lambda _: None,
     scaling: LatentScaling | None = None,
     progress: ProgressResult | None = None,
+    adjacent: AdjacentStatistics | None = None,
 ) -> AnalysisResult:
     """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`); an
     aligned stack folder is analysed as one crosscoder of its snapshots (crosscoder.analysis.stack_report).
@@ -197,6 +200,7 @@ def analyze_dictionary(
     `evolution`: `load_evolution(dictionary_dir, dead_mask)` when the caller already has it (W_dec is read once).
     `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
     `progress`: an aligned stack's progress measure (`progress.stack_progress`): columns, summary, a section.
+    `adjacent`: adjacent-source statistics (`adjacent_report.dictionary_adjacent`): adjacent.csv, summary, a section.
     """
     # An aligned stack reads as one crosscoder (crosscoder.analysis.stack_report): its chains, read once here.
     stack = load_stack_chains(dictionary_dir) if is_stack(dictionary_dir) else None
@@ -235,6 +239,8 @@ def analyze_dictionary(
             summary["latent_scaling"] = _clean(scaling.summary())
             section = scaling_section(scaling, evo, plot_scaling(scaling, tmp / SCALING_FIGURE))
             extra_sections = [(SCALING_TITLE, section), *(extra_sections or [])]
+        if adjacent is not None:  # needs activations, which only the caller can re-create
+            extra_sections = [add_adjacent(summary, adjacent, evo.steps, tmp), *(extra_sections or [])]
         spliced = read_eval(dictionary_dir)
         if spliced is not None:  # evaluated by crosscoder-eval or by the trainer at export (crosscoder.evaluation)
             summary["spliced_eval"] = spliced

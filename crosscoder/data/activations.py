@@ -42,11 +42,13 @@ def paired_activations(
     pad_id: int | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """[n_valid_tokens, S, d] float32 activations of every snapshot at the same positions."""
+    """[n_valid_tokens, S, d] float32 activations of every source at the same positions: each runner's hooks in
+    turn (one forward per snapshot), so S is the number of (snapshot, hook) sources."""
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
     mask = valid_token_mask(batch, bos_id, pad_id).to(device)
-    per_source = [runner(input_ids, attention_mask)[mask].float() for runner in runners]
+    per_source = [activation[mask].float() for runner in runners for activation in runner.capture(input_ids,
+                                                                                                   attention_mask)]
     return torch.stack(per_source, dim=1)
 
 

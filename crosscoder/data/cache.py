@@ -330,12 +330,8 @@ class CacheReader:
 
     def _rows(self, index: int) -> torch.Tensor:
         """This rank's rows of shard `index` (local row numbers): disjoint across ranks, together the whole shard."""
-        n = int(self.manifest.shards[index]["n_tokens"])
-        if self.batch_rows > 0:
-            global_rows = torch.arange(self._offsets[index], self._offsets[index] + n)
-            mine = (global_rows // self.batch_rows) % self.world_size == self.rank
-            return mine.nonzero().squeeze(1)
-        return torch.arange(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+        return rank_rows(int(self.manifest.shards[index]["n_tokens"]), self._offsets[index], self.rank,
+                         self.world_size, self.batch_rows)
 
     def iter_blocks(self, start: int = 0) -> Iterator[ActivationBlock]:
         """Shards start, start + 1, ... once each, as float32; block index = shard index (what resuming counts).
@@ -365,7 +361,7 @@ class CacheReader:
                 # Read only this rank's rows (contiguous runs of them: one, or one per global batch in global
                 # batch order) and only its snapshots' columns: never the whole shard.
                 columns = slice(None) if self.sources is None else slice(self.sources.start, self.sources.stop)
-                runs = _runs(rows)
+                runs = row_runs(rows)
                 stored, checksums = f.get_slice("activations"), f.get_slice("row_checksums")
                 raw = torch.cat([stored[first:last, columns] for first, last in runs])
                 expected = torch.cat([checksums[first:last, columns] for first, last in runs])
@@ -402,7 +398,18 @@ class CacheReader:
                          for c in columns)
 
 
-def _runs(rows: torch.Tensor) -> list[tuple[int, int]]:
+def rank_rows(n: int, offset: int, rank: int, world_size: int, batch_rows: int = 0) -> torch.Tensor:
+    """A rank's rows (local row numbers) of a shard of `n` rows whose first row is global row `offset`: disjoint
+    across ranks, together the whole shard. `batch_rows` > 0: the rows whose global run of `batch_rows` falls to
+    the rank (global batch order); 0: one contiguous range per rank. Shared by every shard reader."""
+    if batch_rows > 0:
+        global_rows = torch.arange(offset, offset + n)
+        mine = (global_rows // batch_rows) % world_size == rank
+        return mine.nonzero().squeeze(1)
+    return torch.arange(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def row_runs(rows: torch.Tensor) -> list[tuple[int, int]]:
     """[(first, last + 1)] of each run of consecutive row numbers in the sorted `rows`."""
     breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().squeeze(1) + 1
     starts = [0, *breaks.tolist()]

@@ -1,8 +1,9 @@
-"""The activation stream the trainer iterates: blocks (from workers, inline snapshots or a cache) -> shuffle
-buffer -> batches of exactly the rank's micro batch, with a position that a resumed run restarts from.
+"""The activation stream the trainer iterates: blocks (from a source set, crosscoder.data.source_sets: workers,
+inline snapshots, planted draws, a cache or the user's files) -> shuffle buffer -> batches of exactly the rank's
+micro batch, with a position that a resumed run restarts from.
 
-Data rank r of N reads disjoint tokens: online, its own document shards (one per worker); from a cache, its
-own row range of every cache shard. Split by snapshot, a rank reads (or runs) only its own snapshots' columns;
+Data rank r of N reads disjoint tokens: online, its own document shards (one per worker); from a cache or files,
+its own row range of every shard. Split by snapshot, a rank reads (or runs) only its own snapshots' columns;
 the ranks of one snapshot group share a data rank and so read the same tokens in the same order.
 """
 
@@ -18,11 +19,9 @@ import torch
 
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.data.activations import ActivationBlock
-from crosscoder.data.cache import CacheReader, check_cache_matches
 from crosscoder.data.shuffle import ShuffleBuffer
-from crosscoder.data.tokens import special_token_ids
-from crosscoder.data.workers import WorkerPool, WorkerSetup, produce_blocks, resolve_worker_device
-from crosscoder.sources import SourceInfo, load_runners
+from crosscoder.data.source_sets import ModelSources, PlantedSources, open_source_set
+from crosscoder.sources import SourceInfo
 
 
 @dataclass
@@ -30,7 +29,7 @@ class StreamPosition:
     """Where a rank's stream stands: blocks before `next_block` have been (at least partly) consumed."""
 
     kind: str
-    """`online` (blocks are token batches of this rank) or `cache` (blocks are cache shards)."""
+    """`online` (blocks are token batches of this rank), `cache` or `files` (blocks are shards)."""
     next_block: int
     rank: int
     world_size: int
@@ -120,49 +119,16 @@ class ActivationStream:
         self.close()
 
 
-def _columns(blocks: Iterator[ActivationBlock], share: range) -> Iterator[ActivationBlock]:
-    """The same blocks with only the snapshots in `share`."""
-    for block in blocks:
-        yield ActivationBlock(block.index, block.activations[:, share.start : share.stop].contiguous(),
-                              block.token_ids)
-
-
 def online_block_source(
     cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print,
     share: range | None = None, on_loaded: Callable[[list[str]], None] | None = None,
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
-    """(blocks_from(start), close): this data rank's blocks from index `start` on, made by the activation workers
-    (or inline, as one worker would, when data.workers.num_workers=0), for the snapshots in `share` (all when
-    None): only those are loaded, and `on_loaded` hears their names from whoever loaded them. Planted sources
-    are generated inline."""
+    """(blocks_from(start), close) of the snapshots run online (or the planted draws) for the sources in `share`,
+    whatever `data.cache.dir` says (what a cache is built from); `on_loaded` hears the loaded snapshots' names."""
     share = range(len(info.specs)) if share is None else share
-    if cfg.sources.kind == "planted":
-        from crosscoder.toy.planted import planted_blocks
-
-        block_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # as many rows as a model batch
-        planted = cfg.sources.planted
-        if len(share) == len(info.specs):
-            return (lambda start: planted_blocks(planted, rank, world_size, start, block_tokens)), (lambda: None)
-        # Synthetic and cheap: generate every snapshot and keep this rank's columns.
-        return (lambda start: _columns(planted_blocks(planted, rank, world_size, start, block_tokens), share),
-                lambda: None)
-    specs = info.specs[share.start : share.stop]
-    bos, pad = special_token_ids(info.tokenizer)
-    workers_cfg = cfg.data.workers
-    setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=specs, bos_id=bos, pad_id=pad,
-                        device=resolve_worker_device(workers_cfg.device), threads=workers_cfg.threads,
-                        rank=rank, world_size=world_size, cpus=tuple(workers_cfg.cpus))
-    if workers_cfg.num_workers == 0:
-        runners = load_runners(cfg.sources, specs, torch.device(setup.device))
-        if on_loaded is not None:
-            on_loaded([runner.name for runner in runners])
-        return (lambda start: produce_blocks(setup, info.tokenizer, runners, 0, 1, start)), (lambda: None)
-
-    max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS is never kept
-    pool = WorkerPool(workers_cfg, setup, len(specs), info.d_model, max_tokens, on_loaded)
-    log(f"started {workers_cfg.num_workers} activation worker(s) on {setup.device}, "
-        f"{workers_cfg.slots} shared-memory slots each, running {len(specs)} snapshot(s)")
-    return pool.iter_blocks, pool.close
+    sources = PlantedSources(cfg, info, rank, world_size, share) if cfg.sources.kind == "planted" else \
+        ModelSources(cfg, info, rank, world_size, share, log, on_loaded)
+    return sources.blocks, sources.close
 
 
 def build_activation_stream(
@@ -170,20 +136,22 @@ def build_activation_stream(
     position: StreamPosition | None = None, log: Callable[[str], None] = print,
     state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None, share: range | None = None,
 ) -> ActivationStream:
-    """The stream the config asks for: a cache when `data.cache.dir` is set, else the snapshots run online.
-    `rank` / `world_size` are the data rank and data-parallel size; `share` the snapshots this rank reads.
+    """The stream of the source set the config asks for (crosscoder.data.source_sets.open_source_set): a cache
+    when `data.cache.dir` is set, else the snapshots run online, planted draws or the user's activation files.
+    `rank` / `world_size` are the data rank and data-parallel size; `share` the sources this rank reads.
 
     `position` restarts after every block the saved stream touched (rows it held are skipped); `state` (from
     `ActivationStream.full_state()`) restores the shuffle buffer too, so the batches are exactly the ones that
     would have come next."""
-    kind = "cache" if cfg.data.cache.dir else "online"
-    shards = max(1, cfg.data.workers.num_workers) if kind == "online" and cfg.sources.kind != "planted" else 1
+    sources = open_source_set(cfg, info, rank, world_size, micro_batch, share, log)
+    kind, shards = sources.position_kind, sources.document_shards
     if state is not None:
         position = StreamPosition.from_dict(state[0])
     start = 0
     if position is not None:
         saved = (position.kind, position.rank, position.world_size, position.document_shards)
         if saved != (kind, rank, world_size, shards):
+            sources.close()
             raise ConfigError(
                 f"saved stream position is for a {position.kind} stream on rank {position.rank} of "
                 f"{position.world_size} with {position.document_shards} document shard(s) per rank; this run is "
@@ -196,24 +164,9 @@ def build_activation_stream(
                            seed=shuffle.seed * 1_000_003 + rank * 7919 + start)
     if state is not None:
         buffer.load_state_dict(state[0]["buffer"], state[1])
-    if kind == "cache":
-        # Unshuffled, ranks read in global batch order, so any number of ranks trains on the same batches.
-        batch_rows = micro_batch if shuffle.buffer_tokens == 0 else 0
-        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size, batch_rows=batch_rows,
-                             sources=share)
-        check_cache_matches(reader.manifest, info, cfg.data.cache.dir)
-        log(f"reading activations from the cache {cfg.data.cache.dir} ({reader.tokens_per_rank} tokens for this rank)")
-        stream = ActivationStream(kind, reader.iter_blocks, buffer, rank, world_size, start,
-                                  available_tokens=reader.tokens_from(start))
-    else:
-        loaded: list[str] = []
-
-        def record(names: list[str]) -> None:
-            loaded.extend(name for name in names if name not in loaded)
-
-        blocks, close = online_block_source(cfg, info, rank, world_size, log, share, on_loaded=record)
-        stream = ActivationStream(kind, blocks, buffer, rank, world_size, start, close, document_shards=shards)
-        stream.snapshots_loaded = loaded
+    stream = ActivationStream(kind, sources.blocks, buffer, rank, world_size, start, sources.close,
+                              available_tokens=sources.tokens_from(start), document_shards=shards)
+    stream.snapshots_loaded = sources.snapshots_loaded
     if state is not None:
         stream._restore_lookahead(*state)
     return stream

@@ -22,7 +22,6 @@ from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
 from crosscoder.model import Crosscoder
 from crosscoder.toy.planted import planted_truth
 from crosscoder.trainer import train
-from tests.test_trainer import clean_process_env  # noqa: F401 (fixture)
 
 RECOVERED, EMERGENCE_EXACT = 0.9, 0.85
 FAMILY_RECOVERED, FAMILY_EMERGENCE_EXACT = 0.95, 0.95
