@@ -4,6 +4,7 @@ independent computations on every decoder architecture the sources support."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoModel, GPTNeoXConfig, GPTNeoXModel, Lla
 from crosscoder.analysis.report import analyze_dictionary
 from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import ConfigError, HookPoint, RunConfig, SourcesConfig
+from crosscoder.constants import EVAL_FILE
 from crosscoder.hooks import SnapshotRunner
 from crosscoder.sources import SnapshotSpec, _check_hooks, configured_snapshot_names, describe_sources, load_runners
 from crosscoder.trainer import train
@@ -182,14 +184,20 @@ def test_sources_of_several_hooks_are_named_laid_out_and_placed_on_their_axis(ti
 
 def test_a_cross_layer_crosscoder_trains_end_to_end_and_its_report_reads_layers(
         tiny_snapshots: list, toy_cache: Path, tmp_path: Path, clean_process_env: None) -> None:
-    """Two layers of the last snapshot, fed by an activation worker: trained, exported with the layer axis, and
-    the report's plots and tables say layer."""
+    """Two layers of the last snapshot, fed by an activation worker: trained, exported with the layer axis, each
+    layer spliced in alone by the export's eval (the other's hook untouched), and the report's plots and tables
+    say layer."""
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
     cfg.sources.kind, cfg.sources.paths = "hf", [str(tiny_snapshots[-1].path)]
     cfg.sources.hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    cfg.data.workers.num_workers, cfg.trainer.total_tokens = 1, 128 * 20
+    cfg.data.workers.num_workers, cfg.trainer.total_tokens, cfg.trainer.eval_tokens = 1, 128 * 20, 128
     result = train(cfg)
     assert result.final_metrics["explained_variance/mean"] > 0.2
+    evaluated = json.loads((result.dictionary_dir / EVAL_FILE).read_text())["per_snapshot"]
+    assert list(evaluated) == cfg.sources.hooks
+    for figures in evaluated.values():
+        assert figures["ce_spliced"] < figures["ce_zero"] and figures["ce_clean"] <= figures["ce_zero"], figures
+    assert evaluated["blocks.0.hook_resid_post"]["ce_zero"] != evaluated["blocks.1.hook_resid_post"]["ce_zero"]
     model, meta = load_dictionary(result.dictionary_dir)
     assert meta.source_axis == "layer" and meta.source_positions == [0, 1] and model.n_sources == 2
     assert meta.hook == "blocks.0.hook_resid_post,blocks.1.hook_resid_post"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +19,6 @@ from crosscoder.constants import (
     EVAL_FILE,
     RUN_SUMMARY_FILE,
     STREAM_POSITION_FILE,
-    TRAINING_STATES_DIR,
 )
 from tests.conftest import TINY_TOY
 from tests.launching import (
@@ -30,15 +27,9 @@ from tests.launching import (
     in_order_overrides,
     launch,
     launch_two_ranks,
-    newest_state_step,
-    resume_overrides,
     run,
-    signal_job,
     single_wandb_run_file,
-    start_two_ranks,
     tiny_overrides,
-    wait_for_job,
-    wait_until,
 )
 from tests.wandb_records import artifacts, history_keys
 
@@ -127,46 +118,6 @@ def test_one_rank_and_two_ranks_zero2_end_with_the_same_weights(activation_cache
         zero2, _ = load_dictionary(runs["2 ranks ZeRO-2"] / export)
         for name, tensor in one.state_dict().items():
             torch.testing.assert_close(zero2.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
-
-
-def test_two_ranks_killed_then_preempted_resume_to_the_uninterrupted_weights(activation_cache: Path,
-                                                                              toy_cache: Path, tmp_path: Path) -> None:
-    """SIGKILL mid-run, resume=auto, SIGTERM mid-run (which saves a state), resume=auto again: the dictionary
-    equals, bit for bit, that of an uninterrupted run (same ranks, same summation order: no tolerance needed),
-    and all segments log to one W&B run."""
-    reference = tmp_path / "reference"
-    launch("cpu_2proc_zero2.yaml", resume_overrides(toy_cache, activation_cache, reference), tmp_path)
-
-    run_dir = tmp_path / "run"
-    log = tmp_path / "killed.log"
-    process = start_two_ranks(resume_overrides(toy_cache, activation_cache, run_dir), tmp_path, log)
-    wait_until(lambda: newest_state_step(run_dir) > 0, process, log)
-    signal_job(process, signal.SIGKILL)
-    wait_for_job(process, run_dir)
-    killed_at = newest_state_step(run_dir)
-    assert not (run_dir / DICTIONARY_DIR).exists(), "the run finished before it was killed"
-
-    log = tmp_path / "preempted.log"
-    process = start_two_ranks([*resume_overrides(toy_cache, activation_cache, run_dir), "trainer.resume=auto"],
-                              tmp_path, log)
-    wait_until(lambda: newest_state_step(run_dir) > killed_at, process, log)
-    signal_job(process, signal.SIGTERM)
-    wait_for_job(process, run_dir)
-    output = log.read_text()
-    assert f"resumed from {run_dir / TRAINING_STATES_DIR / f'step_{killed_at:07d}'}" in output
-    stopped = re.search(r"stopped by SIGTERM at step (\d+); training state saved", output)
-    assert stopped, output[-4000:]
-    assert newest_state_step(run_dir) == int(stopped.group(1)) < 64
-    assert not (run_dir / DICTIONARY_DIR).exists()
-
-    launch("cpu_2proc_zero2.yaml", [*resume_overrides(toy_cache, activation_cache, run_dir), "trainer.resume=auto"],
-           tmp_path)
-    resumed, _ = load_dictionary(run_dir / DICTIONARY_DIR)
-    uninterrupted, _ = load_dictionary(reference / DICTIONARY_DIR)
-    for name, tensor in uninterrupted.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], tensor), f"{name} differs from the uninterrupted run"
-    run_ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1, run_ids
 
 
 def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, toy_cache: Path,

@@ -89,9 +89,10 @@ def unsupported_reason(meta: DictionaryMeta) -> str | None:
     return None
 
 
-def run_config_of(meta: DictionaryMeta) -> RunConfig:
-    """The training run's RunConfig, rebuilt from `meta.training`; ConfigError when it cannot give tokens."""
-    reason = unsupported_reason(meta)
+def run_config_of(meta: DictionaryMeta, need_text: bool = True) -> RunConfig:
+    """The training run's RunConfig, rebuilt from `meta.training`; ConfigError when it cannot give tokens (with
+    `need_text`) or holds no run configuration."""
+    reason = unsupported_reason(meta) if need_text or not isinstance(meta.training.get("sources"), dict) else None
     if reason is not None:
         raise ConfigError(reason)
     try:  # output_dir defaults to "" so a config saved without it is not MISSING
@@ -101,11 +102,12 @@ def run_config_of(meta: DictionaryMeta) -> RunConfig:
         raise ConfigError(f"the dictionary's run configuration does not fit RunConfig: {error}") from error
 
 
-def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print) -> tuple[RunConfig, SourceInfo]:
+def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print, need_text: bool = True
+                       ) -> tuple[RunConfig, SourceInfo]:
     """The run configuration of an exported dictionary and its snapshots described again, refused (ConfigError)
     unless they are the snapshots it was trained on: the same names and width, and the same weights where the
     export recorded their fingerprints."""
-    cfg = run_config_of(meta)
+    cfg = run_config_of(meta, need_text)
     info = describe_sources(cfg.sources, log=log)
     names = [spec.name for spec in info.specs]
     if names != meta.source_names or info.d_model != meta.d_model:

@@ -3,7 +3,9 @@
 - planted sources (`sources.kind=planted`): fresh draws from the planted problem, from a generator seeded apart
   from the training stream's blocks, so they are held out;
 - snapshots that read text (hf, toy): every snapshot re-run inline (no workers) on the run's own token stream,
-  as the top contexts do (`contexts.run_config_of`), valid (non-BOS, non-padding) tokens only.
+  as the top contexts do (`contexts.run_config_of`), valid (non-BOS, non-padding) tokens only;
+- activation files (`sources.kind=files`): the folder's first rows, re-read (not held out: the files are all
+  there is), once its fingerprint shows it still holds what the run trained on.
 
 Batches are raw activations [B, S, d], what an exported (folded) dictionary takes.
 """
@@ -36,7 +38,7 @@ def has_activations(meta: DictionaryMeta) -> str | None:
     if sources.get("kind") == "planted":
         return None
     try:
-        run_config_of(meta)
+        run_config_of(meta, need_text=sources.get("kind") != "files")
     except ConfigError as error:
         return str(error)
     return None
@@ -77,6 +79,21 @@ def snapshot_batches(meta: DictionaryMeta, n_tokens: int, device: torch.device,
         raise ConfigError(f"the token stream (data.kind={cfg.data.kind!r}) gave no tokens")
 
 
+def file_batches(meta: DictionaryMeta, n_tokens: int, log: Callable[[str], None] = print) -> Iterator[torch.Tensor]:
+    """The first `n_tokens` rows of the activation files the dictionary was trained on (`sources.kind=files`),
+    refused (ConfigError) unless the folder still holds the files it was trained on (their fingerprint)."""
+    from crosscoder.data.files import FileActivations
+
+    cfg, _ = dictionary_sources(meta, log, need_text=False)
+    seen = 0
+    for block in FileActivations(cfg.sources).iter_blocks():
+        keep = min(block.activations.shape[0], n_tokens - seen)
+        yield block.activations[:keep]
+        seen += keep
+        if seen >= n_tokens:
+            return
+
+
 def activation_batches(meta: DictionaryMeta, n_tokens: int, device: str | torch.device = "cpu",
                        log: Callable[[str], None] = print) -> Iterator[torch.Tensor]:
     """Raw activation batches [B, S, d] for the dictionary described by `meta` (module docstring); ConfigError
@@ -86,6 +103,9 @@ def activation_batches(meta: DictionaryMeta, n_tokens: int, device: str | torch.
     reason = has_activations(meta)
     if reason is not None:
         raise ConfigError(reason)
-    if meta.training["sources"].get("kind") == "planted":
+    kind = meta.training["sources"].get("kind")
+    if kind == "planted":
         return planted_batches(meta, n_tokens)
+    if kind == "files":
+        return file_batches(meta, n_tokens, log)
     return snapshot_batches(meta, n_tokens, torch.device(device), log)

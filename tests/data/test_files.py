@@ -296,3 +296,12 @@ def test_a_crosscoder_trains_end_to_end_from_a_folder_of_files(
     _, meta = load_dictionary(result.dictionary_dir)
     assert meta.source_names == NAMES and meta.source_positions == [0, 2, 4] and meta.source_axis == "layer"
     assert meta.hook == "resid_pre"
+    if fmt == "npy":
+        return
+    # The analysis re-reads the files for latent scaling (they are where the activations live) and reads layers.
+    from crosscoder.analysis.cli import main as analyze_main
+
+    analyze_main([str(result.dictionary_dir), "--scaling-tokens", "1024", "--contexts", "0"])
+    summary = json.loads((result.dictionary_dir / "analysis" / "summary.json").read_text())
+    assert "latent_scaling" in summary
+    assert "<h2>Per layer</h2>" in (result.dictionary_dir / "analysis" / "report.html").read_text()
