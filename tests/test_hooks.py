@@ -205,3 +205,26 @@ def test_a_cross_layer_crosscoder_trains_end_to_end_and_its_report_reads_layers(
     assert report.evolution.axis == "layer" and report.evolution.steps == [0, 1]
     html = report.report.read_text()
     assert "<h2>Per layer</h2>" in html and "first layer with n" in html
+
+
+def test_a_cache_of_several_hooks_trains_and_refuses_other_hooks(tiny_snapshots: list, toy_cache: Path,
+                                                                  tmp_path: Path, clean_process_env: None) -> None:
+    """`crosscoder-cache` of two hooks of two snapshots (4 sources, one forward per snapshot), then training on
+    it; the same cache for another hook list is refused, naming the hooks."""
+    from crosscoder.build_cache import build_cache
+    from crosscoder.data.cache import read_manifest
+
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.sources.kind, cfg.sources.paths = "hf", [str(snapshot.path) for snapshot in tiny_snapshots[1:]]
+    cfg.sources.hooks = ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_pre"]
+    cfg.data.cache.dir, cfg.data.workers.num_workers, cfg.trainer.total_tokens = str(tmp_path / "acts"), 0, 128 * 10
+    build_cache(cfg, log=lambda _: None)
+    names = [source["name"] for source in read_manifest(tmp_path / "acts").identity["sources"]]
+    assert names == ["step4:blocks.0.hook_mlp_out", "step4:blocks.1.hook_resid_pre", "step12:blocks.0.hook_mlp_out",
+                     "step12:blocks.1.hook_resid_pre"]
+    result = train(cfg)
+    _, meta = load_dictionary(result.dictionary_dir)
+    assert meta.source_names == names and meta.source_axis == "source"
+    cfg.output_dir, cfg.sources.hooks = str(tmp_path / "other"), ["blocks.0.hook_attn_out", "blocks.1.hook_resid_pre"]
+    with pytest.raises(ConfigError, match=r"snapshot 0 has name='step4:blocks.0.hook_mlp_out' in the cache"):
+        train(cfg)
