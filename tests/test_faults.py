@@ -33,8 +33,8 @@ from tests.conftest import PROCESS_ENV
 from tests.launching import REPO, run, tiny_overrides, wait_until
 from tests.test_trainer import tiny_run_config
 
-LONG_RUN = ["trainer.total_tokens=6400", "trainer.state_every=5", "trainer.log_every=10"]
-"""50 steps, a training state every 5: long enough to fault in the middle."""
+LONG_RUN = ["trainer.total_tokens=6400", "trainer.state_every=5", "trainer.log_every=10", "tracking=disabled"]
+"""50 steps, a training state every 5: long enough to fault in the middle (W&B is not what these tests check)."""
 
 
 def train_command(*overrides: str) -> list[str]:
@@ -180,7 +180,7 @@ def test_a_full_disk_stops_at_the_save_naming_it_and_keeps_the_last_state(
     """The run directory's disk fills up mid-run: the next training-state save fails with one line saying the
     disk is full and which state is the last complete one (exit 2); after freeing space, resuming finishes."""
     run_dir, log = tmpfs("16m") / "run", tmp_path / "run.log"
-    overrides = [*tiny_overrides(toy_cache), *LONG_RUN, "tracking=disabled"]
+    overrides = [*tiny_overrides(toy_cache), *LONG_RUN]
     job = start(train_command(*overrides, f"hydra.run.dir={run_dir}"), tmp_path, log)
     wait_until(lambda: bool(states(run_dir)), job, log)
     filler = run_dir.parent / "filler"
@@ -314,7 +314,8 @@ def test_crosscoder_analyze_into_a_read_only_folder_is_one_line(activation_cache
                       f"hydra.run.dir={run_dir}"), tmp_path)
     read_only = tmpfs(read_only=True)
     result = run([sys.executable, "-m", "crosscoder.analysis.cli", str(run_dir / DICTIONARY_DIR),
-                  "--out", str(read_only / "report")], tmp_path, returncode=2)
+                  "--out", str(read_only / "report"), "--contexts", "0", "--scaling-tokens", "0"],
+                 tmp_path, returncode=2)  # the replays only delay the write that fails
     assert last_line_of(result, "crosscoder-analyze:").endswith("the file system is read-only ([Errno 30] "
                                                                 "Read-only file system)")
 

@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
-from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
+from crosscoder.constants import (
+    CHECKPOINTS_DIR,
+    DICTIONARY_DIR,
+    RUN_SUMMARY_FILE,
+    STREAM_POSITION_FILE,
+    TRAINING_STATES_DIR,
+)
 from tests.launching import (
     REPO,
     check_sweep,
@@ -42,13 +48,15 @@ QUIET = ["tracking=disabled", "tracking.log_analysis=false"]  # W&B and the anal
 # name: (launch config or None for one plain process, processes, snapshot ranks)
 LAYOUTS = {
     "1 rank": (None, None, 1),
+    "2 data ranks": ("cpu_2proc_zero2.yaml", 2, 1),
     "2 snapshot ranks": ("cpu_2proc_zero2.yaml", 2, 2),
     "2x2 ZeRO-3": ("cpu_2proc_zero3.yaml", 4, 2),
 }
 # Each launch costs 15-60 s of CI on 2 cores: 2x2 under ZeRO-2 runs in the kill-and-resume test, and TopK /
 # BatchTopK selection across a snapshot group is held to one rank's gradients by tests/test_layout.py (2 gloo
 # processes, in-process), so only ReLU and the independent dictionaries launch here.
-RUNS = {"relu": ("1 rank", "2 snapshot ranks", "2x2 ZeRO-3"), "independent": ("1 rank", "2 snapshot ranks")}
+RUNS = {"relu": ("1 rank", "2 data ranks", "2 snapshot ranks", "2x2 ZeRO-3"),
+        "independent": ("1 rank", "2 snapshot ranks")}
 GROUPS = {"independent": ["crosscoder=topk", "method=independent"]}  # one TopK dictionary per snapshot
 
 
@@ -76,12 +84,31 @@ def layout_runs(activation_cache: Path, toy_cache: Path, tmp_path_factory: pytes
     return runs
 
 
-def _max_differences(reference: Path, other: Path) -> dict[str, float]:
-    ref, _ = load_dictionary(reference / DICTIONARY_DIR)
-    got, _ = load_dictionary(other / DICTIONARY_DIR)
+def _max_differences(reference: Path, other: Path, export: str = DICTIONARY_DIR) -> dict[str, float]:
+    ref, _ = load_dictionary(reference / export)
+    got, _ = load_dictionary(other / export)
     assert got.W_dec.shape == ref.W_dec.shape == (64, 3, 32)
     return {name: (got.state_dict()[name].float() - tensor.float()).abs().max().item()
             for name, tensor in ref.state_dict().items() if tensor.dtype.is_floating_point}
+
+
+def test_two_data_ranks_reach_the_one_rank_weights(layout_runs: dict[tuple[str, str], Path]) -> None:
+    """Same seed, same global batches (the cache read in global batch order), fp32: 1 rank and 2 data ranks under
+    ZeRO-2 reach the same weights, at the step-4 checkpoint and at the end; each rank's stream position is its own.
+
+    Tolerance: only float32 summation order differs. One rank averages the gradient over the whole batch at
+    once; two ranks each average half and all-reduce the two means; the input scale is the all-reduced mean of
+    the per-rank squared norms. That perturbs a gradient by float32 rounding (~1e-7 relative) per step, and where
+    a gradient element nearly cancels Adam's normalised update amplifies it (and the clip, acting every step,
+    passes it on). We allow 3e-5 on W_enc and 1e-6 elsewhere, as for the snapshot split. A real difference is far
+    larger: an LR schedule stepped once per rank (an accelerate default this test caught) gave 0.13."""
+    reference, split = layout_runs["relu", "1 rank"], layout_runs["relu", "2 data ranks"]
+    for export in (DICTIONARY_DIR, f"{CHECKPOINTS_DIR}/step_0000004"):
+        differences = _max_differences(reference, split, export)
+        assert differences["W_enc"] <= 3e-5, (export, differences)
+        assert max(v for k, v in differences.items() if k != "W_enc") <= 1e-6, (export, differences)
+    positions = json.loads((split / DICTIONARY_DIR / STREAM_POSITION_FILE).read_text())
+    assert [(p["kind"], p["rank"]) for p in positions] == [("cache", 0), ("cache", 1)]
 
 
 def test_relu_split_by_snapshot_and_by_data_and_snapshot_reaches_the_one_rank_weights(
@@ -211,3 +238,23 @@ def test_four_ranks_killed_then_preempted_resume_to_the_uninterrupted_weights(ac
         assert torch.equal(resumed.state_dict()[name], tensor), f"{name} differs from the uninterrupted run"
     run_ids = {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3 and len(run_ids) == 1, run_ids
+
+
+def test_layers_of_one_snapshot_split_across_two_snapshot_ranks(toy_cache: Path, tiny_snapshots: list,
+                                                                tmp_path: Path) -> None:
+    """Three hooks of one snapshot as the sources, snapshot_parallel=2 online: the shares (2 + 1 sources) cut
+    through the snapshot, so each rank's worker loads it and reads only its own hooks; the token check holds,
+    and the export has all three layers on the layer axis."""
+    run_dir = tmp_path / "run"
+    hooks = "[blocks.0.hook_resid_post,blocks.1.hook_attn_out,blocks.1.hook_resid_post]"
+    result = launch("cpu_2proc_zero2.yaml", [*tiny_overrides(toy_cache), SPLIT, *QUIET, "sources.kind=hf",
+                                             f"sources.paths=[{tiny_snapshots[-1].path}]", f"sources.hooks={hooks}",
+                                             f"hydra.run.dir={run_dir}"], tmp_path)
+    assert "(1 data x 2 snapshot rank(s), 1/2 snapshot(s) each)" in result.stdout
+    summary = json.loads((run_dir / RUN_SUMMARY_FILE).read_text())
+    assert summary["snapshots_loaded_per_rank"] == [["step12"], ["step12"]]
+    assert summary["layout"]["shares"] == [["blocks.0.hook_resid_post", "blocks.1.hook_attn_out"],
+                                           ["blocks.1.hook_resid_post"]]
+    model, meta = load_dictionary(run_dir / DICTIONARY_DIR)
+    assert model.W_dec.shape == (64, 3, 32) and meta.source_axis == "hook"
+    assert torch.isfinite(model.W_dec).all()
