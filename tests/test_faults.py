@@ -35,6 +35,9 @@ from tests.test_trainer import tiny_run_config
 
 LONG_RUN = ["trainer.total_tokens=6400", "trainer.state_every=5", "trainer.log_every=10", "tracking=disabled"]
 """50 steps, a training state every 5: long enough to fault in the middle (W&B is not what these tests check)."""
+INLINE = "data.workers.num_workers=0"
+"""The snapshots run in the trainer process: for the tests whose subject is not the workers (a spawned worker
+costs a launch ~6 s on 2 cores)."""
 
 
 def train_command(*overrides: str) -> list[str]:
@@ -117,7 +120,7 @@ def test_a_diverging_run_stops_before_the_update_and_exports_nothing(tiny_snapsh
     exit 1, no dictionary and no summary (an untrained or NaN dictionary is never exported as if complete)."""
     run_dir = tmp_path / "run"
     result = run(train_command(*tiny_overrides(toy_cache), "trainer.lr=1e36", "trainer.lr_warmup_steps=0",
-                               "trainer.grad_clip=0", f"hydra.run.dir={run_dir}"), tmp_path, returncode=1)
+                               "trainer.grad_clip=0", INLINE, f"hydra.run.dir={run_dir}"), tmp_path, returncode=1)
     assert re.fullmatch(r"crosscoder: the loss became NaN/inf at step \d+: the crosscoder diverged .*nothing exported",
                         last_line(result))
     assert "Traceback" not in result.stderr
@@ -180,7 +183,7 @@ def test_a_full_disk_stops_at_the_save_naming_it_and_keeps_the_last_state(
     """The run directory's disk fills up mid-run: the next training-state save fails with one line saying the
     disk is full and which state is the last complete one (exit 2); after freeing space, resuming finishes."""
     run_dir, log = tmpfs("16m") / "run", tmp_path / "run.log"
-    overrides = [*tiny_overrides(toy_cache), *LONG_RUN]
+    overrides = [*tiny_overrides(toy_cache), *LONG_RUN, INLINE]
     job = start(train_command(*overrides, f"hydra.run.dir={run_dir}"), tmp_path, log)
     wait_until(lambda: bool(states(run_dir)), job, log)
     filler = run_dir.parent / "filler"

@@ -193,6 +193,7 @@ def test_snapshot_ranks_reading_different_tokens_stop_before_training_on_them(to
     one line naming the group and the step (the launcher then exits 1), and nothing is exported."""
     run_dir = tmp_path / "run"
     result = launch("cpu_2proc_zero2.yaml", [*tiny_overrides(toy_cache), SPLIT, *QUIET, "data.seed='${oc.env:RANK}'",
+                                             "data.workers.num_workers=0",
                                              f"hydra.run.dir={run_dir}"], tmp_path, returncode=1)
     message = "crosscoder: the ranks of snapshot group(s) [0] (data index) trained on different tokens at step 0"
     assert result.stderr.count(message) == 2, result.stderr[-4000:]  # both ranks, one line each
@@ -242,12 +243,13 @@ def test_four_ranks_killed_then_preempted_resume_to_the_uninterrupted_weights(ac
 
 def test_layers_of_one_snapshot_split_across_two_snapshot_ranks(toy_cache: Path, tiny_snapshots: list,
                                                                 tmp_path: Path) -> None:
-    """Three hooks of one snapshot as the sources, snapshot_parallel=2 online: the shares (2 + 1 sources) cut
-    through the snapshot, so each rank's worker loads it and reads only its own hooks; the token check holds,
-    and the export has all three layers on the layer axis."""
+    """Three hooks of one snapshot as the sources, snapshot_parallel=2 online (inline runners): the shares (2 + 1
+    sources) cut through the snapshot, so each rank loads it and reads only its own hooks; the token check holds,
+    and the export has all three sources."""
     run_dir = tmp_path / "run"
     hooks = "[blocks.0.hook_resid_post,blocks.1.hook_attn_out,blocks.1.hook_resid_post]"
     result = launch("cpu_2proc_zero2.yaml", [*tiny_overrides(toy_cache), SPLIT, *QUIET, "sources.kind=hf",
+                                             "data.workers.num_workers=0",
                                              f"sources.paths=[{tiny_snapshots[-1].path}]", f"sources.hooks={hooks}",
                                              f"hydra.run.dir={run_dir}"], tmp_path)
     assert "(1 data x 2 snapshot rank(s), 1/2 snapshot(s) each)" in result.stdout
