@@ -125,8 +125,9 @@ def check_names_and_order(specs: list[SnapshotSpec]) -> None:
     for spec in specs:
         if spec.name in seen:
             raise ConfigError(
-                f"snapshots {_describe(seen[spec.name])} and {_describe(spec)} are both named {spec.name!r}: their "
-                "metrics and decoder norms would overwrite each other; give the snapshot directories distinct names"
+                f"snapshots {describe_snapshot(seen[spec.name])} and {describe_snapshot(spec)} are both named "
+                f"{spec.name!r}: their metrics and decoder norms would overwrite each other; give the snapshot "
+                "directories distinct names"
             )
         seen[spec.name] = spec
     steps = [spec.step for spec in specs]
@@ -183,7 +184,7 @@ def load_tokenizer(spec: SnapshotSpec, trust_remote_code: bool = False):  # noqa
     try:
         return AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:  # ValueError: a directory without (usable) tokenizer files
-        raise ConfigError(f"cannot load the tokenizer of snapshot {_describe(spec)}: {error}") from error
+        raise ConfigError(f"cannot load the tokenizer of snapshot {describe_snapshot(spec)}: {error}") from error
 
 
 def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote_code: bool = False,
@@ -203,7 +204,7 @@ def load_snapshot_model(spec: SnapshotSpec, dtype: str = "float32", trust_remote
             spec.path, revision=spec.revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:  # ValueError: a config.json transformers does not recognise
-        raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
+        raise ConfigError(f"cannot load snapshot {describe_snapshot(spec)}: {error}") from error
     model.eval().requires_grad_(False)
     check_finite_parameters(model, spec)
     return model
@@ -220,13 +221,12 @@ def check_finite_parameters(model: nn.Module, spec: SnapshotSpec) -> None:
             bad = ~torch.isfinite(parameter)
             if bad.any():
                 raise ConfigError(
-                    f"snapshot {spec.name!r} ({_describe(spec)}) has non-finite weights: parameter {name!r} holds "
-                    f"{int(bad.sum())} NaN/inf values of {parameter.numel()}; the checkpoint is corrupt or its "
+                    f"snapshot {spec.name!r} ({describe_snapshot(spec)}) has non-finite weights: parameter {name!r} "
+                    f"holds {int(bad.sum())} NaN/inf values of {parameter.numel()}; the checkpoint is corrupt or its "
                     "training diverged"
                 )
 
 
-_describe = describe_snapshot
 
 
 def check_same_tokenizer(tokenizers: list, specs: list[SnapshotSpec]) -> None:
@@ -238,7 +238,7 @@ def check_same_tokenizer(tokenizers: list, specs: list[SnapshotSpec]) -> None:
     for tok, spec in zip(tokenizers[1:], specs[1:], strict=True):
         if signature(tok) != reference:
             raise ConfigError(
-                f"snapshot {_describe(spec)} has a different tokenizer from {_describe(specs[0])}; "
+                f"snapshot {describe_snapshot(spec)} has a different tokenizer from {describe_snapshot(specs[0])}; "
                 "all snapshots must share one tokenizer so they read the same tokens"
             )
 
@@ -270,7 +270,7 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
     try:
         return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load snapshot {_describe(spec)}: {error}") from error
+        raise ConfigError(f"cannot load snapshot {describe_snapshot(spec)}: {error}") from error
 
 
 def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
@@ -322,7 +322,7 @@ def describe_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> 
         width = int(model_config.hidden_size)
         if widths and width != widths[0]:
             raise ConfigError(
-                f"snapshot {_describe(spec)} has width {width}, but {_describe(specs[0])} has "
+                f"snapshot {describe_snapshot(spec)} has width {width}, but {describe_snapshot(specs[0])} has "
                 f"{widths[0]}; all snapshots must share one width"
             )
         _check_hooks(cfg, model_config, spec)
