@@ -51,10 +51,10 @@ def main() -> None:
         walls[name] = _run([sys.executable, "-m", "crosscoder.train", "crosscoder=topk", *overrides,
                             f"trainer.total_tokens={args.tokens}", f"hydra.run.dir={run_dir}", *args.overrides])
     aligned = out / "independent" / "dictionary_sae_match"
-    _run([sys.executable, "-m", "crosscoder.analysis.match_cli", str(out / "independent" / "dictionary"),
+    _run([sys.executable, "-m", "crosscoder.cli.match", str(out / "independent" / "dictionary"),
           "--out", str(aligned)])
     inputs = [out / "crosscoder" / "dictionary", aligned, out / "sae_track" / "dictionary"]
-    _run([sys.executable, "-m", "crosscoder.analysis.compare_cli", *map(str, inputs), "--names", "crosscoder",
+    _run([sys.executable, "-m", "crosscoder.cli.compare", *map(str, inputs), "--names", "crosscoder",
           "independent+match", "sae_track", "--out", str(out / "compare")])
     figures = json.loads((out / "compare" / "compare.json").read_text())
     for name, seconds in walls.items():

@@ -2,7 +2,7 @@
 group (conf/crosscoder/<family>.yaml) trains on the 8 toy snapshots through the real trainer, the other families'
 L0 knob (KNOBS: lambda, or the shared gate's initial threshold) searched until their L0 is within --tolerance of
 --target-l0 (TopK and BatchTopK get it by construction: k = the target), and each chosen dictionary is judged by
-the spliced-in LM loss per snapshot (crosscoder.evaluation) on held-out tokens.
+the spliced-in LM loss per snapshot (crosscoder.evaluation.spliced) on held-out tokens.
 
     python bench/family_comparison.py                       # all five families, L0 16, 300k tokens each
     python bench/family_comparison.py --families relu,topk --tokens 200000
@@ -61,7 +61,7 @@ def run_config(family: str, overrides: list[str], out_dir: Path):  # noqa: ANN20
 
 def train_once(family: str, sparsity: float, tokens: int, root: Path, knob: str | None = None) -> Run:
     from crosscoder.constants import RUN_SUMMARY_FILE
-    from crosscoder.trainer import train
+    from crosscoder.training.trainer import train
 
     key = knob or KNOBS[family]
     value = int(sparsity) if key == "crosscoder.k" else sparsity
@@ -106,8 +106,8 @@ def matched_run(family: str, target_l0: float, tolerance: float, tokens: int, ro
 
 def finished_run(run_dir: Path) -> Run:
     """A run this script (or crosscoder-train) finished earlier: its summary, family and knob value."""
-    from crosscoder.checkpoint import read_meta
     from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE
+    from crosscoder.dictionary.io import read_meta
 
     summary = json.loads((run_dir / RUN_SUMMARY_FILE).read_text())
     meta = read_meta(run_dir / DICTIONARY_DIR)
@@ -125,7 +125,7 @@ def _mean(values: list[float]) -> float:
 
 
 def report(runs: list[Run], eval_tokens: int, target_l0: float) -> None:
-    from crosscoder.evaluation import evaluate_dictionary
+    from crosscoder.evaluation.spliced import evaluate_dictionary
 
     rows = []
     for run in runs:

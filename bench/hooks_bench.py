@@ -22,7 +22,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaModel
 
 from crosscoder.config import HookPoint
-from crosscoder.hooks import SnapshotRunner
+from crosscoder.sources.hooks import SnapshotRunner
 
 
 def _model(layout: str, width: int, layers: int) -> torch.nn.Module:

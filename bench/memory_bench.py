@@ -30,7 +30,7 @@ Per rank and step it also counts:
   data group       DeepSpeed's comms logger (deepspeed.comm; the snapshot reduction uses torch.distributed and
                    is not in it): message bytes per collective, the gradient reduction against
                    scale_plan.data_parallel_grad_bytes, the ring link bytes against scale_plan.data_group_link_bytes
-  snapshot models  the parameter bytes of the snapshots crosscoder.sources.load_runners loads for the rank's share
+  snapshot models  the parameter bytes of the snapshots crosscoder.sources.models.load_runners loads for the rank's share
                    (what each activation worker loads; the embedded toy GPT-NeoX, d=64, built here in seconds),
                    against |S_j| x scale_plan.BaseModel.params() x 4
 """
@@ -101,7 +101,7 @@ def _model_bytes(args: argparse.Namespace, share: range) -> dict[str, int]:
     """Load the rank's share of the toy snapshots as an activation worker does; count their parameter bytes."""
     import torch
 
-    from crosscoder.sources import load_runners, resolve_snapshots
+    from crosscoder.sources.models import load_runners, resolve_snapshots
 
     specs = resolve_snapshots(_toy_sources(args.toy_cache), log=lambda *_: None)  # the driver built them
     runners = load_runners(_toy_sources(args.toy_cache), specs[share.start : share.stop], torch.device("cpu"))
@@ -141,15 +141,15 @@ def measure_job(args: argparse.Namespace, stage: int, activation: str) -> tuple[
     import torch
 
     from crosscoder.config import RunConfig
-    from crosscoder.layout import build_layout, check_layout
-    from crosscoder.model import Crosscoder
-    from crosscoder.parallel import (
+    from crosscoder.dictionary.crosscoder import Crosscoder
+    from crosscoder.parallel.engine import (
         build_accelerator,
         ensure_process_group_env,
         partitioned_init,
         teardown,
         with_model_parallel_unit,
     )
+    from crosscoder.parallel.layout import build_layout, check_layout
 
     ensure_process_group_env()
     world_size = int(os.environ["WORLD_SIZE"])
@@ -236,7 +236,7 @@ def measure_job(args: argparse.Namespace, stage: int, activation: str) -> tuple[
 def _launch(args: argparse.Namespace, scratch: Path, dp: int, sp: int, jobs: list[tuple[int, str]],
             models: bool) -> tuple[list[dict], list[dict]]:
     """One `accelerate launch` of dp x sp ranks running `jobs` in turn: (job rows, model rows)."""
-    from crosscoder.parallel import free_port
+    from crosscoder.parallel.engine import free_port
 
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -311,7 +311,7 @@ def memory_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
 
 
 def snapshot_comm_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
-    from crosscoder.activations import ACTIVATIONS
+    from crosscoder.dictionary.activations import ACTIVATIONS
 
     lines = ["snapshot-group all-reduce per rank per step: layout.reduction.bytes_reduced, measured (formula: "
              "scale_plan.snapshot_allreduce_bytes(b, F, 4, ranks_by_decoder_norm, sp, active_per_token=k "
@@ -398,7 +398,7 @@ def model_table(rows: list[dict]) -> list[str]:
 
 
 def drive(args: argparse.Namespace) -> None:
-    from crosscoder.sources import resolve_snapshots
+    from crosscoder.sources.models import resolve_snapshots
 
     layouts = [tuple(int(n) for n in item.strip().split("x")) for item in args.layouts.split(",")]
     stages = [int(stage) for stage in args.stages.split(",")]

@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     sys.path.insert(0, str(REPO))
-    from crosscoder.analysis.planted import planted_config, planted_recovery
-    from crosscoder.analysis.sae_match import write_matched_stack
-    from crosscoder.analysis.stack_report import stack_planted_recovery
-    from crosscoder.sae_track import train_sae_track
-    from crosscoder.stack import load_stack_decoders, read_stack
-    from crosscoder.toy.planted import planted_truth
+    from crosscoder.analysis.alignment.sae_match import write_matched_stack
+    from crosscoder.analysis.features.planted import planted_config, planted_recovery
+    from crosscoder.analysis.report.stack import stack_planted_recovery
+    from crosscoder.data.planted import planted_truth
+    from crosscoder.dictionary.stack import load_stack_decoders, read_stack
+    from crosscoder.training.sae_track import train_sae_track
     from tests.analysis.test_planted_recovery import _per_snapshot_recovered, _train_clean, family_run_config
 
     root = Path(tempfile.mkdtemp(prefix="stack_methods_"))

@@ -20,11 +20,11 @@ Rows of one configuration (B tokens x S snapshots x d, F latents, k):
              encoder weight gradient, decoder forward, decoder input and weight gradients: 0.2 of the bound at
              best); a sparse TopK step only the encoder forward over all F latents.
   reference  `Reference` below, a dense crosscoder step written here: the project's loss. Every row steps the
-             trainer's Adam (crosscoder.schedules.adam: fused where the kernel exists).
-  module     crosscoder.model.Crosscoder(...)(x, l1_coeff, dead_mask).loss.backward(), Adam. TopK / BatchTopK
+             trainer's Adam (crosscoder.training.schedules.adam: fused where the kernel exists).
+  module     crosscoder.dictionary.crosscoder.Crosscoder(...)(x, l1_coeff, dead_mask).loss.backward(), Adam. TopK / BatchTopK
              with `sparse_topk=False` (dense) and `=True` (sparse; "n/a" while the keyword does not exist),
              without AuxK (dead_mask=None) and with AuxK (`--dead` of the latents dead, aux_k = d/2).
-  trainer    the trainer's step on one rank (crosscoder.trainer.TrainingRun._step without the stream): the
+  trainer    the trainer's step on one rank (crosscoder.training.trainer.TrainingRun._step without the stream): the
              accelerate + DeepSpeed engine of build_accelerator (the trainer's stage: ZeRO-0 on one rank; the
              "ZeRO-2" row forces stage 2, which shards nothing on one rank: its cost over the ZeRO-0 row is the
              engine's own), the fired-latents + health reduction,
@@ -108,7 +108,7 @@ def _reference_class():  # noqa: ANN202 (torch is imported in the row processes 
 
     class Reference(nn.Module):
         """A dense crosscoder step written plainly: x normalised once, no copies of [B, F] or [B, S, d] it can
-        avoid; the loss of crosscoder.model.Crosscoder.forward without AuxK."""
+        avoid; the loss of crosscoder.dictionary.crosscoder.Crosscoder.forward without AuxK."""
 
         def __init__(self, n_sources: int, d_model: int, dict_size: int, activation: str, k: int,
                      scale: torch.Tensor) -> None:
@@ -155,7 +155,7 @@ def _inputs(spec: dict):  # noqa: ANN202
 
 
 def _has_sparse_topk() -> bool:
-    from crosscoder.model import Crosscoder
+    from crosscoder.dictionary.crosscoder import Crosscoder
 
     return "sparse_topk" in inspect.signature(Crosscoder.__init__).parameters
 
@@ -163,7 +163,7 @@ def _has_sparse_topk() -> bool:
 def _module(spec: dict, scale, **extra):  # noqa: ANN001, ANN202
     import torch
 
-    from crosscoder.model import Crosscoder
+    from crosscoder.dictionary.crosscoder import Crosscoder
 
     kwargs = dict(extra)
     if spec.get("sparse") is not None and _has_sparse_topk():  # without the keyword the module is dense
@@ -180,7 +180,7 @@ def _adam(parameters, lr: float, betas: tuple[float, float]):  # noqa: ANN001, A
     import torch
 
     try:
-        from crosscoder.schedules import adam
+        from crosscoder.training.schedules import adam
     except ImportError:  # a version from before the fused Adam
         return torch.optim.Adam(parameters, lr=lr, betas=betas)
     return adam(parameters, lr=lr, betas=betas)
@@ -230,11 +230,11 @@ def _trainer_step(spec: dict):  # noqa: ANN202
     import torch
 
     from crosscoder.config import RunConfig
-    from crosscoder.faults import local_health, read_health
-    from crosscoder.layout import build_layout
-    from crosscoder.metrics import DeadLatentTracker, fired_latents
-    from crosscoder.parallel import build_accelerator, teardown, with_model_parallel_unit
-    from crosscoder.schedules import l1_coefficient, lr_multiplier
+    from crosscoder.parallel.engine import build_accelerator, teardown, with_model_parallel_unit
+    from crosscoder.parallel.layout import build_layout
+    from crosscoder.training.health import local_health, read_health
+    from crosscoder.training.metrics import DeadLatentTracker, fired_latents
+    from crosscoder.training.schedules import l1_coefficient, lr_multiplier
 
     cfg = RunConfig(output_dir=tempfile.mkdtemp(prefix="step_bench_"))
     cfg.deepspeed.zero_stage = spec.get("zero_stage")  # None: the trainer's own choice (ZeRO-0 on one rank)
@@ -338,9 +338,9 @@ def run_row(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     result: dict = {"load_start": os.getloadavg()[0]}
     if spec["kind"] in ("module", "trainer", "check"):
-        import crosscoder.model
+        import crosscoder.dictionary.crosscoder
 
-        root = Path(crosscoder.model.__file__).parent.parent  # the copy the driver took, or the working tree
+        root = Path(crosscoder.dictionary.crosscoder.__file__).parent.parent  # the copy the driver took, or the working tree
         result["sources"] = _digests(root)
     if spec.get("sparse") and not _has_sparse_topk():
         return {**result, "na": "n/a (not implemented)"}

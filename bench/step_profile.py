@@ -29,8 +29,8 @@ def main() -> None:
     import torch
     from torch.profiler import profile
 
-    from crosscoder.model import Crosscoder
-    from crosscoder.schedules import adam
+    from crosscoder.dictionary.crosscoder import Crosscoder
+    from crosscoder.training.schedules import adam
 
     torch.set_num_threads(args.threads)
     batch, sources, d_model, dict_size, k = (int(v) for v in args.size.split("x"))

@@ -36,11 +36,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from crosscoder.build_cache import build_cache  # noqa: E402
+from crosscoder.cli.cache import build_cache  # noqa: E402
 from crosscoder.config import RunConfig  # noqa: E402
 from crosscoder.data.stream import online_block_source  # noqa: E402
-from crosscoder.sources import describe_sources  # noqa: E402
-from crosscoder.trainer import train  # noqa: E402
+from crosscoder.data.kinds import describe_sources
+from crosscoder.training.trainer import train  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
     "default": ["trainer.total_tokens=204800"],
@@ -65,7 +65,7 @@ def compose(overrides: list[str]) -> RunConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from crosscoder.train import CONF_DIR
+    from crosscoder.cli.train import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=[*overrides, "output_dir=unused"])

@@ -4,7 +4,7 @@
     python bench/topk_gradient_bench.py --dict-size 32768 --batch 2048
 
 Two processes form one snapshot group (snapshot_parallel=2, one snapshot each) and time forward + backward of
-the split crosscoder (crosscoder.model with crosscoder.layout's reduction, Adam step included), alternating dense
+the split crosscoder (crosscoder.dictionary.crosscoder with crosscoder.parallel.layout's reduction, Adam step included), alternating dense
 and sparse rounds in the same run so both see the same machine. It also counts the bytes each all-reduces per
 step and checks that both give the same gradients.
 """
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crosscoder.layout import build_layout
-from crosscoder.model import Crosscoder
-from crosscoder.parallel import free_port
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.parallel.engine import free_port
+from crosscoder.parallel.layout import build_layout
 
 
 def _steps(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,

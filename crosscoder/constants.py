@@ -27,7 +27,7 @@ CACHE_FORMAT_VERSION = 2
 STREAM_POSITION_FILE = "stream_position.json"
 """Per-rank activation stream positions saved with each checkpoint, so a resumed run sees no token twice."""
 EVAL_FILE = "eval.json"
-"""Spliced-in LM loss of a dictionary, per snapshot (crosscoder.evaluation), inside the dictionary folder."""
+"""Spliced-in LM loss of a dictionary, per snapshot (crosscoder.evaluation.spliced), inside the dictionary folder."""
 ANALYSIS_DIR = "analysis"
 """Feature-evolution analysis of a dictionary, by default inside the dictionary folder."""
 ANALYSIS_REPORT_FILE = "report.html"

@@ -1,6 +1,6 @@
 """Feature-evolution analysis of exported crosscoder dictionaries (trajectories, emergence, drift, recovery)."""
 
-from crosscoder.analysis.evolution import (
+from crosscoder.analysis.features.evolution import (
     CLASSES,
     EMERGENCE_THRESHOLD,
     Evolution,
@@ -20,8 +20,14 @@ from crosscoder.analysis.evolution import (
     presence_segments,
     snapshot_similarity,
 )
-from crosscoder.analysis.matching import RECOVERY_COSINE, Recovery, decoder_cosine, linear_sum_assignment, recovery
-from crosscoder.analysis.report import (
+from crosscoder.analysis.features.matching import (
+    RECOVERY_COSINE,
+    Recovery,
+    decoder_cosine,
+    linear_sum_assignment,
+    recovery,
+)
+from crosscoder.analysis.report.dictionary import (
     AnalysisResult,
     NotADictionaryError,
     analyze_dictionary,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from crosscoder.data.tokens import TokenBatch
-from crosscoder.sources import SnapshotRunner
+from crosscoder.sources.hooks import SnapshotRunner
 
 
 @dataclass

@@ -8,7 +8,7 @@ complete). An interrupted build resumes after its last complete shard.
 A shard holds `activations` [n, S, d] in the cache dtype, `token_ids` [n] (hashed into the manifest) and
 `row_checksums` [n, S] int64 (`activation_checksums`): the reader verifies exactly the rows and snapshot columns it
 read, from the bytes it already holds, so a corrupted shard is refused instead of trained on. The snapshots a
-cache was built from are compared by fingerprint (crosscoder.fingerprint), not only by name.
+cache was built from are compared by fingerprint (crosscoder.sources.fingerprint), not only by name.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from crosscoder.checkpoint import temporary_sibling, write_text_atomic
-from crosscoder.config import CacheConfig, ConfigError, DataConfig
+from crosscoder.config import CacheConfig, DataConfig
 from crosscoder.constants import CACHE_FORMAT_VERSION, CACHE_HEADER_FILE, CACHE_MANIFEST_FILE, CACHE_SHARD_PATTERN
 from crosscoder.data.activations import ActivationBlock
-from crosscoder.faults import writing
-from crosscoder.fingerprint import check_same_snapshots
-from crosscoder.sources import DTYPES, SourceInfo
+from crosscoder.errors import ConfigError
+from crosscoder.sources.fingerprint import check_same_snapshots
+from crosscoder.sources.models import DTYPES
+from crosscoder.sources.spec import SourceInfo
+from crosscoder.storage import temporary_sibling, write_text_atomic, writing
 
 STREAM_KEYS = ("kind", "paths", "dataset", "dataset_config", "split", "text_field", "seq_len", "model_batch_size",
                "toy_documents", "seed")

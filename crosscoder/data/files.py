@@ -33,17 +33,16 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from crosscoder.config import ConfigError, SourcesConfig
+from crosscoder.config import SourcesConfig
 from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.cache import nonfinite_columns, rank_rows, row_runs
-from crosscoder.sources import SnapshotSpec, SourceInfo
+from crosscoder.errors import ConfigError
+from crosscoder.sources.manifest import FORMAT_HINT, RESERVED_NAMES, SOURCES_FILE, FileSource, files_root, read_manifest
+from crosscoder.sources.spec import SnapshotSpec, SourceInfo
 
-SOURCES_FILE = "sources.json"
 TOKENS_SUFFIX = ".token_ids.npy"
-RESERVED_NAMES = ("activations", "token_ids")  # tensor names with a meaning in a safetensors shard
 ST_FLOATS = ("float16", "bfloat16", "float32", "float64")
 NPY_FLOATS = ("float16", "float32", "float64")  # npy has no bfloat16
-FORMAT_HINT = "see the folder format in crosscoder/data/files.py (README: 'Activations you already have')"
 FINGERPRINT_RECIPE = b"crosscoder-files-fingerprint-v1\n"
 SAMPLE_HEAD, SAMPLE_CHUNK, SAMPLE_CHUNKS = 64 << 10, 4 << 10, 8
 """Bytes of each file that enter the fingerprint: the head (headers, first rows), evenly spaced chunks, the tail."""
@@ -51,13 +50,6 @@ SAMPLE_HEAD, SAMPLE_CHUNK, SAMPLE_CHUNKS = 64 << 10, 4 << 10, 8
 
 Part = tuple[Path, str | None, list[int], str, str]
 """(file, tensor name or None for an npy file, shape, dtype, where: how an error names it)."""
-
-
-@dataclass(frozen=True)
-class FileSource:
-    name: str
-    step: int | None = None
-    layer: int | None = None
 
 
 @dataclass
@@ -85,46 +77,6 @@ class FileFolder:
     sources: list[FileSource]
     hook: str
     shards: list[Shard]
-
-
-def _root(cfg: SourcesConfig | str | Path) -> Path:
-    return Path(cfg.files.dir if isinstance(cfg, SourcesConfig) else cfg).expanduser()
-
-
-def _read_sources(root: Path) -> tuple[list[FileSource], str]:
-    path = root / SOURCES_FILE
-    example = '{"sources": [{"name": "L0", "layer": 0}, ...]}'
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing: write {example} naming each source, in column order ({FORMAT_HINT})")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON ({error}); write {example}") from error
-    entries = raw.get("sources") if isinstance(raw, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path} must be an object with a non-empty list `sources`: {example}")
-    if not isinstance(raw.get("hook", ""), str):
-        raise ConfigError(f"{path}: `hook` must be text describing what was hooked, not {raw['hook']!r}")
-    sources: list[FileSource] = []
-    for i, entry in enumerate(entries):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{path}: sources[{i}] = {entry!r} needs a non-empty string `name`")
-        if name in RESERVED_NAMES or "/" in name or "\\" in name:
-            raise ConfigError(f"{path}: source name {name!r} is reserved or holds a path separator; rename it")
-        if name in [s.name for s in sources]:
-            raise ConfigError(f"{path}: source name {name!r} appears twice; every source needs a unique name")
-        for key in ("step", "layer"):
-            value = entry.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{path}: source {name!r} has {key}={value!r}; it must be an integer (or left out)")
-        sources.append(FileSource(name, entry.get("step"), entry.get("layer")))
-    return sources, raw.get("hook") or "files"
-
-
-def file_source_names(cfg: SourcesConfig) -> list[str]:
-    """The sources' names, from sources.json alone (what the config's checks count before anything is read)."""
-    return [source.name for source in _read_sources(_root(cfg))[0]]
 
 
 def _st_dtype(raw: str) -> str:
@@ -231,7 +183,7 @@ def scan_folder(root: Path, check_first: bool = True) -> FileFolder:
     if not root.is_dir():
         raise ConfigError(f"sources.files.dir={str(root)!r} is not an existing folder; point it at the folder "
                           f"holding {SOURCES_FILE} and the shards")
-    sources, hook = _read_sources(root)
+    sources, hook = read_manifest(root)
     names = [source.name for source in sources]
     st_files = sorted(root.glob("*.safetensors"))
     npy_files = sorted(p for p in root.glob("*.npy") if not p.name.endswith(TOKENS_SUFFIX))
@@ -326,7 +278,7 @@ def folder_fingerprint(folder: FileFolder) -> str:
 
 def describe_file_sources(cfg: SourcesConfig) -> SourceInfo:
     """The sources of `sources.files.dir`, checked from headers (and the first shard's values), fingerprinted."""
-    folder = scan_folder(_root(cfg))
+    folder = scan_folder(files_root(cfg))
     fingerprint = folder_fingerprint(folder)
     specs = [SnapshotSpec(name=s.name, path=str(folder.root), revision=None, step=s.step, fingerprint=fingerprint,
                           layer=s.layer) for s in folder.sources]
@@ -348,7 +300,7 @@ class FileActivations:
         `sources`: read only these sources' columns (a snapshot rank's share; all when None)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
-        self.folder = scan_folder(_root(cfg), check_first=False)  # the stream checks every shard as it reads it
+        self.folder = scan_folder(files_root(cfg), check_first=False)  # the stream checks every shard as it reads it
         n_sources = len(self.folder.sources)
         self.sources = sources
         self._share = range(n_sources) if sources is None else sources

@@ -1,6 +1,6 @@
 """Held-out token batches: text from the run's data source that the crosscoder never trained on.
 
-The spliced-in evaluation (crosscoder.evaluation) reads these; which tokens they are depends on the data kind:
+The spliced-in evaluation (crosscoder.evaluation.spliced) reads these; which tokens they are depends on the data kind:
 
 - `toy`: new documents of the same generated grammar under a seed no training used (neither the crosscoder's
   `data.seed` nor the tiny LM's corpus seed). The toy corpus is small and a run passes over it several times
@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.config import RunConfig
 from crosscoder.constants import CACHE_MANIFEST_FILE
 from crosscoder.data.tokens import TokenBatch, iter_token_batches, local_corpus, tokenized
+from crosscoder.errors import ConfigError
 
 HELD_OUT_SEED_OFFSET = 1_000_003
 """The toy held-out corpus is generated with data.seed + this (shifted past the tiny LM's corpus seed)."""

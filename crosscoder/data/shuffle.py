@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from crosscoder.config import ConfigError
 from crosscoder.data.activations import ActivationBlock
+from crosscoder.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """(activations [batch, S, d], token ids [batch])"""

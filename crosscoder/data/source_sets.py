@@ -25,7 +25,8 @@ from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.cache import CacheReader, check_cache_matches
 from crosscoder.data.tokens import special_token_ids
 from crosscoder.data.workers import WorkerPool, WorkerSetup, produce_blocks, resolve_worker_device
-from crosscoder.sources import SourceInfo, load_runners
+from crosscoder.sources.models import load_runners
+from crosscoder.sources.spec import SourceInfo
 
 
 class SourceSet(Protocol):
@@ -67,7 +68,7 @@ class PlantedSources:
         self.snapshots_loaded: list[str] = []
 
     def blocks(self, start: int) -> Iterator[ActivationBlock]:
-        from crosscoder.toy.planted import planted_blocks
+        from crosscoder.data.planted import planted_blocks
 
         blocks = planted_blocks(self.planted, self.rank, self.world_size, start, self.block_tokens)
         return blocks if self.share is None else _columns(blocks, self.share)

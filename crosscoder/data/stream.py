@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.config import RunConfig
 from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.shuffle import ShuffleBuffer
 from crosscoder.data.source_sets import ModelSources, PlantedSources, open_source_set
-from crosscoder.sources import SourceInfo
+from crosscoder.errors import ConfigError
+from crosscoder.sources.spec import SourceInfo
 
 
 @dataclass

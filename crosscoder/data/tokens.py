@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from crosscoder.config import ConfigError, DataConfig
+from crosscoder.config import DataConfig
+from crosscoder.errors import ConfigError
 
 
 @dataclass

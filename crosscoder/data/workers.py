@@ -24,17 +24,16 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from crosscoder.config import ConfigError, DataConfig, SourcesConfig, WorkersConfig
+from crosscoder.config import DataConfig, SourcesConfig, WorkersConfig
 from crosscoder.data.activations import ActivationBlock, paired_block
 from crosscoder.data.tokens import iter_token_batches
-from crosscoder.sources import SnapshotRunner, SnapshotSpec, load_runners, load_tokenizer
+from crosscoder.errors import ConfigError, WorkerError
+from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.models import load_runners, load_tokenizer
+from crosscoder.sources.spec import SnapshotSpec
 
 POLL_SECONDS = 0.5
 """How often a waiting trainer checks that its workers are alive (and a blocked worker that it should stop)."""
-
-
-class WorkerError(RuntimeError):
-    """An activation worker failed; the message carries its traceback or exit code."""
 
 
 @dataclass(frozen=True)

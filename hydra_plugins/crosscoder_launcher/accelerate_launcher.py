@@ -25,7 +25,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from crosscoder.train import sweep_group
+from crosscoder.cli.train import sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AccelerateLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:  # noqa: ANN401
-        from crosscoder.parallel import free_port  # here, not at import: Hydra imports every plugin at start-up
+        from crosscoder.parallel.engine import free_port  # here, not at import: Hydra imports every plugin at start-up
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

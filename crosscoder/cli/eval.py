@@ -1,0 +1,74 @@
+"""`crosscoder-eval <dictionary> [--tokens N] [--device D]`: the spliced-in LM loss of an exported dictionary.
+
+Re-runs the snapshots the dictionary's run configuration names on held-out tokens (crosscoder.evaluation.spliced) and
+writes <dictionary>/eval.json; `crosscoder-analyze` then shows it in the report. Bad input (no such dictionary,
+a corrupt one, planted sources, snapshots that are gone) is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import NoReturn
+
+from crosscoder.analysis.report.dictionary import check_dictionary_dir
+from crosscoder.data.workers import resolve_worker_device
+from crosscoder.errors import ConfigError, DictionaryError, exit_bad_input
+from crosscoder.evaluation.spliced import METRIC_KEYS, SplicedEval, evaluate_dictionary, write_eval
+from crosscoder.storage import exit_if_storage_failed
+
+PROG = "crosscoder-eval"
+DEFAULT_TOKENS = 4096
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Spliced-in LM loss per snapshot of an exported crosscoder dictionary: CE clean, with the hooked "
+                    "activation replaced by the reconstruction, by zero and by the mean; fraction of CE recovered "
+                    "and KL(clean || spliced), on held-out tokens. Writes <dictionary>/eval.json.",
+    )
+    parser.add_argument("dictionary", help="an exported dictionary folder (config.json, weights, decoder norms)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                        help=f"held-out token positions to evaluate (default {DEFAULT_TOKENS})")
+    parser.add_argument("--device", default="auto", help="where the snapshots run: auto (a GPU if any), cpu, cuda:N")
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    exit_bad_input(PROG, message)
+
+
+def _table(result: SplicedEval) -> str:
+    header = f"{'snapshot':<16}" + "".join(f"{key:>18}" for key in METRIC_KEYS)
+    rows = [f"{name:<16}" + "".join(f"{value:>18.4f}" for value in figures.figures().values())
+            for name, figures in zip(result.snapshots, result.per_snapshot, strict=True)]
+    return "\n".join([header, *rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.tokens <= 0:
+        _fail(f"--tokens={args.tokens} must be > 0")
+    if not DEVICE_PATTERN.match(args.device):
+        _fail(f"--device={args.device!r} is not auto, cpu, cuda, cuda:N or mps")
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    try:
+        dictionary = check_dictionary_dir(args.dictionary)
+        result = evaluate_dictionary(dictionary, args.tokens, resolve_worker_device(args.device), log)
+        path = write_eval(dictionary, result)
+    except (DictionaryError, FileNotFoundError, ConfigError) as error:  # each names the file or the value
+        _fail(str(error))
+    except RuntimeError as error:  # e.g. --device=cuda:3 on a machine without it
+        _fail(f"cannot run the snapshots on --device={args.device}: {error}")
+    except OSError as error:  # eval.json: a full disk, read-only, no permission
+        exit_if_storage_failed(PROG, error, args.dictionary)
+        raise
+    print(_table(result), flush=True)
+    print(f"eval: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

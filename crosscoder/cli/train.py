@@ -1,0 +1,177 @@
+"""Hydra entry point: `crosscoder-train [overrides]`, `python -m crosscoder.train`, or under `accelerate launch`.
+
+With no arguments it runs the embedded default: a tiny GPT-NeoX trained locally (snapshots cached), then a
+crosscoder across its snapshots, offline, on CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from crosscoder.config import RunConfig, check_known_keys, register_configs
+from crosscoder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from crosscoder.training.tracking import RunContinuation
+    from crosscoder.training.trainer import TrainResult
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+T = TypeVar("T")
+
+register_configs()
+
+
+def _quiet_non_main_ranks() -> None:
+    """Only rank 0 writes Hydra's .hydra/ folder and log file; the others would race on the same files."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
+    """Run a Hydra command on the typed config. Whatever stops it is one line on stderr with an exit status
+    that says what kind of stop it was (README, "When things go wrong"): 2 bad input, 1 a fault during the run,
+    128 + the signal for a stop asked by a signal; a stop that left a training state says how to resume."""
+    # Cheap imports only (no trainer, no DeepSpeed): every rank of a launch pays for them.
+    from crosscoder.errors import (
+        EXIT_BAD_INPUT,
+        EXIT_FAULT,
+        CheckpointError,
+        DictionaryError,
+        RunFault,
+        TokenDriftError,
+        TrainingInterrupted,
+        WorkerError,
+    )
+    from crosscoder.storage import write_failure_reason
+
+    def stop(message: str, status: int, state_dir: Path | None = None) -> NoReturn:
+        resume = f"; continue it with: {resume_command(state_dir)}" if state_dir is not None else ""
+        print(f"{command}: {message}{resume}", file=sys.stderr)
+        sys.exit(status)
+
+    try:
+        check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+        return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+    except ConfigError as error:
+        _discard_unstarted_run_dir()
+        stop(f"configuration error: {error}", EXIT_BAD_INPUT)
+    except CheckpointError as error:
+        stop(str(error), EXIT_BAD_INPUT)
+    except TrainingInterrupted as stopped:
+        stop(str(stopped), stopped.exit_status, stopped.state_dir)
+    except RunFault as fault:
+        stop(str(fault), fault.exit_status, fault.state_dir)
+    except (TokenDriftError, WorkerError, DictionaryError) as error:
+        stop(str(error), EXIT_FAULT)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without saving
+        stop("interrupted by a second Ctrl-C before the training state was saved; what was saved before stays",
+             128 + signal.SIGINT)
+    except OSError as error:
+        reason = write_failure_reason(error, Path(error.filename or "."))
+        if reason is None:
+            raise
+        stop(f"cannot write {error.filename}: {reason}", EXIT_BAD_INPUT)
+
+
+def resume_command(state_dir: Path) -> str:
+    """The command that continues this run in its own directory (the Hydra run dir of the state's run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(state_dir).resolve().parent.parent  # <run dir>/training_state/step_N
+    keep = [override for override in HydraConfig.get().overrides.task
+            if override.lstrip("+~").split("=", 1)[0] not in ("trainer.resume", "hydra.run.dir")]
+    arguments = [*keep, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    launcher = ("accelerate launch <your launch options> -m crosscoder.train"
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "crosscoder-train")
+    return " ".join([launcher, *(shlex.quote(argument) for argument in arguments)])
+
+
+def _discard_unstarted_run_dir() -> None:
+    """A run refused at start-up leaves no run directory behind (Hydra made it, with `.hydra/` and an empty log,
+    before the config was checked); a folder holding anything else is left alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    log_file = run_dir / f"{hydra_cfg.job.name}.log"
+    if {path.name for path in run_dir.iterdir()} <= {".hydra", log_file.name}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_run_dir_writable(argv: list[str]) -> None:
+    """Refuse a run directory on a read-only or unwritable file system before Hydra trips over it with a
+    traceback (Hydra creates it before any of our code runs)."""
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [argument.split("=", 1)[1] for argument in argv if argument.startswith(key)]
+    target = Path(given[-1]).expanduser() if given else Path.cwd()
+    existing = next(folder for folder in (target, *target.absolute().parents) if folder.exists())
+    if not os.access(existing, os.W_OK):
+        setting = f"{key}{given[-1]}" if given else f"the working directory {target}"
+        print(f"crosscoder: {setting}: {existing} is not writable (read-only file system or no permission); "
+              "pick another hydra.run.dir", file=sys.stderr)
+        sys.exit(2)
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of every run of one sweep, named after its directory (`multirun/<date>/<time>`)."""
+    return "sweep:" + "/".join(Path(sweep_dir).parts[-2:])
+
+
+def train_method(cfg: RunConfig):  # noqa: ANN201 (a TrainResult; the trainer is imported late)
+    """One run of what `method` says: a crosscoder or independent dictionaries (one training run), or SAE-Track's
+    chain of runs."""
+    if cfg.method.name == "sae_track":
+        from crosscoder.training.sae_track import train_sae_track
+
+        return train_sae_track(cfg)
+    return train(cfg)
+
+
+def train(cfg: RunConfig, continuation: RunContinuation | None = None) -> TrainResult:
+    """Train as the config says, each exported dictionary analysed when tracking.log_analysis is on."""
+    from crosscoder.analysis.report.dictionary import analyze_export
+    from crosscoder.training import trainer as training_loop
+
+    return training_loop.train(cfg, continuation, analyze=analyze_export)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.tracking.group is None:
+        cfg.tracking.group = sweep_group(hydra_cfg.sweep.dir)  # the sweep's runs side by side in W&B
+    result = run_command("crosscoder", cfg, train_method)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ev = result.final_metrics.get("explained_variance/mean", float("nan"))
+        print(f"crosscoder: {result.steps} steps, {result.tokens_seen} tokens in {result.wall_seconds:.1f}s; "
+              f"mean explained variance {ev:.3f}, L0 {result.final_metrics.get('l0', float('nan')):.1f}")
+        print(f"crosscoder: dictionary: {result.dictionary_dir}")
+        print(f"crosscoder: run dir:    {result.output_dir}")
+
+
+def main() -> None:
+    if not CONF_DIR.is_dir():
+        sys.exit(f"crosscoder: config folder {CONF_DIR} not found; install the package editable (pip install -e .)")
+    check_run_dir_writable(sys.argv[1:])
+    _quiet_non_main_ranks()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

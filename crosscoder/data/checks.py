@@ -1,0 +1,79 @@
+"""Start-up checks of a run's inputs against the machine and the disk, before any model loads: the folders and
+files it names exist and hold what they must, the cores it pins exist, and the rules that need the number of
+sources of an activation folder. Value checks are the config's own (`RunConfig.validate`)."""
+
+from __future__ import annotations
+
+import codecs
+import os
+
+from crosscoder.config import DataConfig, RunConfig
+from crosscoder.constants import CACHE_MANIFEST_FILE
+from crosscoder.data.kinds import count_sources
+from crosscoder.errors import ConfigError
+
+TEXT_PROBE_BYTES = 64 * 1024
+"""At most this much of each data.paths file is read at start-up to tell a blank file from one with text."""
+
+
+def check_inputs(cfg: RunConfig) -> RunConfig:
+    """`cfg.validate()`, then every check against the machine and the disk; ConfigError names the first problem.
+    Returns `cfg` for chaining."""
+    cfg.validate()
+    files = cfg.sources.files
+    if cfg.sources.kind == "files" and not (files.dir and os.path.isdir(os.path.expanduser(files.dir))):
+        raise ConfigError(f"sources.files.dir={files.dir!r} is not an existing folder: set it to the folder "
+                          "holding sources.json and the activation shards (sources.kind=files)")
+    _check_data(cfg.data)
+    if cfg.sources.kind == "files":  # the rules that need the count, now that sources.json can be read
+        cfg.validate(n_sources=count_sources(cfg))
+    return cfg
+
+
+def _check_data(data: DataConfig) -> None:
+    n_cpus = os.cpu_count() or 1
+    for cpu in data.workers.cpus:
+        if not 0 <= cpu < n_cpus:
+            raise ConfigError(f"data.workers.cpus contains {cpu}; this machine has cores 0..{n_cpus - 1}")
+    if data.kind == "text_files" and not _complete_cache(data.cache.dir):  # a cache never reads the corpus
+        _check_text_files(data.paths)
+
+
+def _complete_cache(cache_dir: str | None) -> bool:
+    """Whether `cache_dir` holds a complete activation cache (its manifest is written last)."""
+    return bool(cache_dir) and os.path.isfile(os.path.join(os.path.expanduser(cache_dir), CACHE_MANIFEST_FILE))
+
+
+def _check_text_files(paths: list[str]) -> None:
+    """Every data.paths entry is a readable, non-blank UTF-8 file: checked at start-up, in milliseconds, rather
+    than in an activation worker once the snapshots have loaded. A stat and the first few KB of each file."""
+
+    if not paths:
+        raise ConfigError("data.paths must list at least one file for data.kind=text_files")
+    for index, raw in enumerate(paths):
+        where = f"data.paths[{index}]={raw!r}"
+        path = os.path.expanduser(raw)
+        if not os.path.exists(path):
+            raise ConfigError(f"{where} does not exist")
+        if os.path.isdir(path):
+            raise ConfigError(f"{where} is a directory, not a text file; list the files in it")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where} is not a regular file")
+        decoder = codecs.getincrementaldecoder("utf-8")()  # a character may straddle two reads
+        try:
+            with open(path, "rb") as file:
+                read = 0
+                while read < TEXT_PROBE_BYTES:  # a file blank beyond that is left to the stream's own check
+                    chunk = file.read(4096)
+                    read += len(chunk)
+                    if decoder.decode(chunk, final=not chunk).strip():
+                        break
+                    if not chunk:
+                        raise ConfigError(f"{where} is empty" + (" (whitespace only)" if read else ""))
+        except OSError as error:
+            raise ConfigError(f"{where} cannot be read ({error.strerror or error})") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{where} is not UTF-8 text ({error.reason}); is it a binary or compressed file?") \
+                from error
+
+

@@ -1,0 +1,65 @@
+"""Where an exported dictionary came from: its training run's configuration rebuilt from `config.json`, and its
+sources described again and checked to be the ones it was trained on (names, width, weight fingerprints).
+
+What the spliced-in evaluation and every replay of a dictionary's inputs start from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from crosscoder.config import RunConfig
+from crosscoder.data.kinds import describe_sources
+from crosscoder.dictionary.io import DictionaryMeta
+from crosscoder.errors import ConfigError
+from crosscoder.sources.fingerprint import check_same_snapshots
+from crosscoder.sources.spec import SourceInfo
+
+TOKEN_SOURCE_KINDS = ("hf", "toy")
+"""Source kinds that read text; others (e.g. synthetic `planted` snapshots) have no tokenizer or token stream."""
+
+
+def unsupported_reason(meta: DictionaryMeta) -> str | None:
+    """Why this dictionary's snapshots cannot be re-run on text (None when they can)."""
+    sources = meta.training.get("sources")
+    if not isinstance(sources, dict):
+        return "the dictionary's config.json holds no run configuration (training.sources): snapshots unknown"
+    kind = sources.get("kind", "hf")
+    if kind not in TOKEN_SOURCE_KINDS:
+        return (f"sources.kind={kind!r}: top contexts need snapshots that read text ({' or '.join(TOKEN_SOURCE_KINDS)}"
+                f"); {kind} sources have no tokenizer or token stream")
+    if kind == "hf" and not sources.get("model") and not sources.get("paths"):
+        return "sources.model and sources.paths are both empty in the dictionary's run configuration"
+    return None
+
+
+def run_config_of(meta: DictionaryMeta, need_text: bool = True) -> RunConfig:
+    """The training run's RunConfig, rebuilt from `meta.training`; ConfigError when it cannot give tokens (with
+    `need_text`) or holds no run configuration."""
+    reason = unsupported_reason(meta) if need_text or not isinstance(meta.training.get("sources"), dict) else None
+    if reason is not None:
+        raise ConfigError(reason)
+    try:  # output_dir defaults to "" so a config saved without it is not MISSING
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig(output_dir="")), meta.training)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"the dictionary's run configuration does not fit RunConfig: {error}") from error
+
+
+def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print, need_text: bool = True
+                       ) -> tuple[RunConfig, SourceInfo]:
+    """The run configuration of an exported dictionary and its snapshots described again, refused (ConfigError)
+    unless they are the snapshots it was trained on: the same names and width, and the same weights where the
+    export recorded their fingerprints."""
+    cfg = run_config_of(meta, need_text)
+    info = describe_sources(cfg.sources, log=log)
+    names = [spec.name for spec in info.specs]
+    if names != meta.source_names or info.d_model != meta.d_model:
+        raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
+                          f"was trained on {meta.source_names} (d={meta.d_model})")
+    if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now
+        check_same_snapshots(meta.sources, info.specs, "the dictionary")
+    return cfg, info

@@ -1,0 +1,115 @@
+"""Writing safely: atomic files, folders built under a hidden name then renamed, and storage failures (a full
+disk, a quota, a read-only or unwritable folder) turned into one line naming the file.
+
+A leaf: every floor may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from crosscoder.errors import StorageError, exit_bad_input
+
+
+def temporary_sibling(path: Path, tag: str) -> Path:
+    """A unique dot-name next to `path` (same filesystem, so a rename is atomic; hidden, so never mistaken for it)."""
+    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    tmp = temporary_sibling(path, "tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def building_dir(out_dir: Path) -> Iterator[Path]:
+    """A folder to fill under a hidden sibling name: renamed to `out_dir` (replacing an older one) when the block
+    ends, removed if it raises, so `out_dir` is never seen half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first (directories cannot be replaced in one step)."""
+    if dst.exists():
+        trash = temporary_sibling(dst, "old")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "a file-size limit was reached",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+LOW_SPACE_BYTES = 64 * 2**20
+"""A write that failed with this little space left on its file system is taken to have failed for lack of it."""
+
+
+def exit_if_storage_failed(prog: str, error: OSError, fallback: str | Path) -> None:
+    """A command-line tool's write that failed for want of storage (a full disk, read-only, no permission): one
+    line naming the file, exit EXIT_BAD_INPUT. Returns for any other error, which the caller re-raises."""
+    reason = write_failure_reason(error, Path(error.filename or fallback))
+    if reason is not None:
+        exit_bad_input(prog, f"cannot write {error.filename}: {reason}")
+
+
+def write_failure_reason(error: BaseException, path: Path) -> str | None:
+    """Why a write to `path` failed, in words, when the cause is the storage (None for anything else). torch's
+    and safetensors' writers lose the errno (`enforce fail at inline_container.cc`), so a failure on a file
+    system with almost no space left is put down to that."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+            return f"{_WRITE_ERRNOS[seen.errno]} ([Errno {seen.errno}] {seen.strerror})"
+        seen = seen.__cause__ or seen.__context__
+    if "No space left" in str(error):
+        return "no space left on the device"
+    free, folder = _free_space(path)
+    if free is not None and free < LOW_SPACE_BYTES:
+        return f"no space left on the device ({free / 2**20:,.1f} MiB free on {folder})"
+    return None
+
+
+def _free_space(path: Path) -> tuple[int | None, Path | None]:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free, folder
+    return None, None
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path, state_dir: Path | None = None, hint: str = "") -> Iterator[None]:
+    """Turn a storage failure while writing `what` at `path` into one StorageError line; other errors pass."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        reason = write_failure_reason(error, Path(path))
+        if reason is None:
+            raise
+        raise StorageError(f"cannot write {what} {path}: {reason}{hint}", state_dir) from error
