@@ -24,13 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
-from crosscoder.train import CONF_DIR, run_command
+from crosscoder.cli.train import CONF_DIR, run_command
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 ENTRY_SCRIPTS = {"crosscoder-train": "train", "crosscoder-cache": "cache"}
-ENTRY_MODULES = {"crosscoder.train": "train", "crosscoder.build_cache": "cache"}
+ENTRY_MODULES = {"crosscoder.train": "train", "crosscoder.cli.cache": "cache"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[\w+-]*)")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")

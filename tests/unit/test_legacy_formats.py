@@ -25,12 +25,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from crosscoder.analysis.contexts import run_config_of
-from crosscoder.checkpoint import load_decoder_norms, load_dictionary, load_firing_frequency
+from crosscoder.cli.train import CONF_DIR, train
 from crosscoder.data.cache import CacheReader
-from crosscoder.stack import load_stack_decoders, read_stack
-from crosscoder.train import CONF_DIR
-from crosscoder.trainer import train
+from crosscoder.dictionary.io import load_decoder_norms, load_dictionary, load_firing_frequency
+from crosscoder.dictionary.provenance import run_config_of
+from crosscoder.dictionary.stack import load_stack_decoders, read_stack
 
 LEGACY = Path(__file__).resolve().parent.parent / "fixtures" / "legacy"
 SNAPSHOTS = ["step0", "step2", "step4"]
