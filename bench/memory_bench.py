@@ -30,7 +30,7 @@ Per rank and step it also counts:
   data group       DeepSpeed's comms logger (deepspeed.comm; the snapshot reduction uses torch.distributed and
                    is not in it): message bytes per collective, the gradient reduction against
                    scale_plan.data_parallel_grad_bytes, the ring link bytes against scale_plan.data_group_link_bytes
-  snapshot models  the parameter bytes of the snapshots crosscoder.sources.models.load_runners loads for the rank's share
+  snapshot models  the parameter bytes of the snapshots sources.models.load_runners loads for the rank's share
                    (what each activation worker loads; the embedded toy GPT-NeoX, d=64, built here in seconds),
                    against |S_j| x scale_plan.BaseModel.params() x 4
 """
@@ -311,7 +311,7 @@ def memory_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
 
 
 def snapshot_comm_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
-    from crosscoder.dictionary.activations import ACTIVATIONS
+    from crosscoder.dictionary.families import family
 
     lines = ["snapshot-group all-reduce per rank per step: layout.reduction.bytes_reduced, measured (formula: "
              "scale_plan.snapshot_allreduce_bytes(b, F, 4, ranks_by_decoder_norm, sp, active_per_token=k "
@@ -320,7 +320,7 @@ def snapshot_comm_table(rows: list[dict], args: argparse.Namespace) -> list[str]
              f"{'no dead latents':>27}  {'dead':>5}  {'unfired latents dead':>27}  ratio"]
     shown: dict[tuple, tuple] = {}
     for row in rows:
-        activation = ACTIVATIONS[row["activation"]]
+        activation = family(row["activation"]).activation
         topk = activation.ranks_by_decoder_norm
         sparse = topk and row["sparse"]
         formula = scale_plan.snapshot_allreduce_bytes(row["micro_batch"], args.dict_size, ELEMENT_BYTES, topk,

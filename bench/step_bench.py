@@ -21,7 +21,7 @@ Rows of one configuration (B tokens x S snapshots x d, F latents, k):
              best); a sparse TopK step only the encoder forward over all F latents.
   reference  `Reference` below, a dense crosscoder step written here: the project's loss. Every row steps the
              trainer's Adam (crosscoder.training.schedules.adam: fused where the kernel exists).
-  module     crosscoder.dictionary.crosscoder.Crosscoder(...)(x, l1_coeff, dead_mask).loss.backward(), Adam. TopK / BatchTopK
+  module     dictionary.crosscoder.Crosscoder(...)(x, l1_coeff, dead_mask).loss.backward(), Adam. TopK / BatchTopK
              with `sparse_topk=False` (dense) and `=True` (sparse; "n/a" while the keyword does not exist),
              without AuxK (dead_mask=None) and with AuxK (`--dead` of the latents dead, aux_k = d/2).
   trainer    the trainer's step on one rank (crosscoder.training.trainer.TrainingRun._step without the stream): the
@@ -340,7 +340,8 @@ def run_row(spec: dict) -> dict:
     if spec["kind"] in ("module", "trainer", "check"):
         import crosscoder.dictionary.crosscoder
 
-        root = Path(crosscoder.dictionary.crosscoder.__file__).parent.parent  # the copy the driver took, or the working tree
+        # the copy the driver took, or the working tree
+        root = Path(crosscoder.dictionary.crosscoder.__file__).parents[2]
         result["sources"] = _digests(root)
     if spec.get("sparse") and not _has_sparse_topk():
         return {**result, "na": "n/a (not implemented)"}

@@ -4,7 +4,7 @@
     python bench/topk_gradient_bench.py --dict-size 32768 --batch 2048
 
 Two processes form one snapshot group (snapshot_parallel=2, one snapshot each) and time forward + backward of
-the split crosscoder (crosscoder.dictionary.crosscoder with crosscoder.parallel.layout's reduction, Adam step included), alternating dense
+the split crosscoder (dictionary.crosscoder with parallel.layout's reduction, Adam step included), alternating dense
 and sparse rounds in the same run so both see the same machine. It also counts the bytes each all-reduces per
 step and checks that both give the same gradients.
 """

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crosscoder.checkpoint import load_dictionary
+from crosscoder.training_state import list_training_states
+
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
 from crosscoder.parallel import free_port
 from crosscoder.train import sweep_group
-from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV, TINY_TOY
 from tests.wandb_records import run_group
 

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-
 from crosscoder.activations import JumpReLU, SnapshotJumpReLU
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.config import ConfigError, RunConfig
 from crosscoder.metrics import fired_latents
 from crosscoder.model import Crosscoder, estimate_input_scale
+
+from crosscoder.config import ConfigError, RunConfig
 
 
 def jump(threshold: float = 0.1, bandwidth: float = 0.1, **kwargs: float) -> JumpReLU:

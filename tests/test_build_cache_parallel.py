@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from crosscoder.build_cache import _assemble, _Failure
+from crosscoder.layout import TokenDriftError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from crosscoder.build_cache import _assemble, _Failure
 from crosscoder.constants import CACHE_MANIFEST_FILE
-from crosscoder.layout import TokenDriftError
 from crosscoder.parallel import free_port
 from tests.conftest import PROCESS_ENV, TINY_TOY
 

@@ -8,10 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import crosscoder.checkpoint as checkpoint
 import pytest
 import torch
-
-import crosscoder.checkpoint as checkpoint
 from crosscoder.checkpoint import (
     DictionaryError,
     DictionaryMeta,
@@ -20,8 +19,9 @@ from crosscoder.checkpoint import (
     load_dictionary,
     read_meta,
 )
-from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
 from crosscoder.model import Crosscoder
+
+from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
 
 N_SOURCES, D_MODEL, DICT_SIZE, K = 3, 8, 32, 4
 SCALE = torch.tensor([0.5, 2.0, 3.5])

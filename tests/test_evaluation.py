@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from crosscoder.analysis.spliced_loss import SPLICED_FIGURE, SPLICED_TITLE
+from crosscoder.checkpoint import DictionaryMeta, export_dictionary
+from crosscoder.eval_cli import main
+from crosscoder.model import Crosscoder
+from crosscoder.splicing import logits_and_activation, logits_with_replacement
 from omegaconf import OmegaConf
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from crosscoder.analysis.report import analyze_dictionary
-from crosscoder.analysis.spliced_loss import SPLICED_FIGURE, SPLICED_TITLE
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary
 from crosscoder.config import ConfigError, HookPoint, RunConfig
 from crosscoder.constants import ANALYSIS_DIR, CONFIG_FILE, EVAL_FILE
 from crosscoder.data.held_out import held_out_batches, held_out_seed
 from crosscoder.data.tokens import TokenBatch, iter_token_batches, special_token_ids
-from crosscoder.eval_cli import main
 from crosscoder.evaluation import crosscoder_reconstruction, spliced_eval
-from crosscoder.model import Crosscoder
 from crosscoder.sources import SnapshotRunner, describe_sources, load_runners
-from crosscoder.splicing import logits_and_activation, logits_with_replacement
 from crosscoder.toy import generate_corpus
 from tests.conftest import tiny_toy_config
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from crosscoder.faults import StorageError, exit_if_storage_failed
+from crosscoder.trainer import train
+from crosscoder.training_state import list_training_states
 from safetensors.torch import load_file, save_file
 
 from crosscoder.config import ConfigError
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR, WEIGHTS_FILE
-from crosscoder.faults import StorageError, exit_if_storage_failed
-from crosscoder.trainer import train
-from crosscoder.training_state import list_training_states
 from tests.conftest import PROCESS_ENV
 from tests.launching import REPO, run, tiny_overrides, wait_until
 from tests.test_trainer import tiny_run_config

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-
-from crosscoder.config import ConfigError, SourcesConfig
 from crosscoder.fingerprint import (
     CHUNK_BYTES,
     HEAD_BYTES,
@@ -21,6 +19,8 @@ from crosscoder.fingerprint import (
     sampled_regions,
     snapshot_fingerprint,
 )
+
+from crosscoder.config import ConfigError, SourcesConfig
 from crosscoder.sources import SnapshotSpec, describe_sources
 
 QUIET = lambda _: None  # noqa: E731

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from crosscoder.checkpoint import load_dictionary
+from crosscoder.hooks import SnapshotRunner
+from crosscoder.trainer import train
 from torch import nn
 from transformers import AutoConfig, AutoModel, GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaModel
 
 from crosscoder.analysis.report import analyze_dictionary
-from crosscoder.checkpoint import load_dictionary
 from crosscoder.config import ConfigError, HookPoint, RunConfig, SourcesConfig
 from crosscoder.constants import EVAL_FILE
-from crosscoder.hooks import SnapshotRunner
 from crosscoder.sources import SnapshotSpec, _check_hooks, configured_snapshot_names, describe_sources, load_runners
-from crosscoder.trainer import train
 from tests.test_trainer import tiny_run_config
 
 ARCHITECTURES = ["gpt_neox", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
@@ -212,6 +212,7 @@ def test_a_cache_of_several_hooks_trains_and_refuses_other_hooks(tiny_snapshots:
     """`crosscoder-cache` of two hooks of two snapshots (4 sources, one forward per snapshot), then training on
     it; the same cache for another hook list is refused, naming the hooks."""
     from crosscoder.build_cache import build_cache
+
     from crosscoder.data.cache import read_manifest
 
     cfg = tiny_run_config(toy_cache, tmp_path / "run")

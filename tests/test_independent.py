@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from crosscoder.independent import IndependentDictionaries, split_dictionary_states
 from crosscoder.model import Crosscoder
 

@@ -7,15 +7,15 @@ import os
 import re
 from pathlib import Path
 
+import crosscoder.model
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import crosscoder.model
-from crosscoder.config import ConfigError, RunConfig
 from crosscoder.layout import Layout, TokenDriftError, build_layout, check_layout, snapshot_shares
 from crosscoder.model import SNAPSHOT_DIMS, Crosscoder
+
+from crosscoder.config import ConfigError, RunConfig
 from crosscoder.parallel import free_port
 
 S, D, F, B = 3, 8, 32, 16
@@ -174,9 +174,8 @@ def test_a_snapshot_group_that_reads_different_tokens_is_stopped_on_every_rank()
 
 
 def test_resuming_under_another_layout_is_refused_naming_it(tmp_path: Path) -> None:
-    from omegaconf import OmegaConf
-
     from crosscoder.training_state import check_same_run
+    from omegaconf import OmegaConf
 
     saved = RunConfig(output_dir="run")
     saved.parallel.snapshot_parallel = 2

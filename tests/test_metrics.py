@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from crosscoder.metrics import FiringFrequency, density_metrics, fired_latents
 
 
@@ -41,8 +40,9 @@ def test_per_snapshot_codes_give_a_frequency_per_snapshot() -> None:
 
 def test_per_snapshot_frequency_histograms_reach_wandb_and_the_density_plot(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from crosscoder.analysis.plots import plot_firing_frequency
-    from crosscoder.config import TrackingConfig
     from crosscoder.tracking import Tracker
+
+    from crosscoder.config import TrackingConfig
     from tests.launching import single_wandb_run_file
     from tests.wandb_records import history_keys
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.build_cache import build_cache
 from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import DICTIONARY_DIR, TRAINER_STATE_FILE, TRAINING_STATE_MANIFEST, TRAINING_STATES_DIR
 from crosscoder.trainer import train
 from crosscoder.training_state import CheckpointError, list_training_states
+
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.constants import DICTIONARY_DIR, TRAINER_STATE_FILE, TRAINING_STATE_MANIFEST, TRAINING_STATES_DIR
 from tests.conftest import PROCESS_ENV
 from tests.test_trainer import tiny_run_config
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.checkpoint import read_tensors
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import RUN_SUMMARY_FILE, WEIGHTS_FILE
 from crosscoder.sae_track import CHAIN_FILE, chain_plan, train_sae_track
 from crosscoder.stack import read_stack
+
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.constants import RUN_SUMMARY_FILE, WEIGHTS_FILE
 from tests.wandb_records import artifacts, history_keys, read_records
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary
+
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,

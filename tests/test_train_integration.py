@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.checkpoint import load_decoder_norms, load_dictionary, load_firing_frequency
+
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,

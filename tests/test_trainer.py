@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.build_cache import build_cache
 from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.constants import EVAL_FILE, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from crosscoder.schedules import l1_coefficient, lr_multiplier
 from crosscoder.trainer import train
+
+from crosscoder.config import ConfigError, RunConfig
+from crosscoder.constants import EVAL_FILE, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
 from tests.conftest import TINY_TOY, tiny_toy_config
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.config import ConfigError, RunConfig
 from crosscoder.model import Crosscoder
 from crosscoder.trainer import train
 from crosscoder.warm_start import check_warm_start, normalized_weights, warm_start
+
+from crosscoder.config import ConfigError, RunConfig
 from tests.test_trainer import tiny_run_config
 
 

@@ -1,5 +1,5 @@
 """`crosscoder-match <stack> [--out DIR] [--cost mse|cosine] [--threshold 0.7]`: SAE Match over a stack of
-single-snapshot dictionaries (crosscoder.analysis.alignment.sae_match), writing the aligned stack crosscoder-analyze reads."""
+single-snapshot dictionaries (analysis.alignment.sae_match), writing the aligned stack crosscoder-analyze reads."""
 
 from __future__ import annotations
 

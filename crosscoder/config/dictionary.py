@@ -21,7 +21,7 @@ INIT_SCHEMES: tuple[str, ...] = get_args(InitScheme)
 
 @dataclass
 class JumpReLUConfig:
-    """The JumpReLU families (crosscoder.dictionary.activations): a learned threshold per latent; `jumprelu` gates once for
+    """The JumpReLU families (dictionary.activations): a learned threshold per latent; `jumprelu` gates once for
     every snapshot with a tanh penalty, `snapshot_jumprelu` gates each snapshot with a tanh-quad one."""
 
     bandwidth: float = 0.5

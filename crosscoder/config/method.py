@@ -20,7 +20,7 @@ class MethodConfig:
     name: str = "crosscoder"
     """`crosscoder` (one dictionary over all snapshots), `independent` (one dictionary per snapshot, all trained
     at once from the same stream; split by snapshot, a rank trains its own snapshots'), or `sae_track` (a chain:
-    snapshot 0 from scratch, each next one warm-started from the previous one's weights; crosscoder.training.sae_track)."""
+    snapshot 0 from scratch, each next one warm-started from the previous one's weights; training.sae_track)."""
     snapshot: str = ""
     """Train on this one snapshot (by name) only: a plain SAE of one checkpoint. SAE-Track's links set it."""
     first_tokens: int = 0

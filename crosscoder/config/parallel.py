@@ -29,7 +29,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the ranks of a launch split the work: world = data_parallel x snapshot_parallel (crosscoder.parallel.layout)."""
+    """How the ranks of a launch split the work: world = data_parallel x snapshot_parallel (parallel.layout)."""
 
     snapshot_parallel: int = 1
     """Ranks that share one token stream and split the snapshots between them (each loads and runs only its own

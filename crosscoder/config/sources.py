@@ -20,7 +20,7 @@ HOOK_FORMS = "blocks.L.hook_resid_pre, blocks.L.hook_resid_post, blocks.L.hook_a
 
 
 HOOK_POSITIONS = ("pre", "attn_out", "mlp_out", "post")
-"""Hook positions within a block, in the order a sequential block computes them (crosscoder.sources.hooks reads them)."""
+"""Hook positions within a block, in the order a sequential block computes them (sources.hooks reads them)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ class SourcesConfig:
         if not self.hooks:
             return
         if self.kind not in ("hf", "toy"):
-            raise ConfigError(f"sources.hooks is set, but sources.kind={self.kind} has no model to hook; leave it empty")
+            raise ConfigError(f"sources.hooks is set, but sources.kind={self.kind} has no model to hook; leave it "
+                              "empty")
         hooks = [HookPoint.parse(hook, f"sources.hooks[{index}]") for index, hook in enumerate(self.hooks)]
         for before, after in zip(hooks, hooks[1:], strict=False):
             if after.depth <= before.depth:

@@ -62,11 +62,12 @@ class TrainerConfig:
             raise ConfigError(f"trainer.state_every={self.state_every} must be >= 0 (0: only on SIGTERM)")
         positive("trainer.keep_states", self.keep_states)
         if self.eval_tokens < 0:
-            raise ConfigError(f"trainer.eval_tokens={self.eval_tokens} must be >= 0 (0 skips the spliced-in evaluation)")
+            raise ConfigError(f"trainer.eval_tokens={self.eval_tokens} must be >= 0 (0 skips the spliced-in "
+                              "evaluation)")
         if not self.resume:
             raise ConfigError("trainer.resume='' must be none, auto or a training-state folder")
         if self.total_tokens < self.batch_size:  # zero steps would export the initial, untrained dictionary as final
             raise ConfigError(
-                f"trainer.total_tokens={self.total_tokens} is less than one batch (trainer.batch_size={self.batch_size}): "
-                "the run would train zero steps"
+                f"trainer.total_tokens={self.total_tokens} is less than one batch "
+                f"(trainer.batch_size={self.batch_size}): the run would train zero steps"
             )

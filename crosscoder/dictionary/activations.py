@@ -1,4 +1,4 @@
-"""Activation functions of the crosscoder, by name (the architecture registry).
+"""Activation functions of the crosscoder (the families registry by name: crosscoder.dictionary.families).
 
 Each maps pre-activations [B, F] and a per-latent weight w_i = sum_s ||W_dec[i, s]|| to codes [B, F]; a
 per-snapshot gate (`per_snapshot`) takes the decoder norms n [F, S] themselves and gives codes [B, S, F], latent i's
@@ -263,7 +263,3 @@ class SnapshotJumpReLU(JumpReLU):
         """sum_s sum_i ReLU(theta_i - pre_i n_is) n_is, batch mean: the shared gate's loss at each snapshot's gate."""
         norms = latent_weight.t()[None]
         return ((self.threshold() - pre[:, None, :] * norms).relu() * norms).sum(dim=(1, 2)).mean()
-
-
-ACTIVATIONS: dict[str, type[Activation]] = {"relu": ReLU, "topk": TopK, "batchtopk": BatchTopK, "jumprelu": JumpReLU,
-                                            "snapshot_jumprelu": SnapshotJumpReLU}

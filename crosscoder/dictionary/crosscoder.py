@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from torch import nn
 
-from crosscoder.dictionary.activations import ACTIVATIONS, Activation, TopK
+from crosscoder.dictionary.activations import Activation, TopK
+from crosscoder.dictionary.families import family
 from crosscoder.dictionary.group import OneRank, SnapshotGroup
 from crosscoder.dictionary.sparse import decode_active, dense_codes, gather_active, sorted_flat
 
@@ -95,9 +96,7 @@ class Crosscoder(nn.Module):
         n_sources = len(share)
         self.n_sources, self.d_model, self.dict_size = n_sources, d_model, dict_size
         if isinstance(activation, str):
-            if activation not in ACTIVATIONS:
-                raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
-            activation = ACTIVATIONS[activation](k=k, dict_size=dict_size, **(activation_options or {}))
+            activation = family(activation).activation(k=k, dict_size=dict_size, **(activation_options or {}))
         if not activation.splits_by_snapshot and len(share) < self.total_sources:
             raise ValueError(f"{type(activation).__name__} cannot be split by snapshot yet")
         self.activation = activation

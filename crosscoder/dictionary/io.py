@@ -44,7 +44,7 @@ class DictionaryMeta:
     """The run's configuration, for provenance."""
     format_version: int = FORMAT_VERSION
     source_axis: str = "step"
-    """What the sources are (crosscoder.sources.models.source_axis): `step` (snapshots of a training run), `layer` (hooks
+    """What the sources are (sources.models.source_axis): `step` (snapshots of a training run), `layer` (hooks
     of one snapshot at distinct blocks), `hook` or `source` (snapshots x hooks)."""
 
     @property

@@ -1,7 +1,7 @@
 """Forwards that run a snapshot to its logits with the hooked activation read, or replaced by a given tensor.
 
 A `SnapshotRunner` normally stops the forward at its hook (the activation is all it needs); the spliced-in
-language-model loss (crosscoder.evaluation.spliced) must continue past the hook. These forwards use the runner's hook sites
+language-model loss (evaluation.spliced) must continue past the hook. These forwards use the runner's hook sites
 (crosscoder.sources.hooks: a block's input for `hook_resid_pre`, its output for `hook_resid_post`, the sublayer module's
 output for `hook_attn_out` / `hook_mlp_out`), one hook at a time: `hook` indexes the runner's hooks. The runner
 must hold a causal LM (`load_runners(..., with_lm_head=True)`), so the forward ends in logits.

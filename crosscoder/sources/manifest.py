@@ -18,7 +18,8 @@ SOURCES_FILE = "sources.json"
 RESERVED_NAMES = ("activations", "token_ids")  # tensor names with a meaning in a safetensors shard
 
 
-FORMAT_HINT = "see the folder format in crosscoder/data/files.py (docs/sources-and-data.md, 'Activations you already have')"
+FORMAT_HINT = ("see the folder format in crosscoder/data/files.py (docs/sources-and-data.md, 'Activations you already "
+               "have')")
 
 
 @dataclass(frozen=True)

@@ -395,7 +395,7 @@ class TrainingRun:
         return out_dir
 
     def _export_stack(self, state_dict: dict[str, torch.Tensor], step: int, out_dir: Path, aliases: list[str]) -> None:
-        """Main process: one dictionary per snapshot and the stack manifest (crosscoder.dictionary.stack), one W&B artifact.
+        """Main process: one dictionary per snapshot and the stack manifest (dictionary.stack), one W&B artifact.
         Its latents are unaligned: the analysis waits for crosscoder-match, and the spliced-in evaluation reads
         crosscoders only for now."""
         specs = self.sources.specs

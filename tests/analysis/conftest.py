@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary
 from crosscoder.model import Crosscoder
 

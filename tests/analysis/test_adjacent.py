@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from crosscoder.analysis.adjacent import AdjacentAccumulator, adjacent_statistics, crosscoder_codes
 from crosscoder.analysis.adjacent_report import ADJACENT_COLUMNS, ADJACENT_TITLE, dictionary_adjacent
 from crosscoder.analysis.cli import main as analyze_main
-from crosscoder.config import ConfigError
 from crosscoder.model import Crosscoder
+
+from crosscoder.config import ConfigError
 from tests.analysis.test_latent_scaling import _planted_dictionary
 from tests.analysis.test_progress import N_SNAPSHOTS, planted_decoders, planted_stack
 

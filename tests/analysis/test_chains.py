@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from crosscoder.analysis.chains import chain_segments
 from crosscoder.analysis.evolution import emergence_snapshots, normalized_trajectories
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from crosscoder.analysis.cli import _parser, main
+
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
 from tests.analysis.conftest import EXPECTED_CLASSES
 from tests.launching import REPO

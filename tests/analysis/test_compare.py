@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from crosscoder.analysis import compare_cli
 from crosscoder.analysis.compare import agreement, compare, decoder_similarity, load_input
 from crosscoder.analysis.compare_report import write_compare_report
 from crosscoder.analysis.planted import planted_config
@@ -19,6 +17,8 @@ from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictio
 from crosscoder.model import Crosscoder
 from crosscoder.stack import StackEntry, StackManifest, write_stack_manifest
 from crosscoder.toy.planted import planted_truth
+
+from crosscoder.analysis import compare_cli
 from tests.analysis.test_stack_match import D_MODEL, hand_built_decoders, write_single
 
 HOOK = "blocks.0.hook_resid_pre"  # write_single's

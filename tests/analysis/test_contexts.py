@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from crosscoder.analysis.cli import main
 from crosscoder.analysis.contexts import (
     CONTEXTS_TITLE,
@@ -21,11 +19,13 @@ from crosscoder.analysis.contexts import (
     top_contexts,
 )
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.model import Crosscoder
+from omegaconf import OmegaConf
+
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.constants import CONFIG_FILE
 from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.model import Crosscoder
 from crosscoder.sources import describe_sources, load_runners
 from tests.conftest import tiny_toy_config
 

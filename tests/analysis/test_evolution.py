@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from crosscoder.analysis.evolution import (
     CLASSES,
     EMERGENCE_THRESHOLD,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.analysis.cli import main
 from crosscoder.analysis.scaling import (
     NU_PRESENT,
@@ -23,9 +22,10 @@ from crosscoder.analysis.scaling import (
     normalized_decoder,
 )
 from crosscoder.checkpoint import DictionaryMeta, export_dictionary
-from crosscoder.config import PlantedSourceConfig
 from crosscoder.model import Crosscoder
 from crosscoder.toy.planted import planted_truth
+
+from crosscoder.config import PlantedSourceConfig
 
 NAMES = ["early", "late"]
 

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from crosscoder.analysis.matching import decoder_cosine, linear_sum_assignment, recovery
 
 

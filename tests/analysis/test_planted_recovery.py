@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from crosscoder.analysis.cli import main as analyze_main
 from crosscoder.analysis.matching import recovery
 from crosscoder.analysis.planted import planted_config, planted_recovery
-from crosscoder.analysis.report import analyze_dictionary
 from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS
 from crosscoder.checkpoint import load_decoder_norms, load_firing_frequency, read_meta
-from crosscoder.config import RunConfig
-from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
 from crosscoder.model import Crosscoder
 from crosscoder.toy.planted import planted_truth
 from crosscoder.trainer import train
+from omegaconf import OmegaConf
+
+from crosscoder.analysis.report import analyze_dictionary
+from crosscoder.config import RunConfig
+from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
 
 RECOVERED, EMERGENCE_EXACT = 0.9, 0.85
 FAMILY_RECOVERED, FAMILY_EMERGENCE_EXACT = 0.95, 0.95
@@ -176,9 +176,10 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
     planted features with their exact emergence snapshot. Controls that must fail: the dictionaries read against
     other snapshots, and the aligned stack with its snapshots shuffled. W&B logs each dictionary under its
     snapshot's name and the stack as one artifact."""
-    from crosscoder.analysis import match_cli
     from crosscoder.analysis.stack_report import load_stack_chains, stack_planted_recovery
     from crosscoder.stack import load_stack_decoders, read_stack
+
+    from crosscoder.analysis import match_cli
     from tests.launching import single_wandb_run_file
     from tests.wandb_records import artifacts, history_keys
 
@@ -224,8 +225,9 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
 def test_one_snapshot_of_the_sources_trains_a_plain_sae_of_it(tmp_path: Path) -> None:
     """method.snapshot=snapshot5: a one-source dictionary of that snapshot (its input scale is the one the
     8-snapshot stream measures for it), holding its planted features; a name the sources lack is refused."""
-    from crosscoder.config import ConfigError
     from crosscoder.stack import read_stack
+
+    from crosscoder.config import ConfigError
 
     cfg = family_run_config(tmp_path / "one", "topk", 4e-3)
     cfg.method.snapshot, cfg.crosscoder.dict_size, cfg.crosscoder.k = "snapshot5", 128, 6

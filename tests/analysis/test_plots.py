@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from crosscoder.analysis.evolution import Evolution, analyze_evolution
 from crosscoder.analysis.plots import (
     heatmap_order,
@@ -16,6 +15,7 @@ from crosscoder.analysis.plots import (
     plot_trajectory_heatmap,
     snapshot_labels,
 )
+
 from tests.analysis.conftest import expected_norms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.analysis.chains import Chains
 from crosscoder.analysis.cli import main as analyze_main
 from crosscoder.analysis.evolution import FeatureTable
@@ -22,6 +21,7 @@ from crosscoder.analysis.progress import ProgressResult, mean_pairwise_cosine, p
 from crosscoder.analysis.progress_report import PROGRESS_TITLE, add_progress_columns
 from crosscoder.analysis.stack_report import StackNotAlignedError
 from crosscoder.toy.planted import planted_truth
+
 from tests.analysis.test_stack_match import D_MODEL, write_stack
 
 N_SNAPSHOTS = 3

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from crosscoder.analysis import match_cli
 from crosscoder.analysis.cli import main as analyze_main
 from crosscoder.analysis.planted import planted_config
-from crosscoder.analysis.report import load_evolution
 from crosscoder.analysis.sae_match import MATCH_QUALITY_FILE, folded_decoder, match_stack, stack_decoders
 from crosscoder.analysis.stack_report import stack_planted_recovery
 from crosscoder.checkpoint import (
@@ -26,10 +23,13 @@ from crosscoder.checkpoint import (
     load_firing_frequency,
     read_tensors,
 )
-from crosscoder.constants import WEIGHTS_FILE
 from crosscoder.model import Crosscoder
 from crosscoder.stack import StackEntry, StackManifest, read_stack, write_stack_manifest
 from crosscoder.toy.planted import planted_truth
+
+from crosscoder.analysis import match_cli
+from crosscoder.analysis.report import load_evolution
+from crosscoder.constants import WEIGHTS_FILE
 
 D_MODEL, DICT_SIZE = 16, 48
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from crosscoder.build_cache import build_cache
+
 from crosscoder.config import ConfigError, RunConfig
 from crosscoder.data.activations import ActivationBlock, valid_token_mask
 from crosscoder.data.cache import CacheReader

@@ -7,8 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from crosscoder.config import ConfigError, PlantedSourceConfig, RunConfig
 from crosscoder.toy.planted import (
     EMERGENCE_THRESHOLD,
     KINDS,
@@ -17,6 +15,8 @@ from crosscoder.toy.planted import (
     planted_truth,
     sample_tokens,
 )
+
+from crosscoder.config import ConfigError, PlantedSourceConfig, RunConfig
 
 CFG = PlantedSourceConfig(seed=3)
 

@@ -1,4 +1,4 @@
-"""The adjacent-source statistics (crosscoder.analysis.diagnostics.adjacent) of an exported crosscoder or stack on activations
+"""The adjacent-source statistics (analysis.diagnostics.adjacent) of an exported crosscoder or stack on activations
 re-created from its run configuration, and their place in `crosscoder-analyze`'s report: `adjacent.csv` (one row per
 source and latent: its best match in the next source and back in the previous one), `adjacent` in summary.json,
 and a section with a table and `adjacent.png` (per transition, the pass-through / disappear shares of s's live

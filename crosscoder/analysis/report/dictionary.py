@@ -243,7 +243,7 @@ def analyze_dictionary(
         if adjacent is not None:  # needs activations, which only the caller can re-create
             extra_sections = [add_adjacent(summary, adjacent, evo.steps, tmp), *(extra_sections or [])]
         spliced = read_eval(dictionary_dir)
-        if spliced is not None:  # evaluated by crosscoder-eval or by the trainer at export (crosscoder.evaluation.spliced)
+        if spliced is not None:  # by crosscoder-eval or by the trainer at export (evaluation.spliced)
             summary["spliced_eval"] = spliced
             section = spliced_section(spliced, plot_ce_recovered(spliced, tmp / SPLICED_FIGURE))
             extra_sections = [(SPLICED_TITLE, section), *(extra_sections or [])]

@@ -254,7 +254,7 @@ def plot_latent_scaling(norm_ratio: torch.Tensor, nu: torch.Tensor, flagged: tor
 
 
 def plot_progress(progress: torch.Tensor, names: list[str], steps: list[int | None], path: str | Path) -> Path:
-    """SAE-Track's progress measure per snapshot (crosscoder.analysis.diagnostics.progress): median and quartiles over the
+    """SAE-Track's progress measure per snapshot (analysis.diagnostics.progress): median and quartiles over the
     latents live at the final snapshot (rows of `progress` [F, S] that are not NaN there)."""
     labels = snapshot_labels(names, steps)
     fig = Figure(figsize=(_width(len(labels)), 4.5))

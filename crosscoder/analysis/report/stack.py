@@ -1,10 +1,10 @@
-"""The evolution analysis of a stack (crosscoder.dictionary.stack): one single-snapshot dictionary per snapshot, read as one
+"""The evolution analysis of a stack (dictionary.stack): one single-snapshot dictionary per snapshot, read as one
 crosscoder's decoder would be (`stack.load_stack_decoders`: W_dec [F, S, d] and decoder norms [F, S] in each
 snapshot's normalised space), provided latent i means the same feature in every dictionary (`aligned` is
 warm_start or sae_match). Each slot is cut into chains where consecutive decoders stop being one feature
 (crosscoder.analysis.features.chains): the analysis' latents are the chains, and features.csv names each chain's slot.
 Top contexts and latent scaling are skipped; SAE-Track's progress measure, which replays activations through
-each snapshot's dictionary, is crosscoder.analysis.diagnostics.progress. Planted recovery works when every dictionary trained
+each snapshot's dictionary, is analysis.diagnostics.progress. Planted recovery works when every dictionary trained
 on the same planted problem of S snapshots.
 """
 
