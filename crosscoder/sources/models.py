@@ -263,8 +263,8 @@ def describe_model_sources(cfg: SourcesConfig, log: Callable[[str], None] = prin
     """Sources with a model behind them (hf, toy) and planted ones (files: crosscoder.data.kinds). Resolve the
     sources and check they are compatible, reading only tokenizers and configs (cheap): one tokenizer, one width,
     every hook within every model, every model a decoder-only causal LM; then fingerprint each snapshot (a few MB
-    of each local snapshot's weight files; a hub snapshot's commit and config). Every hook (sources.hooks) writes into the residual stream, so one width holds for all
-    of a snapshot's hooks."""
+    of each local snapshot's weight files; a hub snapshot's commit and config). Every hook (sources.hooks) writes
+    into the residual stream, so one width holds for all of a snapshot's hooks."""
     if cfg.kind == "planted":  # no model, no tokenizer: activations come from crosscoder.data.planted
         specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in planted_specs(cfg)]
         return SourceInfo(specs=specs, tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
