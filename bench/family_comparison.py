@@ -61,7 +61,7 @@ def run_config(family: str, overrides: list[str], out_dir: Path):  # noqa: ANN20
 
 def train_once(family: str, sparsity: float, tokens: int, root: Path, knob: str | None = None) -> Run:
     from crosscoder.constants import RUN_SUMMARY_FILE
-    from crosscoder.training.trainer import train
+    from crosscoder.cli.train import train
 
     key = knob or KNOBS[family]
     value = int(sparsity) if key == "crosscoder.k" else sparsity
