@@ -60,8 +60,8 @@ def run_config(family: str, overrides: list[str], out_dir: Path):  # noqa: ANN20
 
 
 def train_once(family: str, sparsity: float, tokens: int, root: Path, knob: str | None = None) -> Run:
-    from crosscoder.constants import RUN_SUMMARY_FILE
     from crosscoder.cli.train import train
+    from crosscoder.constants import RUN_SUMMARY_FILE
 
     key = knob or KNOBS[family]
     value = int(sparsity) if key == "crosscoder.k" else sparsity

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(overrides: dict) -> str:
     from crosscoder.analysis.features.planted import planted_recovery
-    from crosscoder.constants import RUN_SUMMARY_FILE
     from crosscoder.cli.train import train
+    from crosscoder.constants import RUN_SUMMARY_FILE
     from tests.analysis.test_planted_recovery import planted_run_config
 
     cfg = planted_run_config(Path(tempfile.mkdtemp(prefix="planted_recipe_")) / "run")

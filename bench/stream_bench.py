@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from crosscoder.cli.cache import build_cache  # noqa: E402
+from crosscoder.cli.train import train  # noqa: E402
 from crosscoder.config import RunConfig  # noqa: E402
 from crosscoder.data.kinds import describe_sources
 from crosscoder.data.stream import online_block_source  # noqa: E402
-from crosscoder.cli.train import train  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
     "default": ["trainer.total_tokens=204800"],
