@@ -39,7 +39,7 @@ def _quiet_non_main_ranks() -> None:
 
 def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
     """Run a Hydra command on the typed config. Whatever stops it is one line on stderr with an exit status
-    that says what kind of stop it was (README, "When things go wrong"): 2 bad input, 1 a fault during the run,
+    that says what kind of stop it was (docs/resume-and-faults.md): 2 bad input, 1 a fault during the run,
     128 + the signal for a stop asked by a signal; a stop that left a training state says how to resume."""
     # Cheap imports only (no trainer, no DeepSpeed): every rank of a launch pays for them.
     from crosscoder.errors import (

@@ -2,7 +2,7 @@
 
 A run either finishes or stops with one line naming the cause. Each fault here carries the training state the
 run can resume from (`state_dir`), so the entry point can print the exact resume command; its exit status
-says what kind of stop it was (see README, "When things go wrong").
+says what kind of stop it was (docs/resume-and-faults.md, "When things go wrong").
 
 The health flags ride in the step's one reduction, taken after the forward and before the backward: a
 non-finite batch or loss, or a rank whose activation stream failed, stops every rank together before a bad
