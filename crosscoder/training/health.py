@@ -1,12 +1,9 @@
-"""Faults that stop a run, and the per-step health flags every rank must agree on before it updates.
+"""The per-step health flags every rank must agree on before it updates.
 
-A run either finishes or stops with one line naming the cause. Each fault here carries the training state the
-run can resume from (`state_dir`), so the entry point can print the exact resume command; its exit status
-says what kind of stop it was (docs/resume-and-faults.md, "When things go wrong").
-
-The health flags ride in the step's one reduction, taken after the forward and before the backward: a
-non-finite batch or loss, or a rank whose activation stream failed, stops every rank together before a bad
-update reaches the weights.
+A run either finishes or stops with one line naming the cause (the faults and their exit statuses are
+crosscoder.errors; docs/resume-and-faults.md, "When things go wrong"). The health flags ride in the step's one
+reduction, taken after the forward and before the backward: a non-finite batch or loss, or a rank whose
+activation stream failed, stops every rank together before a bad update reaches the weights.
 """
 
 from __future__ import annotations
