@@ -11,6 +11,8 @@ from crosscoder.errors import ConfigError
 
 SourceKind = Literal["hf", "toy", "planted", "files"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
+MODEL_KINDS: tuple[str, ...] = ("hf", "toy")
+"""Source kinds that run snapshots of a model on text: they have hooks, tokens, an LM loss and contexts."""
 
 
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
@@ -176,7 +178,7 @@ class SourcesConfig:
         HookPoint.parse(self.hook)
         if not self.hooks:
             return
-        if self.kind not in ("hf", "toy"):
+        if self.kind not in MODEL_KINDS:
             raise ConfigError(f"sources.hooks is set, but sources.kind={self.kind} has no model to hook; leave it "
                               "empty")
         hooks = [HookPoint.parse(hook, f"sources.hooks[{index}]") for index, hook in enumerate(self.hooks)]

@@ -11,15 +11,12 @@ from collections.abc import Callable
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from crosscoder.config import RunConfig
+from crosscoder.config import MODEL_KINDS, RunConfig
 from crosscoder.data.kinds import describe_sources
 from crosscoder.dictionary.io import DictionaryMeta
 from crosscoder.errors import ConfigError
 from crosscoder.sources.fingerprint import check_same_snapshots
 from crosscoder.sources.spec import SourceInfo
-
-TOKEN_SOURCE_KINDS = ("hf", "toy")
-"""Source kinds that read text; others (e.g. synthetic `planted` snapshots) have no tokenizer or token stream."""
 
 
 def unsupported_reason(meta: DictionaryMeta) -> str | None:
@@ -28,8 +25,8 @@ def unsupported_reason(meta: DictionaryMeta) -> str | None:
     if not isinstance(sources, dict):
         return "the dictionary's config.json holds no run configuration (training.sources): snapshots unknown"
     kind = sources.get("kind", "hf")
-    if kind not in TOKEN_SOURCE_KINDS:
-        return (f"sources.kind={kind!r}: top contexts need snapshots that read text ({' or '.join(TOKEN_SOURCE_KINDS)}"
+    if kind not in MODEL_KINDS:
+        return (f"sources.kind={kind!r}: top contexts need snapshots that read text ({' or '.join(MODEL_KINDS)}"
                 f"); {kind} sources have no tokenizer or token stream")
     if kind == "hf" and not sources.get("model") and not sources.get("paths"):
         return "sources.model and sources.paths are both empty in the dictionary's run configuration"

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from crosscoder.config import MODEL_KINDS
 from crosscoder.constants import EVAL_FILE, STREAM_POSITION_FILE
 from crosscoder.data.activations import valid_token_mask
 from crosscoder.data.held_out import held_out_batches
@@ -44,7 +45,6 @@ from crosscoder.storage import write_text_atomic
 
 EVAL_CHUNK_ROWS = 8
 """Sequences per forward: a [rows, T, vocabulary] float32 logits tensor per forward bounds the memory."""
-MODEL_SOURCE_KINDS = ("hf", "toy")
 METRIC_KEYS = ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "ce_recovered", "ce_recovered_mean", "kl")
 """The per-snapshot figures, as logged to W&B (`eval/<key>/<snapshot>`) and written to eval.json."""
 
@@ -209,9 +209,9 @@ def evaluate_dictionary(dictionary_dir: str | Path, n_tokens: int, device: str |
         raise ValueError(f"n_tokens={n_tokens} must be > 0")
     dictionary_dir, device = Path(dictionary_dir), torch.device(device)
     kind = (read_meta(dictionary_dir).training.get("sources") or {}).get("kind", "hf")
-    if kind not in MODEL_SOURCE_KINDS:
+    if kind not in MODEL_KINDS:
         raise ConfigError(f"sources.kind={kind!r}: the spliced-in LM loss needs snapshots that are language models "
-                          f"({' or '.join(MODEL_SOURCE_KINDS)}); {kind} sources have none")
+                          f"({' or '.join(MODEL_KINDS)}); {kind} sources have none")
     model, meta = load_dictionary(dictionary_dir, device)
     cfg, info = dictionary_sources(meta, log)
     names = [spec.name for spec in info.specs]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crosscoder.config import HookPoint, SourcesConfig
+from crosscoder.config import MODEL_KINDS, HookPoint, SourcesConfig
 from crosscoder.errors import ConfigError
 from crosscoder.sources.causal_check import check_causal_decoder, describe_snapshot
 from crosscoder.sources.fingerprint import snapshot_fingerprint
@@ -83,7 +83,7 @@ def source_axis(cfg: SourcesConfig, n_snapshots: int) -> str:
     """What the crosscoder's source axis is, for labels and plots: `step` (snapshots of a training run), `layer`
     (hooks of one snapshot at distinct blocks), `hook` (hooks of one snapshot, some in one block) or `source`
     (snapshots x hooks)."""
-    hooks = configured_hooks(cfg) if cfg.kind in ("hf", "toy") else []
+    hooks = configured_hooks(cfg) if cfg.kind in MODEL_KINDS else []
     if len(hooks) <= 1:
         return "step"
     if n_snapshots > 1:

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import OmegaConf
 
-from crosscoder.config import RunConfig
+from crosscoder.config import MODEL_KINDS, RunConfig
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,
@@ -35,7 +35,7 @@ from crosscoder.dictionary.independent import split_dictionary_states
 from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
 from crosscoder.dictionary.stack import export_stack
 from crosscoder.errors import EXIT_BAD_INPUT, EXIT_FAULT, ConfigError, RunFault, TrainingInterrupted, WorkerError
-from crosscoder.evaluation.spliced import MODEL_SOURCE_KINDS, export_eval
+from crosscoder.evaluation.spliced import export_eval
 from crosscoder.parallel.engine import (
     build_accelerator,
     ensure_process_group_env,
@@ -414,7 +414,7 @@ class TrainingRun:
         """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
         figures to W&B). The other ranks wait at the export's barrier meanwhile (seconds for the default tokens)."""
         trainer_cfg, sources_cfg = self.cfg.trainer, self.cfg.sources
-        if not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_SOURCE_KINDS:  # planted: no LM
+        if not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_KINDS:  # planted: no LM
             return {}
         metrics = export_eval(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
                               self.log)
