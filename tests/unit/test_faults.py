@@ -1,0 +1,76 @@
+"""Faults in-process: a full disk at the final export keeps a training state that finishes the run, resuming
+onto other weights under the same snapshot names is refused, and what the tools do with an OSError from
+writing their output. The faults driven through the real entry points: tests/launch/test_faults.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crosscoder.config import ConfigError
+from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, WEIGHTS_FILE
+from crosscoder.faults import StorageError, exit_if_storage_failed
+from crosscoder.trainer import train
+from tests.helpers import copy_snapshots, states, tiny_run_config
+
+
+@pytest.mark.usefixtures("clean_process_env")
+def test_a_full_disk_at_the_final_export_keeps_a_state_that_finishes_it(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up just as the dictionary is written (the writer raises ENOSPC): the run stops naming the
+    dictionary and the full disk, a training state of the last step is already on disk, and resuming from it
+    only exports."""
+    import crosscoder.checkpoint
+
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.trainer.total_tokens = 128 * 6
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crosscoder.checkpoint, "save_file", full_disk)
+        with pytest.raises(StorageError, match=r"cannot write the dictionary .*/dictionary: no space left on the "
+                                               r"device .*the last complete training state is .*step_0000006"):
+            train(cfg)
+    assert states(tmp_path / "run") == [6] and not (tmp_path / "run" / DICTIONARY_DIR).exists()
+
+    cfg.trainer.resume = "auto"
+    result = train(cfg)
+    assert result.steps == 6 and (result.dictionary_dir / WEIGHTS_FILE).is_file()
+    assert json.loads((tmp_path / "run" / RUN_SUMMARY_FILE).read_text())["resumed_from_step"] == 6
+
+
+@pytest.mark.usefixtures("clean_process_env")
+def test_resuming_onto_other_weights_under_the_same_names_is_refused(tiny_snapshots: list, toy_cache: Path,
+                                                                      tmp_path: Path) -> None:
+    """A run's snapshot folder now holds another checkpoint (same names): resuming is refused naming it."""
+    paths = copy_snapshots(tiny_snapshots, tmp_path / "snapshots")
+    cfg = tiny_run_config(toy_cache, tmp_path / "run")
+    cfg.sources.kind, cfg.sources.paths = "hf", [str(path) for path in paths]
+    cfg.trainer.total_tokens, cfg.trainer.state_every = 128 * 4, 2
+    train(cfg)
+    shutil.copyfile(paths[1] / "model.safetensors", paths[2] / "model.safetensors")  # step12 now holds step4
+    cfg.trainer.resume = "auto"
+    with pytest.raises(ConfigError, match=r"the training state .*step_0000004 was made from a different snapshot "
+                                          r"'step12' \(fingerprint"):
+        train(cfg)
+
+
+def test_a_tools_write_that_failed_for_storage_is_one_line_exit_2_and_other_errors_go_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What crosscoder-analyze, -match, -compare and -eval do with an OSError from writing their output."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.html"))
+    with pytest.raises(SystemExit) as stopped:
+        exit_if_storage_failed("crosscoder-compare", full, tmp_path)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"crosscoder-compare: cannot write {tmp_path / 'report.html'}: no space left "
+                                       "on the device ([Errno 28] No space left on device)\n")
+    exit_if_storage_failed("crosscoder-compare", OSError(errno.ENOENT, "No such file", str(tmp_path / "x")), tmp_path)
+    assert capsys.readouterr().err == ""  # not storage: returned, for the caller to raise
