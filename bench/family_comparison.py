@@ -2,7 +2,7 @@
 group (conf/crosscoder/<family>.yaml) trains on the 8 toy snapshots through the real trainer, the other families'
 L0 knob (KNOBS: lambda, or the shared gate's initial threshold) searched until their L0 is within --tolerance of
 --target-l0 (TopK and BatchTopK get it by construction: k = the target), and each chosen dictionary is judged by
-the spliced-in LM loss per snapshot (crosscoder.evaluation.spliced) on held-out tokens.
+the spliced-in LM loss per snapshot (crosscoder.evaluation.spliced.spliced) on held-out tokens.
 
     python bench/family_comparison.py                       # all five families, L0 16, 300k tokens each
     python bench/family_comparison.py --families relu,topk --tokens 200000

@@ -11,7 +11,7 @@ TopK/BatchTopK the per-latent decoder norm [F]. The data group reduces the gradi
 
 Everything here is a projection: step time = FLOP / (efficiency x peak) + bytes moved / link bandwidth, with no
 overlap of communication and compute, ring collectives, and the bottleneck link of each group. The shares are
-the trainer's own (`crosscoder.parallel.layout.snapshot_shares`); other code imports the formula functions.
+the trainer's own (`crosscoder.parallel.engine.layout.snapshot_shares`); other code imports the formula functions.
 """
 
 from __future__ import annotations

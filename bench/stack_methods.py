@@ -30,7 +30,7 @@ def main() -> None:
     from crosscoder.data.planted import planted_truth
     from crosscoder.dictionary.stack import load_stack_decoders, read_stack
     from crosscoder.training.sae_track import train_sae_track
-    from tests.analysis.test_planted_recovery import _per_snapshot_recovered, _train_clean, family_run_config
+    from tests.unit.analysis.test_planted_recovery import _per_snapshot_recovered, _train_clean, family_run_config
 
     root = Path(tempfile.mkdtemp(prefix="stack_methods_"))
     warm_up = family_run_config(root / "warm-up", "topk", 4e-3)  # DeepSpeed's one-time set-up, not timed

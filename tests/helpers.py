@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 from wandb.proto import wandb_internal_pb2
 
-from crosscoder.analysis.planted import planted_config
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.analysis.features.planted import planted_config
+from crosscoder.cli.train import sweep_group
 from crosscoder.config import PlantedSourceConfig, RunConfig
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, TRAINING_STATES_DIR
-from crosscoder.model import Crosscoder
-from crosscoder.parallel import free_port
-from crosscoder.stack import StackEntry, StackManifest, write_stack_manifest
+from crosscoder.data.planted import planted_truth
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.dictionary.stack import StackEntry, StackManifest, write_stack_manifest
+from crosscoder.parallel.engine import free_port
 from crosscoder.toy import ToyLMConfig
-from crosscoder.toy.planted import planted_truth
-from crosscoder.train import sweep_group
-from crosscoder.training_state import list_training_states
+from crosscoder.training.state import list_training_states
 
 # ---- the tiny toy run ------------------------------------------------------------------------------------------------
 # The toy's snapshots' settings, run configs reading them, and what a run leaves on disk.
@@ -226,7 +226,7 @@ def newest_state_step(run_dir: Path) -> int:
 def build_activation_cache(toy_cache: Path, workdir: Path) -> Path:
     """A cache of the tiny toy run (3072 tokens), written by the `crosscoder-cache` entry point."""
     cache_dir = workdir / "acts"
-    result = run([sys.executable, "-m", "crosscoder.build_cache", *tiny_overrides(toy_cache),
+    result = run([sys.executable, "-m", "crosscoder.cli.cache", *tiny_overrides(toy_cache),
                   f"data.cache.dir={cache_dir}", "data.cache.tokens=3072", f"hydra.run.dir={workdir / 'log'}"],
                  workdir)
     assert f"activations in {cache_dir}" in result.stdout
@@ -312,7 +312,7 @@ def run_group(path: Path) -> str:
 
 # ---- hand-built dictionaries -----------------------------------------------------------------------------------------
 # Exported crosscoder dictionaries built by hand: one with known classes (written by
-# `crosscoder.checkpoint.export_dictionary`), the planted problem's own dictionary, and a damaged file.
+# `crosscoder.dictionary.io.export_dictionary`), the planted problem's own dictionary, and a damaged file.
 
 
 N_SOURCES, DICTIONARY_D_MODEL = 4, 8
@@ -387,7 +387,7 @@ def _truncate(path: Path) -> None:
 
 # ---- hand-built stacks -----------------------------------------------------------------------------------------------
 # Stacks of single-snapshot dictionaries built by hand: hand-built decoders (known classes) and the planted
-# problem's decoders, each snapshot's dictionary exported by `crosscoder.checkpoint.export_dictionary`.
+# problem's decoders, each snapshot's dictionary exported by `crosscoder.dictionary.io.export_dictionary`.
 
 
 D_MODEL, DICT_SIZE = 16, 48

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from crosscoder.build_cache import _assemble, _Failure
-from crosscoder.layout import TokenDriftError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from crosscoder.constants import CACHE_MANIFEST_FILE
-from crosscoder.parallel import free_port
+from crosscoder.parallel.engine import free_port
 from tests.helpers import PROCESS_ENV, TINY_TOY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +52,7 @@ def build(toy_cache: Path, cache_dir: Path, workdir: Path, ranks: int = 1, *extr
     if ranks == 2:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc_zero2.yaml"),
                      "--main_process_port", str(free_port())]
-    result = run([*launcher, "-m", "crosscoder.build_cache",
+    result = run([*launcher, "-m", "crosscoder.cli.cache",
                   *cache_overrides(toy_cache, cache_dir, workdir / f"log-{cache_dir.name}", workers), *extra], workdir)
     return result.stdout + result.stderr
 
@@ -117,7 +115,7 @@ def test_snapshot_parallel_must_be_the_world_size(snapshot_parallel: int, toy_ca
     """Each rank refuses on its own, before any collective: one rank of a 2-rank launch is enough to show it."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    result = run([sys.executable, "-m", "crosscoder.build_cache",
+    result = run([sys.executable, "-m", "crosscoder.cli.cache",
                   *cache_overrides(toy_cache, tmp_path / "acts", tmp_path / "log"),
                   f"parallel.snapshot_parallel={snapshot_parallel}"], tmp_path, env, expect=2)
     assert f"parallel.snapshot_parallel={snapshot_parallel} but this launch has 2 ranks" in result.stderr

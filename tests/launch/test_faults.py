@@ -238,7 +238,7 @@ def test_a_cache_build_on_a_full_disk_names_it_and_keeps_its_complete_shards(
     """`crosscoder-cache` into a folder too small for it: one line naming the shard and the full disk (exit 2);
     the shards already complete stay, under their final names only."""
     cache_dir = tmpfs("400k") / "acts"
-    result = run([sys.executable, "-m", "crosscoder.build_cache", *tiny_overrides(toy_cache),
+    result = run([sys.executable, "-m", "crosscoder.cli.cache", *tiny_overrides(toy_cache),
                   f"data.cache.dir={cache_dir}", "data.cache.tokens=3072", "data.cache.shard_batches=1",
                   f"hydra.run.dir={tmp_path / 'log'}"], tmp_path, returncode=2)
     line = next(line for line in result.stderr.splitlines() if line.startswith("crosscoder-cache:"))
@@ -253,7 +253,7 @@ def test_crosscoder_analyze_into_a_read_only_folder_is_one_line(activation_cache
     run(train_command(*tiny_overrides(toy_cache), f"data.cache.dir={activation_cache}", "tracking=disabled",
                       f"hydra.run.dir={run_dir}"), tmp_path)
     read_only = tmpfs(read_only=True)
-    result = run([sys.executable, "-m", "crosscoder.analysis.cli", str(run_dir / DICTIONARY_DIR),
+    result = run([sys.executable, "-m", "crosscoder.cli.analyze", str(run_dir / DICTIONARY_DIR),
                   "--out", str(read_only / "report"), "--contexts", "0", "--scaling-tokens", "0"],
                  tmp_path, returncode=2)  # the replays only delay the write that fails
     assert last_line_of(result, "crosscoder-analyze:").endswith("the file system is read-only ([Errno 30] "

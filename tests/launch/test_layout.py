@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from crosscoder.layout import Layout, TokenDriftError, build_layout
-from crosscoder.model import SNAPSHOT_DIMS, Crosscoder
-from crosscoder.parallel import free_port
+from crosscoder.dictionary.crosscoder import SNAPSHOT_DIMS, Crosscoder
+from crosscoder.errors import TokenDriftError
+from crosscoder.parallel.engine import free_port
+from crosscoder.parallel.layout import Layout, build_layout
 
 S, D, F, B = 3, 8, 32, 16
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from crosscoder.checkpoint import load_decoder_norms, load_dictionary
 
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
@@ -24,6 +23,7 @@ from crosscoder.constants import (
     STREAM_POSITION_FILE,
     TRAINING_STATES_DIR,
 )
+from crosscoder.dictionary.io import load_decoder_norms, load_dictionary
 from tests.helpers import (
     REPO,
     check_sweep,
@@ -139,7 +139,7 @@ def test_independent_dictionaries_split_by_snapshot_train_as_on_one_rank(
     nothing summed between them but the gradient norm; rank 0 exports the one stack, equal to the one-rank
     stack's dictionaries (measured: 2.4e-7, the clipped norm summed in another order; allowed 1e-6; a rank
     training another snapshot's dictionary, or on its data, differs by order 1)."""
-    from crosscoder.stack import read_stack
+    from crosscoder.dictionary.stack import read_stack
 
     stacks = {name: layout_runs["independent", name] / DICTIONARY_DIR for name in ("1 rank", "2 snapshot ranks")}
     manifests = {name: read_stack(stack)[0] for name, stack in stacks.items()}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from crosscoder.checkpoint import load_decoder_norms, load_dictionary, load_firing_frequency
 
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
@@ -20,6 +19,7 @@ from crosscoder.constants import (
     RUN_SUMMARY_FILE,
     STREAM_POSITION_FILE,
 )
+from crosscoder.dictionary.io import load_decoder_norms, load_dictionary, load_firing_frequency
 from tests.helpers import (
     REPO,
     TINY_TOY,
@@ -104,7 +104,7 @@ def test_hydra_multirun_over_l1_coeff_reuses_one_cache(activation_cache: Path, t
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path) -> None:
     """Both entry points turn a ConfigError into one line on stderr and exit status 2, before any work."""
     for module, override, message in (
-        ("crosscoder.build_cache", "data.cache.dtype=float32", "crosscoder-cache: configuration error: data.cache.dir"),
+        ("crosscoder.cli.cache", "data.cache.dtype=float32", "crosscoder-cache: configuration error: data.cache.dir"),
         ("crosscoder.train", "data.workers.num_workers=-1", "data.workers.num_workers=-1"),
         ("crosscoder.train", "+crosscoder.dict_sise=256", "crosscoder.dict_sise (did you mean crosscoder.dict_size?)"),
     ):

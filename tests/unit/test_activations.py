@@ -8,12 +8,13 @@ import math
 
 import pytest
 import torch
-from crosscoder.activations import JumpReLU, SnapshotJumpReLU
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.metrics import fired_latents
-from crosscoder.model import Crosscoder, estimate_input_scale
 
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.config import RunConfig
+from crosscoder.dictionary.activations import JumpReLU, SnapshotJumpReLU
+from crosscoder.dictionary.crosscoder import Crosscoder, estimate_input_scale
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.training.metrics import fired_latents
 
 
 def jump(threshold: float = 0.1, bandwidth: float = 0.1, **kwargs: float) -> JumpReLU:
@@ -208,7 +209,8 @@ def test_anthropic_initialisation_and_its_encoder_bias_firing_fraction(family: s
     x = torch.randn(1000, 2, 8)
     model.initialize_encoder_bias([x[:500], x[500:]], firing_fraction=0.05)
     whole = model.b_enc.detach().clone()
-    monkeypatch.setattr("crosscoder.model.INIT_CHUNK_ELEMENTS", 7000)  # 7 latents at a time: the same bias
+    # 7 latents at a time: the same bias
+    monkeypatch.setattr("crosscoder.dictionary.crosscoder.INIT_CHUNK_ELEMENTS", 7000)
     model.initialize_encoder_bias([x[:500], x[500:]], firing_fraction=0.05)
     assert torch.allclose(model.b_enc, whole, atol=1e-6)
     codes = model.encode(x)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosscoder.build_cache import _assemble, _Failure
-from crosscoder.layout import TokenDriftError
+from crosscoder.cli.cache import _assemble, _Failure
+from crosscoder.errors import TokenDriftError
 
 
 def test_rank_zero_refuses_columns_of_other_tokens_or_a_failed_rank() -> None:

@@ -8,20 +8,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import crosscoder.checkpoint as checkpoint
 import pytest
 import torch
-from crosscoder.checkpoint import (
-    DictionaryError,
-    DictionaryMeta,
-    export_dictionary,
-    load_decoder_norms,
-    load_dictionary,
-    read_meta,
-)
-from crosscoder.model import Crosscoder
 
+import crosscoder.dictionary.io as checkpoint
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_decoder_norms, load_dictionary, read_meta
+from crosscoder.errors import DictionaryError
 
 N_SOURCES, D_MODEL, DICT_SIZE, K = 3, 8, 32, 4
 SCALE = torch.tensor([0.5, 2.0, 3.5])

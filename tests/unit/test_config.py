@@ -14,8 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-import crosscoder.train  # noqa: F401  (registers the schema in Hydra's ConfigStore)
-from crosscoder.config import TEXT_PROBE_BYTES, ConfigError, CrosscoderConfig, RunConfig, check_known_keys
+import crosscoder.cli.train  # noqa: F401  (registers the schema in Hydra's ConfigStore)
+from crosscoder.config import CrosscoderConfig, RunConfig, check_known_keys
+from crosscoder.data.checks import TEXT_PROBE_BYTES
+from crosscoder.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

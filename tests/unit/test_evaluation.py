@@ -9,21 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from crosscoder.analysis.spliced_loss import SPLICED_FIGURE, SPLICED_TITLE
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary
-from crosscoder.eval_cli import main
-from crosscoder.model import Crosscoder
-from crosscoder.splicing import logits_and_activation, logits_with_replacement
 from omegaconf import OmegaConf
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from crosscoder.analysis.report import analyze_dictionary
-from crosscoder.config import ConfigError, HookPoint, RunConfig
+from crosscoder.analysis.report.dictionary import analyze_dictionary
+from crosscoder.analysis.report.spliced_loss import SPLICED_FIGURE, SPLICED_TITLE
+from crosscoder.cli.eval import main
+from crosscoder.config import HookPoint, RunConfig
 from crosscoder.constants import ANALYSIS_DIR, CONFIG_FILE, EVAL_FILE
 from crosscoder.data.held_out import held_out_batches, held_out_seed
+from crosscoder.data.kinds import describe_sources
 from crosscoder.data.tokens import TokenBatch, iter_token_batches, special_token_ids
-from crosscoder.evaluation import crosscoder_reconstruction, spliced_eval
-from crosscoder.sources import SnapshotRunner, describe_sources, load_runners
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.evaluation.spliced import crosscoder_reconstruction, spliced_eval
+from crosscoder.evaluation.splicing import logits_and_activation, logits_with_replacement
+from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.models import load_runners
 from crosscoder.toy import generate_corpus
 from tests.helpers import tiny_toy_config
 
@@ -221,7 +224,7 @@ def test_hand_set_dictionaries_recover_in_range_and_a_zero_decoder_recovers_noth
 def _means(toy: dict) -> list[torch.Tensor]:
     """Each snapshot's mean activation over the evaluated sequences (what spliced_eval mean-ablates with)."""
     from crosscoder.data.activations import valid_token_mask
-    from crosscoder.evaluation import _take_rows
+    from crosscoder.evaluation.spliced import _take_rows
 
     rows = _take_rows(toy["batches"], N_POSITIONS, toy["bos"], toy["pad"])
     valid = valid_token_mask(rows, toy["bos"], toy["pad"])

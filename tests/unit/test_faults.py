@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from crosscoder.config import ConfigError
+from crosscoder.cli.train import train
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE, WEIGHTS_FILE
-from crosscoder.faults import StorageError, exit_if_storage_failed
-from crosscoder.trainer import train
+from crosscoder.errors import ConfigError, StorageError
+from crosscoder.storage import exit_if_storage_failed
 from tests.helpers import copy_snapshots, states, tiny_run_config
 
 
@@ -24,7 +24,7 @@ def test_a_full_disk_at_the_final_export_keeps_a_state_that_finishes_it(
     """The disk fills up just as the dictionary is written (the writer raises ENOSPC): the run stops naming the
     dictionary and the full disk, a training state of the last step is already on disk, and resuming from it
     only exports."""
-    import crosscoder.checkpoint
+    import crosscoder.dictionary.io
 
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
     cfg.trainer.total_tokens = 128 * 6
@@ -33,7 +33,7 @@ def test_a_full_disk_at_the_final_export_keeps_a_state_that_finishes_it(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(crosscoder.checkpoint, "save_file", full_disk)
+        patch.setattr(crosscoder.dictionary.io, "save_file", full_disk)
         with pytest.raises(StorageError, match=r"cannot write the dictionary .*/dictionary: no space left on the "
                                                r"device .*the last complete training state is .*step_0000006"):
             train(cfg)

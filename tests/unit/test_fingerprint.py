@@ -12,16 +12,18 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from crosscoder.fingerprint import (
+
+from crosscoder.config import SourcesConfig
+from crosscoder.data.kinds import describe_sources
+from crosscoder.errors import ConfigError
+from crosscoder.sources.fingerprint import (
     CHUNK_BYTES,
     HEAD_BYTES,
     check_same_snapshots,
     sampled_regions,
     snapshot_fingerprint,
 )
-
-from crosscoder.config import ConfigError, SourcesConfig
-from crosscoder.sources import SnapshotSpec, describe_sources
+from crosscoder.sources.spec import SnapshotSpec
 
 QUIET = lambda _: None  # noqa: E731
 

@@ -1,4 +1,4 @@
-"""Hook sites (crosscoder.hooks): several hooks read in one forward, and the attention / MLP output hooks against
+"""Hook sites (sources.hooks): several hooks read in one forward, and the attention / MLP output hooks against
 independent computations on every decoder architecture the sources support."""
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, GPTNeoXConfig, GPTNeoXModel, LlamaConfig, LlamaModel
 
-from crosscoder.analysis.report import analyze_dictionary
-from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import ConfigError, HookPoint, RunConfig, SourcesConfig
+from crosscoder.analysis.report.dictionary import analyze_dictionary
+from crosscoder.cli.train import train
+from crosscoder.config import HookPoint, RunConfig, SourcesConfig
 from crosscoder.constants import EVAL_FILE
-from crosscoder.hooks import SnapshotRunner
-from crosscoder.sources import SnapshotSpec, _check_hooks, configured_snapshot_names, describe_sources, load_runners
-from crosscoder.trainer import train
+from crosscoder.data.kinds import describe_sources
+from crosscoder.dictionary.io import load_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.models import _check_hooks, configured_snapshot_names, load_runners
+from crosscoder.sources.spec import SnapshotSpec
 from tests.helpers import tiny_run_config
 
 ARCHITECTURES = ["gpt_neox", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
@@ -211,7 +214,7 @@ def test_a_cache_of_several_hooks_trains_and_refuses_other_hooks(tiny_snapshots:
                                                                   tmp_path: Path, clean_process_env: None) -> None:
     """`crosscoder-cache` of two hooks of two snapshots (4 sources, one forward per snapshot), then training on
     it; the same cache for another hook list is refused, naming the hooks."""
-    from crosscoder.build_cache import build_cache
+    from crosscoder.cli.cache import build_cache
     from crosscoder.data.cache import read_manifest
 
     cfg = tiny_run_config(toy_cache, tmp_path / "run")

@@ -1,12 +1,13 @@
-"""One dictionary per snapshot side by side (crosscoder.independent): each dictionary sees only its snapshot,
+"""One dictionary per snapshot side by side (crosscoder.dictionary.independent): each dictionary sees only its snapshot,
 gets only its own loss's gradient, and starts from weights that do not depend on how the snapshots are split."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from crosscoder.independent import IndependentDictionaries, split_dictionary_states
-from crosscoder.model import Crosscoder
+
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.independent import IndependentDictionaries, split_dictionary_states
 
 S, D, F = 3, 8, 16
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import crosscoder.model
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.layout import check_layout, snapshot_shares
-from crosscoder.model import Crosscoder
+import crosscoder.dictionary.crosscoder
+from crosscoder.config import RunConfig
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.errors import ConfigError
+from crosscoder.parallel.layout import check_layout, snapshot_shares
 
 
 def test_snapshot_shares_are_contiguous_and_differ_by_at_most_one() -> None:
@@ -51,7 +52,7 @@ def test_a_share_starts_from_its_slice_of_the_whole_initialisation(monkeypatch: 
                                                                    n_sources: int, d_model: int) -> None:
     """Drawn in chunks (small here, so several), a share's weights are exactly its columns of the one-rank init,
     so every layout starts where one rank does. (30, 3, 5) has no multiple-of-16 size and draws it whole."""
-    monkeypatch.setattr(crosscoder.model, "INIT_CHUNK_ELEMENTS", 16 * n_sources * d_model)
+    monkeypatch.setattr(crosscoder.dictionary.crosscoder, "INIT_CHUNK_ELEMENTS", 16 * n_sources * d_model)
     torch.manual_seed(0)
     whole = Crosscoder(n_sources, d_model, dict_size)
     for share in (range(0, 2), range(2, n_sources)):
@@ -65,7 +66,7 @@ def test_a_share_starts_from_its_slice_of_the_whole_initialisation(monkeypatch: 
 def test_resuming_under_another_layout_is_refused_naming_it(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from crosscoder.training_state import check_same_run
+    from crosscoder.training.state import check_same_run
 
     saved = RunConfig(output_dir="run")
     saved.parallel.snapshot_parallel = 2

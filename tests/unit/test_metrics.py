@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crosscoder.metrics import FiringFrequency, density_metrics, fired_latents
+from crosscoder.training.metrics import FiringFrequency, density_metrics, fired_latents
 
 
 def test_firing_frequency_accumulates_counts_over_sampled_tokens() -> None:
@@ -40,9 +40,9 @@ def test_per_snapshot_codes_give_a_frequency_per_snapshot() -> None:
 
 
 def test_per_snapshot_frequency_histograms_reach_wandb_and_the_density_plot(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from crosscoder.analysis.plots import plot_firing_frequency
+    from crosscoder.analysis.report.plots import plot_firing_frequency
     from crosscoder.config import TrackingConfig
-    from crosscoder.tracking import Tracker
+    from crosscoder.training.tracking import Tracker
     from tests.helpers import history_keys, single_wandb_run_file
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from crosscoder.model import Crosscoder, estimate_input_scale
+
+from crosscoder.dictionary.crosscoder import Crosscoder, estimate_input_scale
 
 
 def make(activation: str = "relu", n_sources: int = 3, d_model: int = 8, dict_size: int = 32, **kwargs) -> Crosscoder:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.parallel import deepspeed_config, resolve_zero_stage
+from crosscoder.config import RunConfig
+from crosscoder.errors import ConfigError
+from crosscoder.parallel.engine import deepspeed_config, resolve_zero_stage
 
 
 def test_zero_stage_from_hydra_then_launcher_then_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.build_cache import build_cache
-from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.cli.cache import build_cache
+from crosscoder.cli.train import train
+from crosscoder.config import RunConfig
 from crosscoder.constants import DICTIONARY_DIR, TRAINER_STATE_FILE, TRAINING_STATE_MANIFEST, TRAINING_STATES_DIR
-from crosscoder.trainer import train
-from crosscoder.training_state import CheckpointError, list_training_states
+from crosscoder.dictionary.io import load_dictionary
+from crosscoder.errors import CheckpointError, ConfigError
+from crosscoder.training.state import list_training_states
 from tests.helpers import PROCESS_ENV, tiny_run_config
 
 STEPS = 9

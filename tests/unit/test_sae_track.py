@@ -1,4 +1,4 @@
-"""SAE-Track's chain (crosscoder.sae_track): the plan's budgets and rates, and a chain on a 3-snapshot planted
+"""SAE-Track's chain (crosscoder.training.sae_track): the plan's budgets and rates, and a chain on a 3-snapshot planted
 source that continues where it stopped, logs into one W&B run and ends as a warm_start stack."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.checkpoint import read_tensors
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.config import RunConfig
 from crosscoder.constants import RUN_SUMMARY_FILE, WEIGHTS_FILE
-from crosscoder.sae_track import CHAIN_FILE, chain_plan, train_sae_track
-from crosscoder.stack import read_stack
+from crosscoder.dictionary.io import read_tensors
+from crosscoder.dictionary.stack import read_stack
+from crosscoder.errors import ConfigError
+from crosscoder.training.sae_track import CHAIN_FILE, chain_plan, train_sae_track
 from tests.helpers import artifacts, history_keys, read_records
 
 

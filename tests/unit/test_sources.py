@@ -26,18 +26,19 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-from crosscoder.config import ConfigError, SourcesConfig
-from crosscoder.sources import (
+from crosscoder.config import SourcesConfig
+from crosscoder.data.kinds import describe_sources
+from crosscoder.errors import ConfigError
+from crosscoder.sources.causal_check import check_causal_decoder
+from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.models import (
     HookPoint,
-    SnapshotRunner,
-    SnapshotSpec,
-    check_causal_decoder,
     configured_snapshot_names,
-    describe_sources,
     load_sources,
     planted_specs,
     resolve_snapshots,
 )
+from crosscoder.sources.spec import SnapshotSpec
 from crosscoder.toy.tiny_lm import train_tokenizer
 
 CPU = torch.device("cpu")

@@ -1,10 +1,11 @@
-"""crosscoder.sparse kernels on their own (the whole sparse step against the dense one is in test_model)."""
+"""crosscoder.dictionary.sparse kernels on their own (the whole sparse step against the dense one is in test_model)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from crosscoder.sparse import batch_top
+
+from crosscoder.dictionary.sparse import batch_top
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.build_cache import build_cache
-from crosscoder.checkpoint import load_dictionary
-from crosscoder.config import ConfigError
+from crosscoder.cli.cache import build_cache
+from crosscoder.cli.train import train
 from crosscoder.constants import EVAL_FILE, RUN_SUMMARY_FILE, STREAM_POSITION_FILE
-from crosscoder.schedules import l1_coefficient, lr_multiplier
-from crosscoder.trainer import train
+from crosscoder.dictionary.io import load_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.training.schedules import l1_coefficient, lr_multiplier
 from tests.helpers import TINY_TOY, tiny_run_config
 
 
@@ -36,7 +36,7 @@ def test_training_learns_and_exports(tiny_snapshots: list, toy_cache: Path, tmp_
                                      clean_process_env: None) -> None:
     """Fed by two activation worker processes (the default)."""
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
-    cfg.trainer.eval_tokens = 128  # the spliced-in LM loss at the export (crosscoder.evaluation)
+    cfg.trainer.eval_tokens = 128  # the spliced-in LM loss at the export (crosscoder.evaluation.spliced)
     assert cfg.data.workers.num_workers == 2
     result = train(cfg)
     assert result.steps == 40 and result.tokens_seen == 40 * 128
@@ -85,7 +85,7 @@ def test_bf16_training_exports_the_fp32_master_weights(tiny_snapshots: list, toy
                                                         clean_process_env: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Under bf16 the module holds bf16 copies; the export must carry DeepSpeed's fp32 master weights."""
-    import crosscoder.trainer as trainer_module
+    import crosscoder.training.trainer as trainer_module
 
     exported: list[dict[str, torch.Tensor]] = []
     real_export = trainer_module.export_dictionary

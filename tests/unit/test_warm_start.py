@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.config import ConfigError, RunConfig
-from crosscoder.model import Crosscoder
-from crosscoder.trainer import train
-from crosscoder.warm_start import check_warm_start, normalized_weights, warm_start
+from crosscoder.cli.train import train
+from crosscoder.config import RunConfig
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.training.warm_start import check_warm_start, normalized_weights, warm_start
 from tests.helpers import tiny_run_config
 
 

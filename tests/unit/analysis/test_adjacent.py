@@ -1,4 +1,4 @@
-"""Adjacent-source feature statistics (crosscoder.analysis.adjacent): the streamed correlation equals numpy's
+"""Adjacent-source feature statistics (analysis.diagnostics.adjacent): the streamed correlation equals numpy's
 corrcoef over uneven batches, the sparse top-k accumulator finds the dense path's matches on sparse codes, a planted
 permutation of half the latents is recovered (pass-through 0.5, every matched latent's best match its image) while
 B's codes shuffled over tokens pass nothing, the per-source codes of each crosscoder family, and crosscoder-analyze
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoder.analysis.adjacent import AdjacentAccumulator, adjacent_statistics, crosscoder_codes
-from crosscoder.analysis.adjacent_report import ADJACENT_COLUMNS, ADJACENT_TITLE, dictionary_adjacent
-from crosscoder.analysis.cli import main as analyze_main
-from crosscoder.config import ConfigError
-from crosscoder.model import Crosscoder
+from crosscoder.analysis.diagnostics.adjacent import AdjacentAccumulator, adjacent_statistics, crosscoder_codes
+from crosscoder.analysis.report.adjacent import ADJACENT_COLUMNS, ADJACENT_TITLE, dictionary_adjacent
+from crosscoder.cli.analyze import main as analyze_main
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.errors import ConfigError
 from tests.helpers import N_SNAPSHOTS, _planted_dictionary, planted_decoders, planted_stack
 
 N_TOKENS, HALF = 20000, 32

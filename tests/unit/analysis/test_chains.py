@@ -1,10 +1,11 @@
-"""A stack's slots cut into chains where consecutive decoders stop being one feature (crosscoder.analysis.chains)."""
+"""A stack's slots cut into chains where consecutive decoders stop being one feature (analysis.features.chains)."""
 
 from __future__ import annotations
 
 import torch
-from crosscoder.analysis.chains import chain_segments
-from crosscoder.analysis.evolution import emergence_snapshots, normalized_trajectories
+
+from crosscoder.analysis.features.chains import chain_segments
+from crosscoder.analysis.features.evolution import emergence_snapshots, normalized_trajectories
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:

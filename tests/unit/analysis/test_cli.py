@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from crosscoder.analysis.cli import _parser, main
 
+from crosscoder.cli.analyze import _parser, main
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
 from tests.helpers import EXPECTED_CLASSES, _truncate
 

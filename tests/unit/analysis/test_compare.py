@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.analysis import compare_cli
-from crosscoder.analysis.compare import agreement, compare, decoder_similarity, load_input
-from crosscoder.analysis.compare_report import write_compare_report
-from crosscoder.analysis.planted import planted_config
-from crosscoder.analysis.replay import activation_batches
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.model import Crosscoder
-from crosscoder.stack import StackEntry, StackManifest, write_stack_manifest
-from crosscoder.toy.planted import planted_truth
+from crosscoder.analysis.alignment.compare import agreement, compare, decoder_similarity, load_input
+from crosscoder.analysis.features.planted import planted_config
+from crosscoder.analysis.inputs.replay import activation_batches
+from crosscoder.analysis.report.compare import write_compare_report
+from crosscoder.cli import compare as compare_cli
+from crosscoder.data.planted import planted_truth
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.dictionary.stack import StackEntry, StackManifest, write_stack_manifest
 from tests.helpers import D_MODEL, hand_built_decoders, write_single
 
 HOOK = "blocks.0.hook_resid_pre"  # write_single's

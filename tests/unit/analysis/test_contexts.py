@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from crosscoder.analysis.cli import main
-from crosscoder.analysis.contexts import (
+from omegaconf import OmegaConf
+
+from crosscoder.analysis.inputs.contexts import (
     CONTEXTS_TITLE,
     Context,
     ContextsResult,
@@ -18,15 +19,16 @@ from crosscoder.analysis.contexts import (
     contexts_section,
     top_contexts,
 )
-from crosscoder.checkpoint import DictionaryMeta, export_dictionary, load_dictionary
-from crosscoder.model import Crosscoder
-from omegaconf import OmegaConf
-
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.cli.analyze import main
+from crosscoder.config import RunConfig
 from crosscoder.constants import CONFIG_FILE
 from crosscoder.data.activations import paired_activations, valid_token_mask
+from crosscoder.data.kinds import describe_sources
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.sources import describe_sources, load_runners
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import DictionaryMeta, export_dictionary, load_dictionary
+from crosscoder.errors import ConfigError
+from crosscoder.sources.models import load_runners
 from tests.helpers import tiny_toy_config
 
 N_TOKENS, TOP_K, WINDOW = 500, 4, (8, 3)

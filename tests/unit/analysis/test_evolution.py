@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from crosscoder.analysis.evolution import (
+
+from crosscoder.analysis.features.evolution import (
     CLASSES,
     EMERGENCE_THRESHOLD,
     analyze_evolution,

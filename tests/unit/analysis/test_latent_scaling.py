@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.analysis.cli import main
-from crosscoder.analysis.scaling import (
+from crosscoder.analysis.diagnostics.scaling import (
     NU_PRESENT,
     SCALING_COLUMNS,
     SHRINKAGE_MARGIN,
@@ -21,7 +20,8 @@ from crosscoder.analysis.scaling import (
     latent_scaling,
     normalized_decoder,
 )
-from crosscoder.model import Crosscoder
+from crosscoder.cli.analyze import main
+from crosscoder.dictionary.crosscoder import Crosscoder
 from tests.helpers import _planted_dictionary
 
 NAMES = ["early", "late"]

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from crosscoder.analysis.matching import decoder_cosine, linear_sum_assignment, recovery
+
+from crosscoder.analysis.features.matching import decoder_cosine, linear_sum_assignment, recovery
 
 
 def _brute_force(cost: np.ndarray) -> float:

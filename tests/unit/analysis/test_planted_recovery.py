@@ -11,17 +11,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from crosscoder.analysis.cli import main as analyze_main
-from crosscoder.analysis.matching import recovery
-from crosscoder.analysis.planted import planted_config, planted_recovery
-from crosscoder.analysis.report import analyze_dictionary
-from crosscoder.analysis.scaling_report import DEFAULT_SCALING_TOKENS
-from crosscoder.checkpoint import load_decoder_norms, load_firing_frequency, read_meta
+from crosscoder.analysis.features.matching import recovery
+from crosscoder.analysis.features.planted import planted_config, planted_recovery
+from crosscoder.analysis.report.dictionary import analyze_dictionary
+from crosscoder.analysis.report.scaling import DEFAULT_SCALING_TOKENS
+from crosscoder.cli.analyze import main as analyze_main
+from crosscoder.cli.train import train
 from crosscoder.config import RunConfig
 from crosscoder.constants import ANALYSIS_DIR, ANALYSIS_REPORT_FILE
-from crosscoder.model import Crosscoder
-from crosscoder.toy.planted import planted_truth
-from crosscoder.trainer import train
+from crosscoder.data.planted import planted_truth
+from crosscoder.dictionary.crosscoder import Crosscoder
+from crosscoder.dictionary.io import load_decoder_norms, load_firing_frequency, read_meta
 
 RECOVERED, EMERGENCE_EXACT = 0.9, 0.85
 FAMILY_RECOVERED, FAMILY_EMERGENCE_EXACT = 0.95, 0.95
@@ -155,7 +155,7 @@ def test_analyze_reports_recovery_for_a_planted_dictionary(planted_dictionary: P
 def _per_snapshot_recovered(decoders: list[torch.Tensor], truth_decoder: torch.Tensor) -> list[float]:
     """For each snapshot s, the share of the features planted there that dictionary decoders[s] [F, d] holds
     (assignment on decoder cosine, >= the recovery cosine)."""
-    from crosscoder.analysis.matching import RECOVERY_COSINE, linear_sum_assignment
+    from crosscoder.analysis.features.matching import RECOVERY_COSINE, linear_sum_assignment
 
     shares = []
     for s, learned in enumerate(decoders):
@@ -174,9 +174,9 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
     planted features with their exact emergence snapshot. Controls that must fail: the dictionaries read against
     other snapshots, and the aligned stack with its snapshots shuffled. W&B logs each dictionary under its
     snapshot's name and the stack as one artifact."""
-    from crosscoder.analysis import match_cli
-    from crosscoder.analysis.stack_report import load_stack_chains, stack_planted_recovery
-    from crosscoder.stack import load_stack_decoders, read_stack
+    from crosscoder.analysis.report.stack import load_stack_chains, stack_planted_recovery
+    from crosscoder.cli import match as match_cli
+    from crosscoder.dictionary.stack import load_stack_decoders, read_stack
     from tests.helpers import artifacts, history_keys, single_wandb_run_file
 
     cfg = family_run_config(tmp_path / "run", "topk", 4e-3)
@@ -221,8 +221,8 @@ def test_independent_dictionaries_each_recover_their_snapshots_features_in_one_p
 def test_one_snapshot_of_the_sources_trains_a_plain_sae_of_it(tmp_path: Path) -> None:
     """method.snapshot=snapshot5: a one-source dictionary of that snapshot (its input scale is the one the
     8-snapshot stream measures for it), holding its planted features; a name the sources lack is refused."""
-    from crosscoder.config import ConfigError
-    from crosscoder.stack import read_stack
+    from crosscoder.dictionary.stack import read_stack
+    from crosscoder.errors import ConfigError
 
     cfg = family_run_config(tmp_path / "one", "topk", 4e-3)
     cfg.method.snapshot, cfg.crosscoder.dict_size, cfg.crosscoder.k = "snapshot5", 128, 6
@@ -257,9 +257,9 @@ def test_sae_track_chain_recovers_the_planted_emergence_and_its_control_fails(tm
     tokens at a tenth of the rate, leave the links too short to learn this problem's new features). Read as
     chains, the warm-start stack recovers >= 90% of the planted features with their exact emergence snapshot;
     with its snapshots shuffled it does not."""
-    from crosscoder.analysis.stack_report import load_stack_chains, stack_planted_recovery
-    from crosscoder.sae_track import train_sae_track
-    from crosscoder.stack import read_stack
+    from crosscoder.analysis.report.stack import load_stack_chains, stack_planted_recovery
+    from crosscoder.dictionary.stack import read_stack
+    from crosscoder.training.sae_track import train_sae_track
 
     cfg = family_run_config(tmp_path / "run", "topk", 4e-3)
     cfg.method.name, cfg.crosscoder.dict_size, cfg.crosscoder.k = "sae_track", 256, 6

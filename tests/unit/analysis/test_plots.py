@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from crosscoder.analysis.evolution import Evolution, analyze_evolution
-from crosscoder.analysis.plots import (
+from crosscoder.analysis.features.evolution import Evolution, analyze_evolution
+from crosscoder.analysis.report.plots import (
     heatmap_order,
     plot_drift,
     plot_emergence_histogram,

@@ -1,4 +1,4 @@
-"""SAE-Track's progress measure (crosscoder.analysis.progress): the pure measure on hand-made codes (shared codes
+"""SAE-Track's progress measure (analysis.diagnostics.progress): the pure measure on hand-made codes (shared codes
 give about 1 - baseline, random ones about 0, a never-firing latent NaN, the pair sum equal to an explicit Gram
 matrix with zero vectors counting 0, chunking changing nothing), and end to end on planted stacks through
 crosscoder-analyze (section, summary key, columns per chain), with controls: permuting an early dictionary's
@@ -14,14 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.analysis.chains import Chains
-from crosscoder.analysis.cli import main as analyze_main
-from crosscoder.analysis.evolution import FeatureTable
-from crosscoder.analysis.planted import planted_config
-from crosscoder.analysis.progress import ProgressResult, mean_pairwise_cosine, progress_measure, stack_progress
-from crosscoder.analysis.progress_report import PROGRESS_TITLE, add_progress_columns
-from crosscoder.analysis.stack_report import StackNotAlignedError
-from crosscoder.toy.planted import planted_truth
+from crosscoder.analysis.diagnostics.progress import (
+    ProgressResult,
+    mean_pairwise_cosine,
+    progress_measure,
+    stack_progress,
+)
+from crosscoder.analysis.features.chains import Chains
+from crosscoder.analysis.features.evolution import FeatureTable
+from crosscoder.analysis.features.planted import planted_config
+from crosscoder.analysis.report.progress import PROGRESS_TITLE, add_progress_columns
+from crosscoder.analysis.report.stack import StackNotAlignedError
+from crosscoder.cli.analyze import main as analyze_main
+from crosscoder.data.planted import planted_truth
 from tests.helpers import D_MODEL, N_SNAPSHOTS, PLANTED, planted_decoders, planted_stack, write_stack
 
 

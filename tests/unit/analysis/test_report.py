@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.analysis.evolution import CLASSES
-from crosscoder.analysis.matching import recovery
-from crosscoder.analysis.report import NotADictionaryError, analyze_dictionary, load_evolution
-from crosscoder.checkpoint import load_dictionary
+from crosscoder.analysis.features.evolution import CLASSES
+from crosscoder.analysis.features.matching import recovery
+from crosscoder.analysis.report.dictionary import NotADictionaryError, analyze_dictionary, load_evolution
+from crosscoder.dictionary.io import load_dictionary
 from tests.helpers import EXPECTED_CLASSES, EXPECTED_EMERGENCE, expected_norms
 
 PNGS = {"trajectories.png", "emergence.png", "drift.png", "similarity.png"}

@@ -13,21 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscoder.analysis import match_cli
-from crosscoder.analysis.cli import main as analyze_main
-from crosscoder.analysis.planted import planted_config
-from crosscoder.analysis.report import load_evolution
-from crosscoder.analysis.sae_match import MATCH_QUALITY_FILE, folded_decoder, match_stack, stack_decoders
-from crosscoder.analysis.stack_report import stack_planted_recovery
-from crosscoder.checkpoint import (
-    DictionaryMeta,
-    load_decoder_norms,
-    load_firing_frequency,
-    read_tensors,
-)
+from crosscoder.analysis.alignment.sae_match import MATCH_QUALITY_FILE, folded_decoder, match_stack, stack_decoders
+from crosscoder.analysis.features.planted import planted_config
+from crosscoder.analysis.report.dictionary import load_evolution
+from crosscoder.analysis.report.stack import stack_planted_recovery
+from crosscoder.cli import match as match_cli
+from crosscoder.cli.analyze import main as analyze_main
 from crosscoder.constants import WEIGHTS_FILE
-from crosscoder.stack import read_stack
-from crosscoder.toy.planted import planted_truth
+from crosscoder.data.planted import planted_truth
+from crosscoder.dictionary.io import DictionaryMeta, load_decoder_norms, load_firing_frequency, read_tensors
+from crosscoder.dictionary.stack import read_stack
 from tests.helpers import D_MODEL, DICT_SIZE, hand_built_decoders, write_stack
 
 

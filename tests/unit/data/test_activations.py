@@ -13,7 +13,8 @@ from transformers import AutoModel
 from crosscoder.config import SourcesConfig
 from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.tokens import TokenBatch
-from crosscoder.sources import HookPoint, SnapshotRunner, load_sources
+from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.models import HookPoint, load_sources
 
 CPU = torch.device("cpu")
 BOS, PAD = 0, 1  # the toy tokenizer's ids (Pythia's layout)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from crosscoder.config import CacheConfig, ConfigError, DataConfig, SourcesConfig
+from crosscoder.config import CacheConfig, DataConfig, SourcesConfig
 from crosscoder.constants import CACHE_HEADER_FILE, CACHE_MANIFEST_FILE
 from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.cache import (
@@ -27,7 +27,9 @@ from crosscoder.data.cache import (
     read_manifest,
     write_cache,
 )
-from crosscoder.sources import SnapshotSpec, SourceInfo, describe_sources
+from crosscoder.data.kinds import describe_sources
+from crosscoder.errors import ConfigError
+from crosscoder.sources.spec import SnapshotSpec, SourceInfo
 
 S, D = 3, 4
 SHARD_BATCHES = 2
@@ -342,7 +344,7 @@ def test_a_cache_of_another_models_snapshots_with_the_same_directory_names_is_re
     check_cache_matches(manifest, moved, cache_dir)
     # The training state's use: the `asdict(spec)` list, through JSON, against the sources now.
     saved = json.loads(json.dumps([asdict(spec) for spec in infos["runA"].specs]))
-    from crosscoder.sources import check_same_snapshots
+    from crosscoder.sources.fingerprint import check_same_snapshots
 
     check_same_snapshots(saved, moved.specs, "training state X")
     with pytest.raises(ConfigError, match=r"training state X was made from a different snapshot 'step100'"):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crosscoder.config import ConfigError, RunConfig, SourcesConfig
+from crosscoder.config import RunConfig, SourcesConfig
 from crosscoder.data.files import FileActivations, describe_file_sources, scan_folder
+from crosscoder.errors import ConfigError
 
 NAMES = ["L0", "L2", "L4"]
 D = 4
@@ -280,8 +281,8 @@ def test_a_crosscoder_trains_end_to_end_from_a_folder_of_files(
         tmp_path: Path, fmt: str, stacked: bool, clean_process_env: None) -> None:
     """The real trainer on `sources.kind=files` (safetensors [n, S, d] shards; per-source .npy folders): it learns
     the planted directions, and the export names the files' sources, their layers and the layer axis."""
-    from crosscoder.checkpoint import load_dictionary
-    from crosscoder.trainer import train
+    from crosscoder.cli.train import train
+    from crosscoder.dictionary.io import load_dictionary
 
     data = _sparse_sources(3 * 2048)
     folder = _write(tmp_path / "acts", list(data.split(2048)), fmt, stacked)
@@ -299,7 +300,7 @@ def test_a_crosscoder_trains_end_to_end_from_a_folder_of_files(
     if fmt == "npy":
         return
     # The analysis re-reads the files for latent scaling (they are where the activations live) and reads layers.
-    from crosscoder.analysis.cli import main as analyze_main
+    from crosscoder.cli.analyze import main as analyze_main
 
     analyze_main([str(result.dictionary_dir), "--scaling-tokens", "1024", "--contexts", "0"])
     summary = json.loads((result.dictionary_dir / "analysis" / "summary.json").read_text())

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from crosscoder.config import ConfigError
 from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.shuffle import ShuffleBuffer
+from crosscoder.errors import ConfigError
 
 SEQUENCE_TOKENS = 63  # one toy sequence of 64 tokens without its BOS
 

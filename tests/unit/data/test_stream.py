@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from crosscoder.build_cache import build_cache
 
-from crosscoder.config import ConfigError, RunConfig
+from crosscoder.cli.cache import build_cache
+from crosscoder.config import RunConfig
 from crosscoder.data.activations import ActivationBlock, valid_token_mask
 from crosscoder.data.cache import CacheReader
+from crosscoder.data.kinds import describe_sources
 from crosscoder.data.shuffle import ShuffleBuffer
 from crosscoder.data.stream import ActivationStream, StreamPosition, build_activation_stream, online_block_source
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.sources import SourceInfo, describe_sources
+from crosscoder.errors import ConfigError
+from crosscoder.sources.spec import SourceInfo
 from tests.helpers import tiny_toy_config
 
 BATCH = 96

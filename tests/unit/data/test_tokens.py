@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from crosscoder.config import ConfigError, DataConfig
+from crosscoder.config import DataConfig
 from crosscoder.data import tokens
 from crosscoder.data.tokens import TokenBatch, iter_documents, iter_token_batches, special_token_ids
+from crosscoder.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

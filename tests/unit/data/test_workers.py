@@ -13,11 +13,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from crosscoder.config import ConfigError, DataConfig, SourcesConfig, WorkersConfig
+from crosscoder.config import DataConfig, SourcesConfig, WorkersConfig
 from crosscoder.data.activations import valid_token_mask
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.data.workers import WorkerError, WorkerPool, WorkerSetup, produce_blocks
-from crosscoder.sources import SnapshotSpec, load_runners
+from crosscoder.data.workers import WorkerPool, WorkerSetup, produce_blocks
+from crosscoder.errors import ConfigError, WorkerError
+from crosscoder.sources.models import load_runners
+from crosscoder.sources.spec import SnapshotSpec
 
 HOOK = "blocks.1.hook_resid_pre"
 DATA = DataConfig(kind="toy", seq_len=16, model_batch_size=4, toy_documents=150)

@@ -7,7 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from crosscoder.toy.planted import (
+
+from crosscoder.config import PlantedSourceConfig, RunConfig
+from crosscoder.data.planted import (
     EMERGENCE_THRESHOLD,
     KINDS,
     emergence_index,
@@ -15,8 +17,7 @@ from crosscoder.toy.planted import (
     planted_truth,
     sample_tokens,
 )
-
-from crosscoder.config import ConfigError, PlantedSourceConfig, RunConfig
+from crosscoder.errors import ConfigError
 
 CFG = PlantedSourceConfig(seed=3)
 
