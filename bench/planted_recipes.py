@@ -22,11 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(overrides: dict) -> str:
-    from tests.unit.analysis.test_planted_recovery import planted_run_config
-
     from crosscoder.analysis.features.planted import planted_recovery
     from crosscoder.cli.train import train
     from crosscoder.constants import RUN_SUMMARY_FILE
+    from tests.unit.analysis.test_planted_recovery import planted_run_config
 
     cfg = planted_run_config(Path(tempfile.mkdtemp(prefix="planted_recipe_")) / "run")
     for key, value in overrides.items():
