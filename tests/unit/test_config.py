@@ -1,4 +1,4 @@
-"""Configuration: `RunConfig.validate()` names the bad value (data.paths files included, checked before anything
+"""Configuration: `RunConfig.validate()` names the bad value (data.paths files by the start-up check, before anything
 loads); the repo's conf/ composes into a RunConfig. Through the real entry point: tests/launch/test_config.py."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import crosscoder.cli.train  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 from crosscoder.config import CrosscoderConfig, RunConfig, check_known_keys
-from crosscoder.data.checks import TEXT_PROBE_BYTES
+from crosscoder.data.checks import TEXT_PROBE_BYTES, check_inputs
 from crosscoder.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -47,6 +47,14 @@ def test_valid_config_passes_and_returns_self() -> None:
     assert cfg.validate() is cfg
 
 
+def test_pinned_cores_are_checked_against_the_machine_at_start_up() -> None:
+    """A core the machine does not have is refused by the start-up check (the config alone cannot know)."""
+    cfg = _valid()
+    _set("data.workers.cpus", [0, 4096])(cfg)
+    with pytest.raises(ConfigError, match=r"data\.workers\.cpus contains 4096"):
+        check_inputs(cfg)
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -60,7 +68,6 @@ def test_valid_config_passes_and_returns_self() -> None:
         (_set("data.kind", "parquet"), r"data\.kind='parquet'"),
         (_set("data.workers.num_workers", -1), r"data\.workers\.num_workers=-1"),
         (_set("data.workers.device", "tpu"), r"data\.workers\.device='tpu'"),
-        (_set("data.workers.cpus", [0, 4096]), r"data\.workers\.cpus contains 4096"),
         (_set("data.shuffle.refill_fraction", 0.0), r"data\.shuffle\.refill_fraction=0\.0"),
         (_set("data.shuffle.buffer_tokens", -1), r"data\.shuffle\.buffer_tokens=-1"),
         (_set("data.cache.dtype", "int8"), r"data\.cache\.dtype='int8'"),
@@ -174,27 +181,27 @@ def test_a_bad_text_file_is_named_by_index_and_path(make: Callable[[Path], Path]
     cfg = _text_files(tmp_path)
     cfg.data.paths.append(str(make(tmp_path)))
     with pytest.raises(ConfigError, match=message):
-        cfg.validate()
+        check_inputs(cfg)
 
 
 def test_no_text_files_and_an_unreadable_one_are_refused(tmp_path: Path) -> None:
     cfg = _text_files(tmp_path)
     cfg.data.paths = []
     with pytest.raises(ConfigError, match=r"data\.paths must list at least one file for data\.kind=text_files"):
-        cfg.validate()
+        check_inputs(cfg)
     if os.geteuid() == 0:
         return  # root reads any file
     cfg = _text_files(tmp_path, "secret text")
     Path(cfg.data.paths[1]).chmod(0)
     with pytest.raises(ConfigError, match=r"data\.paths\[1\]='.*/file0\.txt' cannot be read \(Permission denied\)"):
-        cfg.validate()
+        check_inputs(cfg)
 
 
 def test_the_blank_probe_is_bounded(tmp_path: Path) -> None:
     """Only the first TEXT_PROBE_BYTES are read: a longer blank stretch is left to the token stream's own
     check (no document), so start-up never reads a whole corpus."""
     cfg = _text_files(tmp_path, " " * (TEXT_PROBE_BYTES + 10))
-    cfg.validate()
+    check_inputs(cfg)
 
 
 def test_text_files_are_not_checked_when_training_from_a_complete_cache(tmp_path: Path) -> None:
@@ -205,9 +212,9 @@ def test_text_files_are_not_checked_when_training_from_a_complete_cache(tmp_path
     cache.mkdir()
     cfg.data.cache.dir = str(cache)
     with pytest.raises(ConfigError, match="is empty"):
-        cfg.validate()
+        check_inputs(cfg)
     (cache / "manifest.json").write_text("{}")
-    cfg.validate()
+    check_inputs(cfg)
 
 
 def test_k_larger_than_dict_size_is_fine_for_relu() -> None:

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from crosscoder.config import RunConfig, SourcesConfig
+from crosscoder.data.checks import check_inputs
 from crosscoder.data.files import FileActivations, describe_file_sources, scan_folder
+from crosscoder.data.kinds import count_sources
 from crosscoder.errors import ConfigError
 
 NAMES = ["L0", "L2", "L4"]
@@ -249,15 +251,15 @@ def test_config_requires_an_existing_files_dir(tmp_path: Path) -> None:
     cfg = RunConfig(output_dir=str(tmp_path / "run"))
     cfg.sources.kind = "files"
     with pytest.raises(ConfigError, match=r"sources\.files\.dir=''"):
-        cfg.validate()
+        check_inputs(cfg)
     cfg.sources.files.dir = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match=r"sources\.files\.dir=.*absent.* is not an existing folder"):
-        cfg.validate()
+        check_inputs(cfg)
     cfg.sources.files.dir = str(tmp_path)  # a folder, but no sources.json: refused at start-up too
     with pytest.raises(ConfigError, match=r"sources\.json is missing"):
-        cfg.validate()
+        check_inputs(cfg)
     (tmp_path / "sources.json").write_text(json.dumps({"sources": [{"name": "a"}, {"name": "b"}]}))
-    assert cfg.validate() is cfg and cfg.n_sources() == 2
+    assert check_inputs(cfg) is cfg and count_sources(cfg) == 2
 
 
 def test_a_corrupt_safetensors_header_is_refused_naming_the_file(tmp_path: Path) -> None:
