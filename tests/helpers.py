@@ -92,7 +92,7 @@ def copy_snapshots(tiny_snapshots: list, folder: Path) -> list[Path]:
 # (gloo), the tiny toy run's overrides, signals to a whole job, and the shared activation cache.
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_overrides(toy_cache: Path) -> list[str]:
