@@ -29,7 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from crosscoder.cli.train import CONF_DIR, _quiet_non_main_ranks, check_run_dir_writable, run_command
+from crosscoder.cli.train import CONF_DIR, check_run_dir_writable, quiet_non_main_ranks, run_command
 from crosscoder.config import RunConfig, register_configs
 from crosscoder.data.checks import check_inputs
 from crosscoder.errors import ConfigError
@@ -329,7 +329,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     check_run_dir_writable(sys.argv[1:])
-    _quiet_non_main_ranks()
+    quiet_non_main_ranks()
     _hydra_main()
 
 

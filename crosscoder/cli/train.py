@@ -31,7 +31,7 @@ T = TypeVar("T")
 register_configs()
 
 
-def _quiet_non_main_ranks() -> None:
+def quiet_non_main_ranks() -> None:
     """Only rank 0 writes Hydra's .hydra/ folder and log file; the others would race on the same files."""
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -169,7 +169,7 @@ def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"crosscoder: config folder {CONF_DIR} not found; install the package editable (pip install -e .)")
     check_run_dir_writable(sys.argv[1:])
-    _quiet_non_main_ranks()
+    quiet_non_main_ranks()
     _hydra_main()
 
 

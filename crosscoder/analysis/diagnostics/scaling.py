@@ -53,8 +53,12 @@ from typing import Any
 
 import torch
 
-from crosscoder.analysis.features.evolution import EMERGENCE_THRESHOLD, ZERO_NORM, FeatureTable
-from crosscoder.analysis.features.evolution import _cells as table_cells  # the feature table's own rounding
+from crosscoder.analysis.features.evolution import (
+    EMERGENCE_THRESHOLD,
+    ZERO_NORM,
+    FeatureTable,
+    table_cells,  # the feature table's own rounding
+)
 from crosscoder.dictionary.crosscoder import Crosscoder
 
 NU_PRESENT = 0.5

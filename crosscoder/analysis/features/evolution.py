@@ -279,7 +279,7 @@ def analyze_evolution(
         )
 
 
-def _cells(values: torch.Tensor) -> list[list[float | None]]:
+def table_cells(values: torch.Tensor) -> list[list[float | None]]:
     """Float table cells, rounded to 6 decimals (vectorised: tables have F x S cells); NaN becomes None (empty in
     CSV, null in JSON and W&B)."""
     rounded = (values.double() * 1e6).round() / 1e6
@@ -304,7 +304,7 @@ def feature_table(evo: Evolution, include_dead: bool = True) -> FeatureTable:
                "segments", "min_present_cos", "lifetime_cos", *[f"n@{name}" for name in evo.names]]
     table = FeatureTable(columns=columns)
     steps = evo.emergence_step
-    floats = _cells(torch.cat([evo.norms.amax(dim=1, keepdim=True), evo.min_present_cos[:, None],
+    floats = table_cells(torch.cat([evo.norms.amax(dim=1, keepdim=True), evo.min_present_cos[:, None],
                                evo.lifetime_cos[:, None], evo.trajectories], dim=1))
     classes, emergence, segments, dead = (t.tolist() for t in (evo.classes, evo.emergence, evo.segments, evo.dead))
     for i, (peak, min_cos, life_cos, *traj) in enumerate(floats):

@@ -29,7 +29,7 @@ from crosscoder.analysis.diagnostics.adjacent import (
 from crosscoder.analysis.inputs.compare_replay import load_replay_source, replay_meta
 from crosscoder.analysis.inputs.replay import activation_batches, has_activations
 from crosscoder.analysis.report.html import image_tag
-from crosscoder.analysis.report.plots import _save, snapshot_labels
+from crosscoder.analysis.report.plots import save_figure, snapshot_labels
 from crosscoder.analysis.report.stack import stack_meta
 from crosscoder.dictionary.io import load_dictionary, read_meta
 from crosscoder.dictionary.stack import is_stack, read_stack
@@ -149,7 +149,7 @@ def plot_adjacent(result: AdjacentStatistics, steps: list[int | None], path: Pat
         ax.set_xticks(x, ticks if row == len(result.thresholds) - 1 else [""] * len(ticks), rotation=30, ha="right")
         if row == 0:
             ax.legend(frameon=False, fontsize="small", ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def adjacent_section(result: AdjacentStatistics, steps: list[int | None], figure: Path) -> str:

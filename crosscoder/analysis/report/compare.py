@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 
 from crosscoder.analysis.alignment.compare import Comparison
 from crosscoder.analysis.features.evolution import CLASSES
-from crosscoder.analysis.report.dictionary import _clean
-from crosscoder.analysis.report.html import _STYLE, _table, image_tag
-from crosscoder.analysis.report.plots import _label_snapshot_axis, _save, _width, snapshot_labels
+from crosscoder.analysis.report.dictionary import jsonable
+from crosscoder.analysis.report.html import PAGE_STYLE, html_table, image_tag
+from crosscoder.analysis.report.plots import figure_width, label_snapshot_axis, save_figure, snapshot_labels
 from crosscoder.constants import ANALYSIS_REPORT_FILE
 from crosscoder.storage import write_text_atomic
 
@@ -34,18 +34,18 @@ def plot_emergence_comparison(comparison: Comparison, path: Path) -> Path:
     first = comparison.inputs[0].evolution
     labels = snapshot_labels(first.names, first.steps)
     n_inputs = len(comparison.inputs)
-    fig = Figure(figsize=(_width(len(labels) * max(1, n_inputs // 2)), 4.5))
+    fig = Figure(figsize=(figure_width(len(labels) * max(1, n_inputs // 2)), 4.5))
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     width = 0.8 / n_inputs
     for index, (item, color) in enumerate(zip(comparison.inputs, input_colors(n_inputs), strict=True)):
         counts = item.evolution.emergence_counts.numpy()
         ax.bar(x - 0.4 + width * (index + 0.5), counts, width=width, color=color, label=item.name)
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     ax.set(xlabel="snapshot", ylabel="latents emerging",
            title=f"Emergence per snapshot (first snapshot with n >= {first.threshold})")
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_snapshot(comparison: Comparison, values: list[list[float]], ylabel: str, title: str, path: Path
@@ -53,15 +53,15 @@ def plot_per_snapshot(comparison: Comparison, values: list[list[float]], ylabel:
     """One line per input over the snapshots (`values` [inputs][S])."""
     first = comparison.inputs[0].evolution
     labels = snapshot_labels(first.names, first.steps)
-    fig = Figure(figsize=(_width(len(labels)), 4.5))
+    fig = Figure(figsize=(figure_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     for item, row, color in zip(comparison.inputs, values, input_colors(len(values)), strict=True):
         ax.plot(x, np.asarray(row, dtype=float), marker="o", markersize=4, color=color, label=item.name)
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     ax.set(xlabel="snapshot", ylabel=ylabel, title=title)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -76,7 +76,7 @@ def inputs_section(comparison: Comparison) -> str:
         rows.append([item.name, item.kind, item.method, item.meta.dict_size, item.live,
                      *[counts[name] for name in CLASSES], "" if item.tokens is None else f"{item.tokens:,}",
                      _fmt(item.wall_seconds, 1), str(item.path)])
-    return "<h2>Inputs</h2>" + _table(header, rows, left=3)
+    return "<h2>Inputs</h2>" + html_table(header, rows, left=3)
 
 
 def agreement_section(comparison: Comparison) -> str:
@@ -95,7 +95,7 @@ def agreement_section(comparison: Comparison) -> str:
                      _fmt(summary["same_emergence_share"]), _fmt(summary["emergence_within_one_share"])])
     header = ["crosscoder", "stack", "crosscoder live", "matched", "matched share", "mean matched similarity",
               "same emergence", "emergence within 1 snapshot"]
-    return "<h2>Agreement</h2>" + rule + _table(header, rows, left=2)
+    return "<h2>Agreement</h2>" + rule + html_table(header, rows, left=2)
 
 
 def replay_section(comparison: Comparison, figures: dict[str, Path]) -> str:
@@ -112,14 +112,14 @@ def replay_section(comparison: Comparison, figures: dict[str, Path]) -> str:
             "&Sigma;||x - x&#770;||&sup2; / &Sigma;||x - mean x||&sup2; per snapshot; L0 = non-zero codes per token "
             "(a crosscoder with one shared code has the same L0 in every snapshot).</p>")
     images = "".join(f"<h3>{html.escape(caption)}</h3>{image_tag(path, caption)}" for caption, path in figures.items())
-    return "<h2>Explained variance and L0</h2>" + note + _table(header, rows) + images
+    return "<h2>Explained variance and L0</h2>" + note + html_table(header, rows) + images
 
 
 def render_compare(comparison: Comparison, figures: dict[str, Path]) -> str:
     """The whole page; `figures` maps a caption to a PNG (the emergence figure first, then replay figures)."""
     first = comparison.inputs[0]
     title = "Comparison: " + ", ".join(item.name for item in comparison.inputs)
-    facts = _table(["", "value"], [["snapshots", ", ".join(first.evolution.names)], ["hook", first.meta.hook],
+    facts = html_table(["", "value"], [["snapshots", ", ".join(first.evolution.names)], ["hook", first.meta.hook],
                                    ["d_model", first.meta.d_model],
                                    ["emergence threshold", first.evolution.threshold]])
     captions = list(figures)
@@ -128,7 +128,7 @@ def render_compare(comparison: Comparison, figures: dict[str, Path]) -> str:
             f"<h2>{html.escape(emergence)}</h2>{image_tag(figures[emergence], emergence)}",
             agreement_section(comparison), replay_section(comparison, {c: figures[c] for c in captions[1:]})]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{PAGE_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def write_compare_report(comparison: Comparison, out_dir: str | Path) -> Path:
@@ -147,7 +147,7 @@ def write_compare_report(comparison: Comparison, out_dir: str | Path) -> Path:
     else:  # an earlier run's replay figures would no longer match compare.json
         for name in (EV_FIGURE, L0_FIGURE):
             (out / name).unlink(missing_ok=True)
-    write_text_atomic(out / COMPARE_JSON, json.dumps(_clean(comparison.to_json()), indent=2))
+    write_text_atomic(out / COMPARE_JSON, json.dumps(jsonable(comparison.to_json()), indent=2))
     report = out / ANALYSIS_REPORT_FILE
     write_text_atomic(report, render_compare(comparison, figures))
     return report

@@ -126,14 +126,14 @@ def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = 
     return evo, meta
 
 
-def _clean(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON-safe: NaN/inf floats become null (json would write bare NaN, which is not JSON)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -149,7 +149,7 @@ def build_summary(evo: Evolution, meta: DictionaryMeta, dictionary_dir: Path, re
     }
     if recovery is not None:
         summary["recovery"] = recovery.summary()
-    return _clean(summary)
+    return jsonable(summary)
 
 
 def _add_frequency(table: FeatureTable, summary: dict[str, Any], frequency: torch.Tensor, names: list[str]) -> None:
@@ -237,7 +237,7 @@ def analyze_dictionary(
             extra_sections = [(PROGRESS_TITLE, progress_section(progress, evo.steps, tmp)), *(extra_sections or [])]
         if scaling is not None:  # needs activations, which only the caller can re-create
             scaling.add_columns(table)
-            summary["latent_scaling"] = _clean(scaling.summary())
+            summary["latent_scaling"] = jsonable(scaling.summary())
             section = scaling_section(scaling, evo, plot_scaling(scaling, tmp / SCALING_FIGURE))
             extra_sections = [(SCALING_TITLE, section), *(extra_sections or [])]
         if adjacent is not None:  # needs activations, which only the caller can re-create

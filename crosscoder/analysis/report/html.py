@@ -19,7 +19,7 @@ from crosscoder.dictionary.io import DictionaryMeta
 LEADING_PER_CLASS = 10
 """Latents listed per class, largest peak decoder norm first."""
 
-_STYLE = """
+PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
@@ -35,7 +35,7 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+def html_table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
     """An HTML table; the first `left` columns are left-aligned (labels), cells are escaped unless pre-rendered
     (tuples ("raw", html))."""
     def cell(tag: str, i: int, value: Any) -> str:
@@ -74,8 +74,8 @@ def metadata_section(meta: DictionaryMeta, dictionary_dir: Path) -> str:
              ["k", meta.k], ["train step", meta.train_step], ["tokens seen", f"{meta.tokens_seen:,}"]]
     sources = [[s.get("name"), s.get("path"), s.get("revision"), s.get("step"), s.get("hook") or meta.hook,
                 _fmt(meta.decoder_norm_mean.get(s.get("name"), float("nan")))] for s in meta.sources]
-    return ("<h2>Dictionary</h2>" + _table(["", "value"], facts) +
-            _table(["source", "path", "revision", "step", "hook", "mean decoder norm"], sources, left=4))
+    return ("<h2>Dictionary</h2>" + html_table(["", "value"], facts) +
+            html_table(["source", "path", "revision", "step", "hook", "mean decoder norm"], sources, left=4))
 
 
 def counts_section(evo: Evolution) -> str:
@@ -97,9 +97,9 @@ def counts_section(evo: Evolution) -> str:
             f"its class comes from presence at the first and last {noun}s only. Drift = decoder cosine between "
             f"consecutive {noun}s over latents present at both. Similarity = norm-weighted mean decoder "
             "cosine.</p>")
-    return ("<h2>Classes</h2>" + _table(["class", "latents", "share"], class_rows) +
+    return ("<h2>Classes</h2>" + html_table(["class", "latents", "share"], class_rows) +
             f"<h2>Per {noun}</h2>" + rule +
-            _table([noun, "emerging here", *[f"of which {c}" for c in by_class], "present",
+            html_table([noun, "emerging here", *[f"of which {c}" for c in by_class], "present",
                     "median drift in", "similarity to last"], rows))
 
 
@@ -131,7 +131,7 @@ def leading_section(evo: Evolution, per_class: int = LEADING_PER_CLASS, flags: d
                 for i in members]
         color = CLASS_COLORS[name]
         parts.append(f'<h3 style="color:{color}">{_e(name)} ({int((evo.classes == index).sum())})</h3>')
-        parts.append(_table(["latent", "emerges at", "peak norm", "lifetime cos", *flag_header, *labels], rows,
+        parts.append(html_table(["latent", "emerges at", "peak norm", "lifetime cos", *flag_header, *labels], rows,
                             left=2))
     return "".join(parts)
 
@@ -148,8 +148,8 @@ def recovery_section(result: Recovery, figure: Path | None) -> str:
         planted = result.true_emergence == s
         by_snapshot.append([s, int(planted.sum()), int((result.recovered & planted).sum()),
                             int((result.emergence_correct & planted).sum())])
-    return ("<h2>Planted ground truth</h2>" + _table(["", "value"], rows) +
-            _table(["planted emergence", "planted", "recovered", "emergence exact"], by_snapshot) +
+    return ("<h2>Planted ground truth</h2>" + html_table(["", "value"], rows) +
+            html_table(["planted emergence", "planted", "recovered", "emergence exact"], by_snapshot) +
             (image_tag(figure, "recovery") if figure is not None else ""))
 
 
@@ -176,4 +176,4 @@ def render_report(
     for section_title, section_html in extra_sections or []:
         body.append(f"<h2>{_e(section_title)}</h2>{section_html}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{PAGE_STYLE}</style></head><body>{''.join(body)}</body></html>\n")

@@ -32,7 +32,7 @@ def snapshot_labels(names: list[str], steps: list[int | None]) -> list[str]:
     return [name if step is None or str(step) in name else f"{name} ({step})" for name, step in pairs]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Render to a hidden sibling, then rename: a reader never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _width(n_snapshots: int) -> float:
+def figure_width(n_snapshots: int) -> float:
     """Figure width in inches: grows with the snapshot count, capped so a 150-checkpoint run stays viewable."""
     return min(16.0, max(6.0, 0.35 * n_snapshots + 3))
 
@@ -56,7 +56,7 @@ def _ticks(positions: int) -> np.ndarray:
     return np.unique(np.linspace(0, positions - 1, min(positions, MAX_TICK_LABELS)).round().astype(int))
 
 
-def _label_snapshot_axis(ax: object, labels: list[str], axis: str = "x") -> None:
+def label_snapshot_axis(ax: object, labels: list[str], axis: str = "x") -> None:
     ticks = _ticks(len(labels))
     if axis == "x":
         ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=45 if len(labels) > 4 else 0, ha="right"
@@ -83,7 +83,7 @@ def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MA
     """Normalised decoder-norm trajectories, one row per live latent, ordered by emergence then class."""
     order = heatmap_order(evo, max_rows)
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(_width(len(labels)), 7.0))
+    fig = Figure(figsize=(figure_width(len(labels)), 7.0))
     ax = fig.add_subplot()
     if order.numel() == 0:
         ax.text(0.5, 0.5, "no live latents", ha="center", va="center", transform=ax.transAxes)
@@ -94,19 +94,19 @@ def plot_trajectory_heatmap(evo: Evolution, path: str | Path, max_rows: int = MA
         emergence = evo.emergence[order].numpy()
         for boundary in np.nonzero(np.diff(emergence))[0]:  # separate emergence groups
             ax.axhline(boundary + 0.5, color="white", linewidth=0.6, alpha=0.8)
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     n_live = int((~evo.dead).sum())
     shown = f"{order.numel()} of {n_live}" if order.numel() < n_live else f"{n_live}"
     ax.set(xlabel=evo.noun, ylabel=f"live latents ({shown}), by emergence {evo.noun} then class",
            title="Feature trajectories")
     ax.set_yticks([])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
     """Latents emerging at each snapshot, one bar per snapshot (in snapshot order), stacked by class."""
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(_width(len(labels)), 4.5))
+    fig = Figure(figsize=(figure_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     bottom = np.zeros(len(labels))
@@ -115,24 +115,24 @@ def plot_emergence_histogram(evo: Evolution, path: str | Path) -> Path:
         if counts_np.any():
             ax.bar(x, counts_np, bottom=bottom, color=CLASS_COLORS[name], label=name)
             bottom += counts_np
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     known = [s for s in evo.steps if s is not None]
     xlabel = "snapshot (training step)" if known and evo.axis == "step" else evo.noun
     ax.set(xlabel=xlabel, ylabel="latents emerging", title=f"Emergence (first {evo.noun} with n >= {evo.threshold})")
     if bottom.any():
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_drift(evo: Evolution, path: str | Path) -> Path:
     """Per class, median and quartiles of the consecutive-snapshot decoder cosine at each transition, over
     latents present (n >= threshold) at both ends of the transition."""
     labels = snapshot_labels(evo.names, evo.steps)
-    fig = Figure(figsize=(_width(len(labels)), 4.5))
+    fig = Figure(figsize=(figure_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     if len(labels) < 2:
         ax.text(0.5, 0.5, f"one {evo.noun}: no drift", ha="center", va="center", transform=ax.transAxes)
-        return _save(fig, path)
+        return save_figure(fig, path)
     present = evo.trajectories >= evo.threshold
     both = (present[:, :-1] & present[:, 1:]).numpy()
     cos = evo.consecutive_cos.numpy()
@@ -149,12 +149,12 @@ def plot_drift(evo: Evolution, path: str | Path) -> Path:
         ax.plot(x[has], median, marker="o", markersize=3, color=CLASS_COLORS[name], label=name)
         ax.fill_between(x[has], q1, q3, color=CLASS_COLORS[name], alpha=0.2)
     transitions = [f"{labels[s]} → {labels[s + 1]}" for s in range(len(labels) - 1)]
-    _label_snapshot_axis(ax, transitions)
+    label_snapshot_axis(ax, transitions)
     ax.set(xlabel=f"{evo.noun} transition", ylabel="decoder cosine (median, quartiles)",
            title=f"Decoder drift between consecutive {evo.noun}s (latents present at both)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_similarity(evo: Evolution, path: str | Path) -> Path:
@@ -172,10 +172,10 @@ def plot_similarity(evo: Evolution, path: str | Path) -> Path:
         for (s, t), value in np.ndenumerate(sim):
             ax.text(t, s, f"{value:.2f}", ha="center", va="center", fontsize=8,
                     color="black" if value > (min(0.9, low) + 1) / 2 else "white")
-    _label_snapshot_axis(ax, labels, "x")
-    _label_snapshot_axis(ax, labels, "y")
+    label_snapshot_axis(ax, labels, "x")
+    label_snapshot_axis(ax, labels, "y")
     ax.set(title="Snapshot similarity")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recovery(cosines: torch.Tensor, threshold: float, path: str | Path) -> Path:
@@ -187,7 +187,7 @@ def plot_recovery(cosines: torch.Tensor, threshold: float, path: str | Path) -> 
     ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"recovered at >= {threshold}")
     ax.set(xlabel="decoder cosine of the matched pair", ylabel="planted features", title="Planted feature recovery")
     ax.legend(frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_firing_frequency(frequency: torch.Tensor, dense_frequency: float, path: str | Path,
@@ -213,7 +213,7 @@ def plot_firing_frequency(frequency: torch.Tensor, dense_frequency: float, path:
     ax.set(xlabel="log10 share of tokens the latent fires on", ylabel="latents",
            title=f"Feature density ({never} of {rows.shape[1]} latents never seen firing)")
     ax.legend(frameon=False, fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 MAX_SCATTER_POINTS = 20000
@@ -250,14 +250,14 @@ def plot_latent_scaling(norm_ratio: torch.Tensor, nu: torch.Tensor, flagged: tor
         ax.legend(frameon=False, loc="upper left", fontsize="small")
     else:
         ax.text(0.5, 0.5, "no measured latents", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_progress(progress: torch.Tensor, names: list[str], steps: list[int | None], path: str | Path) -> Path:
     """SAE-Track's progress measure per snapshot (analysis.diagnostics.progress): median and quartiles over the
     latents live at the final snapshot (rows of `progress` [F, S] that are not NaN there)."""
     labels = snapshot_labels(names, steps)
-    fig = Figure(figsize=(_width(len(labels)), 4.5))
+    fig = Figure(figsize=(figure_width(len(labels)), 4.5))
     ax = fig.add_subplot()
     live = progress[~progress[:, -1].isnan()].double().numpy()
     x = np.arange(len(labels))
@@ -269,7 +269,7 @@ def plot_progress(progress: torch.Tensor, names: list[str], steps: list[int | No
     else:
         ax.text(0.5, 0.5, "no latent fires at the final snapshot", ha="center", va="center", transform=ax.transAxes)
     ax.axhline(0.0, color="#777", linestyle="--", linewidth=0.8)
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     ax.set(xlabel="snapshot", ylabel="progress (top-token code cosine - random)",
            title="Feature formation: progress of the final latents")
-    return _save(fig, path)
+    return save_figure(fig, path)

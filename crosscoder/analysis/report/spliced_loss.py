@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from crosscoder.analysis.report.html import _table, image_tag
-from crosscoder.analysis.report.plots import _label_snapshot_axis, _save, _width, snapshot_labels
+from crosscoder.analysis.report.html import html_table, image_tag
+from crosscoder.analysis.report.plots import figure_width, label_snapshot_axis, save_figure, snapshot_labels
 from crosscoder.constants import EVAL_FILE
 
 SPLICED_TITLE = "Spliced-in LM loss"
@@ -47,17 +47,17 @@ def plot_ce_recovered(results: dict[str, Any], path: str | Path) -> Path:
     """Fraction of CE recovered per snapshot, against zero and against mean ablation (1 = as good as clean)."""
     names = results["snapshots"]
     labels = snapshot_labels(names, results.get("steps") or [None] * len(names))
-    fig = Figure(figsize=(_width(len(labels)), 4.0))
+    fig = Figure(figsize=(figure_width(len(labels)), 4.0))
     ax = fig.add_subplot()
     x = np.arange(len(labels))
     for key, label, color in (("ce_recovered", "vs zero ablation", "#4c72b0"),
                               ("ce_recovered_mean", "vs mean ablation", "#dd8452")):
         ax.plot(x, [_value(results, name, key) for name in names], marker="o", color=color, label=label)
     ax.axhline(1.0, color="#8c8c8c", linewidth=0.8, linestyle="--")
-    _label_snapshot_axis(ax, labels)
+    label_snapshot_axis(ax, labels)
     ax.set(xlabel="snapshot", ylabel="fraction of CE recovered", title="Spliced-in LM loss recovered per snapshot")
     ax.legend(frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def spliced_section(results: dict[str, Any], figure: Path | None) -> str:
@@ -73,7 +73,7 @@ def spliced_section(results: dict[str, Any], figure: Path | None) -> str:
             "nats. CE recovered = (CE ablated &minus; CE spliced) / (CE ablated &minus; CE clean): 1 is as good as "
             "the real activation, 0 no better than ablating it. BOS and padding positions stay clean and are not "
             "scored.</p>")
-    return note + _table(["snapshot", *(title for _, title in COLUMNS)], rows) + \
+    return note + html_table(["snapshot", *(title for _, title in COLUMNS)], rows) + \
         (image_tag(figure, "CE recovered") if figure is not None else "")
 
 
