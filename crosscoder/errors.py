@@ -14,7 +14,6 @@ from typing import NoReturn
 EXIT_FAULT = 1
 """The run stopped on a fault (a dead worker, non-finite values, drifting ranks): see the message."""
 
-
 EXIT_BAD_INPUT = 2
 """A value, file or folder was refused (at start-up, or when the run reached it)."""
 

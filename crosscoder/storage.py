@@ -54,7 +54,6 @@ def replace_dir(src: Path, dst: Path) -> None:
     else:
         os.replace(src, dst)
 
-
 _WRITE_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",

@@ -12,7 +12,6 @@ from crosscoder.errors import ConfigError
 DataKind = Literal["toy", "text_files", "hf_dataset"]
 DATA_KINDS: tuple[str, ...] = get_args(DataKind)
 
-
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 CACHE_DTYPES: tuple[str, ...] = get_args(CacheDtype)
 

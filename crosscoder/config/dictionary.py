@@ -11,7 +11,6 @@ from crosscoder.errors import ConfigError
 Family = Literal["relu", "topk", "batchtopk", "jumprelu", "snapshot_jumprelu"]
 ACTIVATION_NAMES: tuple[str, ...] = get_args(Family)
 
-
 JUMPRELU_FAMILIES = ("jumprelu", "snapshot_jumprelu")
 
 

@@ -14,12 +14,8 @@ SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 MODEL_KINDS: tuple[str, ...] = ("hf", "toy")
 """Source kinds that run snapshots of a model on text: they have hooks, tokens, an LM loss and contexts."""
 
-
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
-
-
 HOOK_FORMS = "blocks.L.hook_resid_pre, blocks.L.hook_resid_post, blocks.L.hook_attn_out or blocks.L.hook_mlp_out"
-
 
 HOOK_POSITIONS = ("pre", "attn_out", "mlp_out", "post")
 """Hook positions within a block, in the order a sequential block computes them (sources.hooks reads them)."""

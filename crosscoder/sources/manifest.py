@@ -14,7 +14,6 @@ from crosscoder.errors import ConfigError
 
 SOURCES_FILE = "sources.json"
 
-
 RESERVED_NAMES = ("activations", "token_ids")  # tensor names with a meaning in a safetensors shard
 
 
