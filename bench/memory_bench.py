@@ -101,7 +101,8 @@ def _model_bytes(args: argparse.Namespace, share: range) -> dict[str, int]:
     """Load the rank's share of the toy snapshots as an activation worker does; count their parameter bytes."""
     import torch
 
-    from crosscoder.sources.models import load_runners, resolve_snapshots
+    from crosscoder.data.kinds import resolve_snapshots
+    from crosscoder.sources.models import load_runners
 
     specs = resolve_snapshots(_toy_sources(args.toy_cache), log=lambda *_: None)  # the driver built them
     runners = load_runners(_toy_sources(args.toy_cache), specs[share.start : share.stop], torch.device("cpu"))
@@ -398,7 +399,7 @@ def model_table(rows: list[dict]) -> list[str]:
 
 
 def drive(args: argparse.Namespace) -> None:
-    from crosscoder.sources.models import resolve_snapshots
+    from crosscoder.data.kinds import resolve_snapshots
 
     layouts = [tuple(int(n) for n in item.strip().split("x")) for item in args.layouts.split(",")]
     stages = [int(stage) for stage in args.stages.split(",")]

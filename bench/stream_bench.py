@@ -79,7 +79,7 @@ def quiet(_: str) -> None:
 def measure_production(cfg: RunConfig, warm_blocks: int, blocks: int) -> float:
     """Tokens/s of the workers alone: the trainer only drains their blocks."""
     info = describe_sources(cfg.sources, log=quiet)
-    blocks_from, close = online_block_source(cfg, info, rank=0, world_size=1, log=quiet)
+    blocks_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=quiet)
     try:
         stream = blocks_from(0)
         for _ in itertools.islice(stream, warm_blocks):  # includes the workers' start-up

@@ -83,7 +83,7 @@ def _build_one_process(cfg: RunConfig, log: Callable[[str], None]) -> Path:
     identity = cache_identity(info, cfg.data, cfg.data.cache.dtype)
     tokens = cfg.data.cache.tokens or default_cache_tokens(cfg)
     # The cache is one global stream (rank 0 of 1); training ranks split every shard between them.
-    blocks_from, close = online_block_source(cfg, info, rank=0, world_size=1, log=log)
+    blocks_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=log)
     try:
         return write_cache(cfg.data.cache, identity, blocks_from, tokens, log=log)
     finally:
@@ -239,7 +239,8 @@ def _lead(cfg: RunConfig, log: Callable[[str], None], world_size: int) -> Path:
             f"{', '.join(f'{s.start}-{s.stop - 1}' if len(s) > 1 else str(s.start) for s in shares)}")
         identity = cache_identity(info, cfg.data, cfg.data.cache.dtype)
         tokens = cfg.data.cache.tokens or default_cache_tokens(cfg)
-        local_from, close = online_block_source(cfg, info, rank=0, world_size=1, log=log, share=shares[0])
+        local_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=log,
+                                                share=shares[0])
 
         def blocks_from(start: int) -> Iterator[Any]:
             _send(("start", start))
@@ -287,7 +288,8 @@ def _follow(cfg: RunConfig, rank: int, world_size: int) -> None:
     try:
         info = _sources_rank_zero_first(cfg, rank, quiet)
         share = snapshot_shares(len(info.specs), world_size)[rank]
-        local_from, close = online_block_source(cfg, info, rank=0, world_size=1, log=quiet, share=share)
+        local_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=quiet,
+                                                share=share)
     except _RankZeroFailed:
         return
     except Exception as error:  # reported to rank 0 at its first block; raised here once the build is over

@@ -21,6 +21,7 @@ from crosscoder.config.sources import (
     HOOK_FORMS,
     HOOK_PATTERN,
     HOOK_POSITIONS,
+    KIND_RULES,
     MODEL_KINDS,
     SOURCE_KINDS,
     FilesSourceConfig,
@@ -34,9 +35,9 @@ from crosscoder.config.trainer import PRECISIONS, TrainerConfig
 
 __all__ = [
     "ACTIVATION_NAMES", "CACHE_DTYPES", "DATA_KINDS", "HOOK_FORMS", "HOOK_PATTERN", "HOOK_POSITIONS", "INIT_SCHEMES",
-    "MODEL_KINDS", "JUMPRELU_FAMILIES", "METHOD_NAMES", "PRECISIONS", "SOURCE_KINDS", "TRACKING_MODES", "CacheConfig",
-    "CrosscoderConfig", "DataConfig", "DeepSpeedConfig", "FilesSourceConfig", "HookPoint", "JumpReLUConfig",
-    "MethodConfig", "ParallelConfig", "PlantedSourceConfig", "RunConfig", "ShuffleConfig", "SourcesConfig",
-    "ToySourceConfig", "TrackingConfig", "TrainerConfig", "WorkersConfig", "check_known_keys", "register_configs",
-    "unknown_keys",
+    "KIND_RULES", "MODEL_KINDS", "JUMPRELU_FAMILIES", "METHOD_NAMES", "PRECISIONS", "SOURCE_KINDS", "TRACKING_MODES",
+    "CacheConfig", "CrosscoderConfig", "DataConfig", "DeepSpeedConfig", "FilesSourceConfig", "HookPoint",
+    "JumpReLUConfig", "MethodConfig", "ParallelConfig", "PlantedSourceConfig", "RunConfig", "ShuffleConfig",
+    "SourcesConfig", "ToySourceConfig", "TrackingConfig", "TrainerConfig", "WorkersConfig", "check_known_keys",
+    "register_configs", "unknown_keys",
 ]

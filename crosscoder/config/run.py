@@ -55,15 +55,25 @@ class RunConfig:
             raise ConfigError(f"crosscoder.activation={c.activation} cannot be split by snapshot yet (its "
                               "thresholds' gradient is not summed over the snapshot group): use "
                               "parallel.snapshot_parallel=1")
+        self._validate_method()
         n_sources = n_sources if n_sources is not None else self.n_sources()
-        if n_sources is not None and parallel.snapshot_parallel > n_sources:
-            noun = "snapshots" if n_sources == self.n_snapshots() and self.sources.kind != "files" else "sources"
-            raise ConfigError(f"parallel.snapshot_parallel={parallel.snapshot_parallel} is more than the "
-                              f"{n_sources} {noun}: every snapshot rank needs at least one")
-        self._validate_method(n_sources)
+        if n_sources is not None:
+            self.check_source_count(n_sources)
         return self
 
-    def _validate_method(self, n_sources: int | None) -> None:
+    def check_source_count(self, n_sources: int) -> None:
+        """The rules that need the number of sources: from the config alone (`validate`), or once an activation
+        folder's sources.json has been read (crosscoder.data.checks)."""
+        parallel, method = self.parallel, self.method
+        if parallel.snapshot_parallel > n_sources:
+            noun = "snapshots" if n_sources == self.n_snapshots() else "sources"
+            raise ConfigError(f"parallel.snapshot_parallel={parallel.snapshot_parallel} is more than the "
+                              f"{n_sources} {noun}: every snapshot rank needs at least one")
+        if method.name != "crosscoder" and n_sources < 2:
+            raise ConfigError(f"method.name={method.name} trains a stack of one dictionary per snapshot: it needs at "
+                              f"least 2 snapshots, the sources name {n_sources}")
+
+    def _validate_method(self) -> None:
         m, c = self.method, self.crosscoder
         if m.snapshot and self.parallel.snapshot_parallel > 1:
             raise ConfigError(f"method.snapshot={m.snapshot!r} trains one snapshot: it cannot be split by snapshot "
@@ -73,9 +83,6 @@ class RunConfig:
         if m.snapshot:
             raise ConfigError(f"method.snapshot={m.snapshot!r} trains one snapshot's dictionary: use it with "
                               f"method.name=crosscoder, not {m.name} (which trains every snapshot's)")
-        if n_sources is not None and n_sources < 2:
-            raise ConfigError(f"method.name={m.name} trains a stack of one dictionary per snapshot: it needs at least "
-                              f"2 snapshots, the sources name {n_sources}")
         if c.activation == "snapshot_jumprelu":
             raise ConfigError(f"crosscoder.activation=snapshot_jumprelu gates latents per snapshot of one crosscoder; "
                               f"method.name={m.name} trains single-snapshot dictionaries: use jumprelu")
@@ -86,16 +93,18 @@ class RunConfig:
             raise ConfigError("method.name=sae_track trains one snapshot at a time: use parallel.snapshot_parallel=1 "
                               "(its ranks are data parallel)")
 
-    def n_snapshots(self) -> int:
-        """How many snapshots the sources name (known from the config alone, before anything loads)."""
+    def n_snapshots(self) -> int | None:
+        """How many snapshots the sources name, known from the config alone before anything loads (None: only the
+        data tells, crosscoder.data.kinds)."""
         return self.sources.n_snapshots()
 
     def n_sources(self) -> int | None:
         """How many sources the crosscoder has, when the config alone tells it: the snapshots times the hooks.
         None for an activation folder, whose sources.json says (crosscoder.data.kinds.count_sources)."""
-        if self.sources.kind == "files":
-            return None
-        return self.n_snapshots() * max(1, len(self.sources.hooks))
+        n_snapshots = self.n_snapshots()
+        return None if n_snapshots is None else n_snapshots * max(1, len(self.sources.hooks))
+
+
 def unknown_keys(tree: dict[str, Any], schema: type | None = None, prefix: str = "") -> list[str]:
     """Keys of a composed config (as a plain dict) that its schema (RunConfig by default) does not have, with a
     close match if there is one. Hydra's `+key=value` adds a key even to a typed config, and the dataclass would

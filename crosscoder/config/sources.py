@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -11,8 +12,6 @@ from crosscoder.errors import ConfigError
 
 SourceKind = Literal["hf", "toy", "planted", "files"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
-MODEL_KINDS: tuple[str, ...] = ("hf", "toy")
-"""Source kinds that run snapshots of a model on text: they have hooks, tokens, an LM loss and contexts."""
 
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
 HOOK_FORMS = "blocks.L.hook_resid_pre, blocks.L.hook_resid_post, blocks.L.hook_attn_out or blocks.L.hook_mlp_out"
@@ -158,15 +157,7 @@ class SourcesConfig:
         checked at start-up, crosscoder.data.checks)."""
         one_of("sources.kind", self.kind, SOURCE_KINDS)
         self._validate_hooks()
-        if self.kind == "hf":
-            if not self.model and not self.paths:
-                raise ConfigError("sources.model (hub id or dir) or sources.paths must be set for sources.kind=hf")
-            if self.model and self.paths:
-                raise ConfigError("set sources.model+revisions or sources.paths, not both")
-            if self.steps and len(self.steps) != self.n_snapshots():
-                raise ConfigError(f"sources.steps has {len(self.steps)} entries for {self.n_snapshots()} snapshots")
-        if self.kind == "planted":
-            self.planted.validate()
+        KIND_RULES[self.kind].validate(self)
 
     def _validate_hooks(self) -> None:
         """`sources.hook`, or `sources.hooks`: known hooks, in forward order, each once (the analysis reads the order
@@ -174,7 +165,7 @@ class SourcesConfig:
         HookPoint.parse(self.hook)
         if not self.hooks:
             return
-        if self.kind not in MODEL_KINDS:
+        if not self.has_model():
             raise ConfigError(f"sources.hooks is set, but sources.kind={self.kind} has no model to hook; leave it "
                               "empty")
         hooks = [HookPoint.parse(hook, f"sources.hooks[{index}]") for index, hook in enumerate(self.hooks)]
@@ -184,10 +175,52 @@ class SourcesConfig:
                                   f"order (earlier blocks first; in a block resid_pre, attn_out, mlp_out, resid_post), "
                                   f"each once; as listed: {list(self.hooks)}")
 
-    def n_snapshots(self) -> int:
-        """How many snapshots the sources name (known from the config alone, before anything loads)."""
-        if self.kind == "toy":
-            return len(self.toy.snapshot_steps)
-        if self.kind == "planted":
-            return self.planted.n_snapshots
-        return len(self.paths) if self.paths else max(len(self.revisions), 1)
+    def has_model(self) -> bool:
+        """Whether the sources are snapshots of a model run on text (hooks, tokens, an LM loss, contexts)."""
+        return KIND_RULES[self.kind].has_model
+
+    def n_snapshots(self) -> int | None:
+        """How many snapshots the sources name, known from the config alone before anything loads; None where
+        only the data tells (an activation folder's sources.json: crosscoder.data.kinds)."""
+        return KIND_RULES[self.kind].n_snapshots(self)
+
+
+def _hf_snapshots(sources: SourcesConfig) -> int:
+    return len(sources.paths) if sources.paths else max(len(sources.revisions), 1)
+
+
+def _validate_hf(sources: SourcesConfig) -> None:
+    if not sources.model and not sources.paths:
+        raise ConfigError("sources.model (hub id or dir) or sources.paths must be set for sources.kind=hf")
+    if sources.model and sources.paths:
+        raise ConfigError("set sources.model+revisions or sources.paths, not both")
+    if sources.steps and len(sources.steps) != _hf_snapshots(sources):
+        raise ConfigError(f"sources.steps has {len(sources.steps)} entries for {_hf_snapshots(sources)} snapshots")
+
+
+def _no_rules(sources: SourcesConfig) -> None:
+    """A kind whose settings need no check beyond their types."""
+
+
+@dataclass(frozen=True)
+class KindRules:
+    """What the config alone knows of a source kind: its value rules and snapshot count. How a kind is checked on
+    disk, described, opened and replayed is the data layer's half of the registry (crosscoder.data.kinds), which
+    the config layer cannot import; a test keeps the two halves' names equal to `SourceKind`."""
+
+    has_model: bool
+    """Runs snapshots of a model on text: hooks, tokens, an LM loss and contexts."""
+    n_snapshots: Callable[[SourcesConfig], int | None]
+    validate: Callable[[SourcesConfig], None] = _no_rules
+
+
+KIND_RULES: dict[str, KindRules] = {
+    "hf": KindRules(has_model=True, n_snapshots=_hf_snapshots, validate=_validate_hf),
+    "toy": KindRules(has_model=True, n_snapshots=lambda sources: len(sources.toy.snapshot_steps)),
+    "planted": KindRules(has_model=False, n_snapshots=lambda sources: sources.planted.n_snapshots,
+                         validate=lambda sources: sources.planted.validate()),
+    "files": KindRules(has_model=False, n_snapshots=lambda sources: None),
+}
+"""The config's half of the source-kind registry, one entry per `SourceKind`."""
+MODEL_KINDS: tuple[str, ...] = tuple(name for name, rules in KIND_RULES.items() if rules.has_model)
+"""Source kinds that run snapshots of a model on text: they have hooks, tokens, an LM loss and contexts."""

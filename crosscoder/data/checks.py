@@ -9,7 +9,7 @@ import os
 
 from crosscoder.config import DataConfig, RunConfig
 from crosscoder.constants import CACHE_MANIFEST_FILE
-from crosscoder.data.kinds import count_sources
+from crosscoder.data.kinds import count_sources, source_kind
 from crosscoder.errors import ConfigError
 
 TEXT_PROBE_BYTES = 64 * 1024
@@ -20,13 +20,10 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     """`cfg.validate()`, then every check against the machine and the disk; ConfigError names the first problem.
     Returns `cfg` for chaining."""
     cfg.validate()
-    files = cfg.sources.files
-    if cfg.sources.kind == "files" and not (files.dir and os.path.isdir(os.path.expanduser(files.dir))):
-        raise ConfigError(f"sources.files.dir={files.dir!r} is not an existing folder: set it to the folder "
-                          "holding sources.json and the activation shards (sources.kind=files)")
+    source_kind(cfg.sources.kind).check(cfg.sources)
     _check_data(cfg.data)
-    if cfg.sources.kind == "files":  # the rules that need the count, now that sources.json can be read
-        cfg.validate(n_sources=count_sources(cfg))
+    if cfg.n_sources() is None:  # the rules that need the count, now that the sources can tell it
+        cfg.check_source_count(count_sources(cfg.sources))
     return cfg
 
 

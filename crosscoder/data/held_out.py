@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from crosscoder.config import RunConfig
+from crosscoder.config import DataConfig
 from crosscoder.constants import CACHE_MANIFEST_FILE
 from crosscoder.data.tokens import TokenBatch, iter_token_batches, local_corpus, tokenized
 from crosscoder.errors import ConfigError
@@ -53,27 +53,26 @@ def held_out_seed(data_seed: int) -> int:
     return seed + 1 if seed == lm_seed else seed
 
 
-def held_out_batches(cfg: RunConfig, tokenizer: Any, positions: list[dict[str, Any]] | None  # noqa: ANN401
+def held_out_batches(data: DataConfig, tokenizer: Any, positions: list[dict[str, Any]] | None  # noqa: ANN401
                      ) -> HeldOut:
-    """The held-out batches of the run `cfg` (module docstring); `positions` is the dictionary's
-    stream_position.json (needed for an online text_files / hf_dataset run)."""
-    data = cfg.data
+    """The held-out batches of a run whose `data` group this is (module docstring); `positions` is the
+    dictionary's stream_position.json (needed for an online text_files / hf_dataset run)."""
     if data.kind == "toy":
         seed = held_out_seed(data.seed)
         return HeldOut(iter_token_batches(replace(data, seed=seed), tokenizer),
                        f"{data.toy_documents} fresh toy documents (seed {seed}; the run trained on seed {data.seed})")
-    shard, n_shards, start, what = _stream_after_training(cfg, positions)
+    shard, n_shards, start, what = _stream_after_training(data, positions)
     held_out = HeldOut(iter([]), f"{data.kind} stream shard {shard} of {n_shards} after the {start} batches {what}")
     batches = iter_token_batches(data, tokenizer, shard=shard, n_shards=n_shards, start=start)
-    epoch = _first_epoch_batches(cfg, tokenizer, shard, n_shards) if data.kind == "text_files" else None
+    epoch = _first_epoch_batches(data, tokenizer, shard, n_shards) if data.kind == "text_files" else None
     held_out.batches = _flag_reuse(batches, held_out, start, epoch)
     return held_out
 
 
-def _stream_after_training(cfg: RunConfig, positions: list[dict[str, Any]] | None) -> tuple[int, int, int, str]:
+def _stream_after_training(data: DataConfig, positions: list[dict[str, Any]] | None) -> tuple[int, int, int, str]:
     """(shard, n_shards, first unread batch of that shard, how it was read) for document shard 0."""
-    if cfg.data.cache.dir:
-        manifest_file = Path(cfg.data.cache.dir).expanduser() / CACHE_MANIFEST_FILE
+    if data.cache.dir:
+        manifest_file = Path(data.cache.dir).expanduser() / CACHE_MANIFEST_FILE
         try:
             manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
             blocks = max(s["first_block"] + s["n_blocks"] for s in manifest["shards"])
@@ -92,13 +91,13 @@ def _stream_after_training(cfg: RunConfig, positions: list[dict[str, Any]] | Non
     return 0, n_shards, math.ceil(int(position["next_block"]) / workers), "the run read from it"
 
 
-def _first_epoch_batches(cfg: RunConfig, tokenizer: Any, shard: int, n_shards: int) -> int:  # noqa: ANN401
+def _first_epoch_batches(data: DataConfig, tokenizer: Any, shard: int, n_shards: int) -> int:  # noqa: ANN401
     """Whole batches in the first epoch of one shard of a local corpus (later ones repeat its documents)."""
-    documents = local_corpus(cfg.data, n_shards)
+    documents = local_corpus(data, n_shards)
     order = list(range(len(documents)))
-    random.Random(cfg.data.seed).shuffle(order)  # epoch 0's order, as crosscoder.data.tokens._iter_local draws it
+    random.Random(data.seed).shuffle(order)  # epoch 0's order, as crosscoder.data.tokens._iter_local draws it
     tokens = sum(len(ids) + 1 for ids in tokenized(iter(documents[i] for i in order[shard::n_shards]), tokenizer))
-    return tokens // (cfg.data.model_batch_size * (cfg.data.seq_len - 1))
+    return tokens // (data.model_batch_size * (data.seq_len - 1))
 
 
 def _flag_reuse(batches: Iterator[TokenBatch], held_out: HeldOut, start: int, epoch_batches: int | None

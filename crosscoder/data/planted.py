@@ -16,19 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from crosscoder.config import PlantedSourceConfig
+from crosscoder.config import PlantedSourceConfig, SourcesConfig
 from crosscoder.data.activations import ActivationBlock
+from crosscoder.sources.spec import SYNTHETIC_PATH, SnapshotSpec
 
 EMERGENCE_THRESHOLD = 0.5
 """A feature has emerged at the first snapshot s where magnitude[s] / max_s magnitude[s] >= this (the analysis
 applies the same rule to learned decoder norms)."""
 KINDS = ("persistent", "emerging", "vanishing", "transient")
+HELD_OUT_BATCH_TOKENS = 4096
+"""Rows per held-out draw (`held_out_draws`)."""
+HELD_OUT_SEED = 0x5CA1E
+"""Added to the planted seed for the analysis draws (training blocks use sha256-derived seeds of their own)."""
 COEFF_LOW, COEFF_HIGH = 0.5, 1.5
 """An active feature's coefficient is uniform on [COEFF_LOW, COEFF_HIGH] (mean 1)."""
 
@@ -176,3 +182,22 @@ def planted_blocks(
         _, activations = sample_tokens(truth, block_tokens, torch.Generator().manual_seed(_block_seed(cfg.seed, g)))
         token_ids = torch.arange(g * block_tokens, (g + 1) * block_tokens, dtype=torch.long)
         yield ActivationBlock(index=j, activations=activations, token_ids=token_ids)
+
+
+def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
+    """Synthetic snapshots (`sources.kind=planted`): the revision, which is also their fingerprint, is a hash of
+    the planted config, so a cache or a training state of them is never reused for another planted problem."""
+    planted = json.dumps(asdict(cfg.planted), sort_keys=True)
+    digest = hashlib.sha256(planted.encode()).hexdigest()[:16]
+    return [SnapshotSpec(name=f"snapshot{index}", path=SYNTHETIC_PATH, revision=digest, step=index,
+                         fingerprint=digest)
+            for index in range(cfg.planted.n_snapshots)]
+
+
+def held_out_draws(cfg: PlantedSourceConfig, n_tokens: int) -> Iterator[torch.Tensor]:
+    """Activations [B, S, d] of the planted problem, `n_tokens` rows in all, from a generator seeded apart from
+    the training stream's blocks: held out, for analysing a dictionary trained on them."""
+    truth = planted_truth(cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + HELD_OUT_SEED)
+    sizes = [min(HELD_OUT_BATCH_TOKENS, n_tokens - start) for start in range(0, n_tokens, HELD_OUT_BATCH_TOKENS)]
+    return (sample_tokens(truth, size, generator)[1] for size in sizes)

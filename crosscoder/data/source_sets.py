@@ -2,8 +2,8 @@
 
 A source set yields `ActivationBlock`s ([n, S, d] activations of this rank's sources, row j of every source the
 same token, with the tokens' ids) from a block index on, and says what a saved stream position of it is. The
-stream (crosscoder.data.stream) shuffles and batches whatever set `open_source_set` picks, and nothing past the
-stream knows which it was:
+stream (crosscoder.data.stream) shuffles and batches whatever set `crosscoder.data.kinds.open_source_set` picks,
+and nothing past the stream knows which it was:
 
 - `ModelSources`: the snapshots run online, by activation workers or inline (`sources.kind` hf / toy);
 - `PlantedSources`: synthetic activations of a planted dictionary (`sources.kind=planted`);
@@ -20,9 +20,8 @@ from typing import Protocol
 
 import torch
 
-from crosscoder.config import RunConfig
+from crosscoder.config import DataConfig, SourcesConfig
 from crosscoder.data.activations import ActivationBlock
-from crosscoder.data.cache import CacheReader, check_cache_matches
 from crosscoder.data.tokens import special_token_ids
 from crosscoder.data.workers import WorkerPool, WorkerSetup, produce_blocks, resolve_worker_device
 from crosscoder.sources.models import load_runners
@@ -61,10 +60,11 @@ class PlantedSources:
 
     position_kind, document_shards = "online", 1
 
-    def __init__(self, cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, share: range) -> None:
-        self.planted, self.rank, self.world_size = cfg.sources.planted, rank, world_size
+    def __init__(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
+                 share: range) -> None:
+        self.planted, self.rank, self.world_size = sources.planted, rank, world_size
         self.share = None if len(share) == len(info.specs) else share
-        self.block_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # as many rows as a model batch
+        self.block_tokens = data.model_batch_size * (data.seq_len - 1)  # as many rows as a model batch
         self.snapshots_loaded: list[str] = []
 
     def blocks(self, start: int) -> Iterator[ActivationBlock]:
@@ -91,13 +91,14 @@ class ModelSources:
 
     position_kind = "online"
 
-    def __init__(self, cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, share: range,
-                 log: Callable[[str], None], on_loaded: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
+                 share: range, log: Callable[[str], None], on_loaded: Callable[[list[str]], None] | None = None
+                 ) -> None:
         self.on_loaded = on_loaded
         specs = info.specs[share.start : share.stop]
         bos, pad = special_token_ids(info.tokenizer)
-        workers_cfg = cfg.data.workers
-        self.setup = WorkerSetup(sources=cfg.sources, data=cfg.data, specs=specs, bos_id=bos, pad_id=pad,
+        workers_cfg = data.workers
+        self.setup = WorkerSetup(sources=sources, data=data, specs=specs, bos_id=bos, pad_id=pad,
                                  device=resolve_worker_device(workers_cfg.device), threads=workers_cfg.threads,
                                  rank=rank, world_size=world_size, cpus=tuple(workers_cfg.cpus))
         self.tokenizer = info.tokenizer
@@ -105,10 +106,10 @@ class ModelSources:
         self.snapshots_loaded = []
         self.pool: WorkerPool | None = None
         if workers_cfg.num_workers == 0:
-            self.runners = load_runners(cfg.sources, specs, torch.device(self.setup.device))
+            self.runners = load_runners(sources, specs, torch.device(self.setup.device))
             self._record([runner.name for runner in self.runners])
             return
-        max_tokens = cfg.data.model_batch_size * (cfg.data.seq_len - 1)  # BOS is never kept
+        max_tokens = data.model_batch_size * (data.seq_len - 1)  # BOS is never kept
         self.pool = WorkerPool(workers_cfg, self.setup, len(specs), info.d_model, max_tokens, self._record)
         log(f"started {workers_cfg.num_workers} activation worker(s) on {self.setup.device}, "
             f"{workers_cfg.slots} shared-memory slots each, running {_count(specs)}")
@@ -157,28 +158,3 @@ class ShardedSources:
 
     def close(self) -> None:
         pass
-
-
-def open_source_set(cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
-                    share: range | None = None, log: Callable[[str], None] = print) -> SourceSet:
-    """The source set the config asks for, for data rank `rank` of `world_size` and the sources in `share` (all
-    when None): a cache when `data.cache.dir` is set, else by `sources.kind`."""
-    share = range(len(info.specs)) if share is None else share
-    # Unshuffled, finite sets are read in global batch order, so any number of ranks trains on the same batches.
-    batch_rows = micro_batch if cfg.data.shuffle.buffer_tokens == 0 else 0
-    if cfg.data.cache.dir:
-        reader = CacheReader(cfg.data.cache.dir, rank=rank, world_size=world_size, batch_rows=batch_rows,
-                             sources=share)
-        check_cache_matches(reader.manifest, info, cfg.data.cache.dir)
-        log(f"reading activations from the cache {cfg.data.cache.dir} ({reader.tokens_per_rank} tokens for this rank)")
-        return ShardedSources("cache", reader)
-    if cfg.sources.kind == "files":
-        from crosscoder.data.files import FileActivations
-
-        files = FileActivations(cfg.sources, rank=rank, world_size=world_size, batch_rows=batch_rows, sources=share)
-        log(f"reading activations from the files in {cfg.sources.files.dir} ({files.tokens_per_rank} tokens for "
-            "this rank)")
-        return ShardedSources("files", files)
-    if cfg.sources.kind == "planted":
-        return PlantedSources(cfg, info, rank, world_size, share)
-    return ModelSources(cfg, info, rank, world_size, share, log)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from crosscoder.config import RunConfig
+from crosscoder.config import DataConfig, SourcesConfig
 from crosscoder.data.activations import ActivationBlock
+from crosscoder.data.kinds import open_source_set, source_kind
 from crosscoder.data.shuffle import ShuffleBuffer
-from crosscoder.data.source_sets import ModelSources, PlantedSources, open_source_set
 from crosscoder.errors import ConfigError
 from crosscoder.sources.spec import SourceInfo
 
@@ -121,38 +121,39 @@ class ActivationStream:
 
 
 def online_block_source(
-    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, log: Callable[[str], None] = print,
-    share: range | None = None, on_loaded: Callable[[list[str]], None] | None = None,
+    sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
+    log: Callable[[str], None] = print, share: range | None = None,
+    on_loaded: Callable[[list[str]], None] | None = None,
 ) -> tuple[Callable[[int], Iterator[ActivationBlock]], Callable[[], None]]:
-    """(blocks_from(start), close) of the snapshots run online (or the planted draws) for the sources in `share`,
-    whatever `data.cache.dir` says (what a cache is built from); `on_loaded` hears the loaded snapshots' names."""
+    """(blocks_from(start), close) of the sources' own activations (the snapshots run online, the planted draws)
+    for the sources in `share`, whatever `data.cache.dir` says (what a cache is built from); `on_loaded` hears
+    the loaded snapshots' names."""
     share = range(len(info.specs)) if share is None else share
-    sources = PlantedSources(cfg, info, rank, world_size, share) if cfg.sources.kind == "planted" else \
-        ModelSources(cfg, info, rank, world_size, share, log, on_loaded)
-    return sources.blocks, sources.close
+    opened = source_kind(sources.kind).open(sources, data, info, rank, world_size, share, 0, log, on_loaded)
+    return opened.blocks, opened.close
 
 
 def build_activation_stream(
-    cfg: RunConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
+    sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int, micro_batch: int,
     position: StreamPosition | None = None, log: Callable[[str], None] = print,
     state: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None, share: range | None = None,
 ) -> ActivationStream:
-    """The stream of the source set the config asks for (crosscoder.data.source_sets.open_source_set): a cache
+    """The stream of the source set the config asks for (crosscoder.data.kinds.open_source_set): a cache
     when `data.cache.dir` is set, else the snapshots run online, planted draws or the user's activation files.
     `rank` / `world_size` are the data rank and data-parallel size; `share` the sources this rank reads.
 
     `position` restarts after every block the saved stream touched (rows it held are skipped); `state` (from
     `ActivationStream.full_state()`) restores the shuffle buffer too, so the batches are exactly the ones that
     would have come next."""
-    sources = open_source_set(cfg, info, rank, world_size, micro_batch, share, log)
-    kind, shards = sources.position_kind, sources.document_shards
+    source_set = open_source_set(sources, data, info, rank, world_size, micro_batch, share, log)
+    kind, shards = source_set.position_kind, source_set.document_shards
     if state is not None:
         position = StreamPosition.from_dict(state[0])
     start = 0
     if position is not None:
         saved = (position.kind, position.rank, position.world_size, position.document_shards)
         if saved != (kind, rank, world_size, shards):
-            sources.close()
+            source_set.close()
             raise ConfigError(
                 f"saved stream position is for a {position.kind} stream on rank {position.rank} of "
                 f"{position.world_size} with {position.document_shards} document shard(s) per rank; this run is "
@@ -160,14 +161,14 @@ def build_activation_stream(
                 "the shards of an online stream: resume with the same value)"
             )
         start = position.next_block
-    shuffle = cfg.data.shuffle
+    shuffle = data.shuffle
     buffer = ShuffleBuffer(shuffle.buffer_tokens, micro_batch, shuffle.refill_fraction,
                            seed=shuffle.seed * 1_000_003 + rank * 7919 + start)
     if state is not None:
         buffer.load_state_dict(state[0]["buffer"], state[1])
-    stream = ActivationStream(kind, sources.blocks, buffer, rank, world_size, start, sources.close,
-                              available_tokens=sources.tokens_from(start), document_shards=shards)
-    stream.snapshots_loaded = sources.snapshots_loaded
+    stream = ActivationStream(kind, source_set.blocks, buffer, rank, world_size, start, source_set.close,
+                              available_tokens=source_set.tokens_from(start), document_shards=shards)
+    stream.snapshots_loaded = source_set.snapshots_loaded
     if state is not None:
         stream._restore_lookahead(*state)
     return stream

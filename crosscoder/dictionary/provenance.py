@@ -16,34 +16,40 @@ from crosscoder.data.kinds import describe_sources
 from crosscoder.dictionary.io import DictionaryMeta
 from crosscoder.errors import ConfigError
 from crosscoder.sources.fingerprint import check_same_snapshots
-from crosscoder.sources.spec import SourceInfo
+from crosscoder.sources.spec import SYNTHETIC_PATH, SourceInfo
 
 
 def unsupported_reason(meta: DictionaryMeta) -> str | None:
     """Why this dictionary's snapshots cannot be re-run on text (None when they can)."""
-    sources = meta.training.get("sources")
-    if not isinstance(sources, dict):
-        return "the dictionary's config.json holds no run configuration (training.sources): snapshots unknown"
-    kind = sources.get("kind", "hf")
-    if kind not in MODEL_KINDS:
-        return (f"sources.kind={kind!r}: top contexts need snapshots that read text ({' or '.join(MODEL_KINDS)}"
-                f"); {kind} sources have no tokenizer or token stream")
-    if kind == "hf" and not sources.get("model") and not sources.get("paths"):
-        return "sources.model and sources.paths are both empty in the dictionary's run configuration"
+    try:
+        run_config_of(meta)
+    except ConfigError as error:
+        return str(error)
     return None
 
 
 def run_config_of(meta: DictionaryMeta, need_text: bool = True) -> RunConfig:
-    """The training run's RunConfig, rebuilt from `meta.training`; ConfigError when it cannot give tokens (with
-    `need_text`) or holds no run configuration."""
-    reason = unsupported_reason(meta) if need_text or not isinstance(meta.training.get("sources"), dict) else None
-    if reason is not None:
-        raise ConfigError(reason)
+    """The training run's RunConfig, rebuilt from `meta.training`; ConfigError when it holds no run configuration,
+    or (with `need_text`) when its sources cannot give tokens."""
+    sources = meta.training.get("sources")
+    if not isinstance(sources, dict):
+        raise ConfigError("the dictionary's config.json holds no run configuration (training.sources): snapshots "
+                          "unknown")
     try:  # output_dir defaults to "" so a config saved without it is not MISSING
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig(output_dir="")), meta.training)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         raise ConfigError(f"the dictionary's run configuration does not fit RunConfig: {error}") from error
+    if need_text:
+        if cfg.sources.kind not in MODEL_KINDS:
+            raise ConfigError(f"sources.kind={cfg.sources.kind!r}: top contexts need snapshots that read text "
+                              f"({' or '.join(MODEL_KINDS)}); {cfg.sources.kind} sources have no tokenizer or token "
+                              "stream")
+        try:
+            cfg.sources.validate()
+        except ConfigError as error:
+            raise ConfigError(f"the dictionary's run configuration names no snapshots to re-run: {error}") from error
+    return cfg
 
 
 def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print, need_text: bool = True
@@ -54,7 +60,10 @@ def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print,
     cfg = run_config_of(meta, need_text)
     info = describe_sources(cfg.sources, log=log)
     names = [spec.name for spec in info.specs]
-    if names != meta.source_names or info.d_model != meta.d_model:
+    # Generated snapshots are known by position, not by name: their count and width must fit.
+    generated = all(spec.path == SYNTHETIC_PATH for spec in info.specs)
+    same_names = len(names) == len(meta.source_names) if generated else names == meta.source_names
+    if not same_names or info.d_model != meta.d_model:
         raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
                           f"was trained on {meta.source_names} (d={meta.d_model})")
     if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now

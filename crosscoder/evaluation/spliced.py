@@ -215,7 +215,7 @@ def evaluate_dictionary(dictionary_dir: str | Path, n_tokens: int, device: str |
     model, meta = load_dictionary(dictionary_dir, device)
     cfg, info = dictionary_sources(meta, log)
     names = [spec.name for spec in info.specs]
-    held_out = held_out_batches(cfg, info.tokenizer, _stream_positions(dictionary_dir))
+    held_out = held_out_batches(cfg.data, info.tokenizer, _stream_positions(dictionary_dir))
     runners = load_runners(cfg.sources, info.specs, device, with_lm_head=True)
     bos, pad = special_token_ids(info.tokenizer)
     log(f"eval: spliced-in LM loss of {len(names)} snapshots at {meta.hook} on {n_tokens:,} tokens of "

@@ -25,12 +25,10 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from crosscoder.errors import ConfigError
-
-if TYPE_CHECKING:
-    from crosscoder.sources.spec import SnapshotSpec
+from crosscoder.sources.spec import SYNTHETIC_PATH, SnapshotSpec
 
 FINGERPRINT_RECIPE = b"crosscoder-snapshot-fingerprint-v1\n"
 """Hashed first: a change of recipe changes every fingerprint instead of silently matching old ones."""
@@ -125,7 +123,7 @@ def _hub_fingerprint(spec: SnapshotSpec) -> str:
 def snapshot_fingerprint(spec: SnapshotSpec) -> str:
     """What the snapshot is (hex sha256): its config and sampled weight bytes (a local directory), its commit and
     config (a hub id), its revision digest (planted); a ConfigError naming the snapshot when nothing resolves."""
-    if spec.path == "planted":
+    if spec.path == SYNTHETIC_PATH:
         if not spec.revision:
             raise ConfigError(f"planted snapshot {spec.name!r} has no revision digest to fingerprint")
         return spec.revision

@@ -8,23 +8,19 @@ layers, no final norm, no logits (crosscoder.evaluation.splicing runs on to the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from crosscoder.config import MODEL_KINDS, HookPoint, SourcesConfig
+from crosscoder.config import HookPoint, SourcesConfig
 from crosscoder.errors import ConfigError
 from crosscoder.sources.causal_check import check_causal_decoder, describe_snapshot
 from crosscoder.sources.fingerprint import snapshot_fingerprint
 from crosscoder.sources.hooks import SnapshotRunner
-from crosscoder.sources.manifest import file_source_names
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo
 
 STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
@@ -36,28 +32,20 @@ def _step_from_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def resolve_snapshots(cfg: SourcesConfig, log: Callable[[str], None] = print) -> list[SnapshotSpec]:
-    """Turn the sources config into snapshot specs, building the embedded toy snapshots if asked and missing;
-    refuse names that collide and known steps out of training order (both would give a silently wrong result)."""
-    specs = _resolve(cfg, log)
+def resolve_snapshots(cfg: SourcesConfig) -> list[SnapshotSpec]:
+    """The snapshots named by an `hf` sources config (local dirs, or a hub id and its revisions) as specs; refuse
+    names that collide and known steps out of training order (both would give a silently wrong result). Other
+    kinds resolve theirs in crosscoder.data.kinds."""
+    specs = _hf_specs(cfg)
     check_names_and_order(specs)
     return specs
 
 
-def configured_snapshot_names(cfg: SourcesConfig) -> list[str]:
-    """The sources' names as the config gives them, before anything is built or read (describe_sources names them
-    the same way): what a driver over the sources (SAE-Track's chain) walks."""
-    if cfg.kind == "planted":
-        return [f"snapshot{index}" for index in range(cfg.planted.n_snapshots)]
-    if cfg.kind == "files":
-        return file_source_names(cfg)
-    if cfg.kind == "toy":
-        names = [f"step{step}" for step in cfg.toy.snapshot_steps]
-    elif cfg.paths:
-        names = [Path(raw).expanduser().name for raw in cfg.paths]
-    else:
-        names = [revision or "main" for revision in (list(cfg.revisions) or [None])]
-    return [spec.name for spec in expand_hooks([SnapshotSpec(name, "") for name in names], cfg)]
+def hf_snapshot_names(cfg: SourcesConfig) -> list[str]:
+    """The snapshots' names as an `hf` sources config gives them, before anything is read."""
+    if cfg.paths:
+        return [Path(raw).expanduser().name for raw in cfg.paths]
+    return [revision or "main" for revision in (list(cfg.revisions) or [None])]
 
 
 def configured_hooks(cfg: SourcesConfig) -> list[HookPoint]:
@@ -83,7 +71,7 @@ def source_axis(cfg: SourcesConfig, n_snapshots: int) -> str:
     """What the crosscoder's source axis is, for labels and plots: `step` (snapshots of a training run), `layer`
     (hooks of one snapshot at distinct blocks), `hook` (hooks of one snapshot, some in one block) or `source`
     (snapshots x hooks)."""
-    hooks = configured_hooks(cfg) if cfg.kind in MODEL_KINDS else []
+    hooks = configured_hooks(cfg) if cfg.has_model() else []
     if len(hooks) <= 1:
         return "step"
     if n_snapshots > 1:
@@ -115,18 +103,7 @@ def check_names_and_order(specs: list[SnapshotSpec]) -> None:
             )
 
 
-def _resolve(cfg: SourcesConfig, log: Callable[[str], None]) -> list[SnapshotSpec]:
-    if cfg.kind == "toy":
-        from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
-
-        toy = ToyLMConfig(
-            hidden_size=cfg.toy.hidden_size,
-            num_layers=cfg.toy.num_layers,
-            train_steps=cfg.toy.train_steps,
-            snapshot_steps=tuple(cfg.toy.snapshot_steps),
-        )
-        built = ensure_toy_snapshots(Path(cfg.toy.cache_dir).expanduser(), toy, log=log)
-        return [SnapshotSpec(name=f"step{s.step}", path=str(s.path), step=s.step) for s in built]
+def _hf_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
     if cfg.paths:
         specs = []
         for i, raw in enumerate(cfg.paths):
@@ -232,15 +209,6 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
         raise ConfigError(f"cannot load snapshot {describe_snapshot(spec)}: {error}") from error
 
 
-def planted_specs(cfg: SourcesConfig) -> list[SnapshotSpec]:
-    """Synthetic snapshots (`sources.kind=planted`): the revision is a hash of the planted config, so a cache of
-    them is never reused for another planted problem."""
-    planted = json.dumps(asdict(cfg.planted), sort_keys=True)
-    digest = hashlib.sha256(planted.encode()).hexdigest()[:16]
-    return [SnapshotSpec(name=f"snapshot{index}", path="planted", revision=digest, step=index)
-            for index in range(cfg.planted.n_snapshots)]
-
-
 NO_SUBLAYER_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
 """Model types whose blocks have no attention or MLP sublayer for hook_attn_out / hook_mlp_out to read."""
 
@@ -259,16 +227,12 @@ def _check_hooks(cfg: SourcesConfig, model_config: Any, spec: SnapshotSpec) -> N
                               "attention or MLP sublayer; hook its residual stream (hook_resid_pre/post)")
 
 
-def describe_model_sources(cfg: SourcesConfig, log: Callable[[str], None] = print) -> SourceInfo:
-    """Sources with a model behind them (hf, toy) and planted ones (files: crosscoder.data.kinds). Resolve the
-    sources and check they are compatible, reading only tokenizers and configs (cheap): one tokenizer, one width,
+def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> SourceInfo:
+    """Sources with a model behind them (hf, toy), from their resolved snapshots `specs` (crosscoder.data.kinds
+    resolves them). Check they are compatible, reading only tokenizers and configs (cheap): one tokenizer, one width,
     every hook within every model, every model a decoder-only causal LM; then fingerprint each snapshot (a few MB
     of each local snapshot's weight files; a hub snapshot's commit and config). Every hook (sources.hooks) writes
     into the residual stream, so one width holds for all of a snapshot's hooks."""
-    if cfg.kind == "planted":  # no model, no tokenizer: activations come from crosscoder.data.planted
-        specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in planted_specs(cfg)]
-        return SourceInfo(specs=specs, tokenizer=None, d_model=cfg.planted.d_model, hook="planted")
-    specs = resolve_snapshots(cfg, log=log)
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
     check_same_tokenizer(tokenizers, specs)
     widths = []
@@ -318,15 +282,3 @@ def load_runners(cfg: SourcesConfig, specs: list[SnapshotSpec], device: torch.de
 def source_runners(runners: list[SnapshotRunner]) -> list[tuple[SnapshotRunner, int]]:
     """(runner, index of the hook) per source, in source order."""
     return [(runner, index) for runner in runners for index in range(len(runner.hooks))]
-
-
-def load_sources(
-    cfg: SourcesConfig, device: torch.device, log: Callable[[str], None] = print
-) -> LoadedSources:
-    """Resolve, check and load all snapshots; raise a ConfigError naming the offending snapshot."""
-    info = describe_model_sources(cfg, log=log)
-    runners = load_runners(cfg, info.specs, device)
-    log(f"loaded {len(runners)} snapshots ({', '.join(r.name for r in runners)}) at {info.hook}, "
-        f"d={info.d_model}")
-    return LoadedSources(specs=info.specs, tokenizer=info.tokenizer, d_model=info.d_model, hook=info.hook,
-                         axis=info.axis, runners=runners)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SYNTHETIC_PATH = "planted"
+"""The `path` of a snapshot with no files (generated activations): its `revision` is the digest of what generates
+it, and that digest is its fingerprint."""
+
 
 @dataclass(frozen=True)
 class SnapshotSpec:

@@ -115,7 +115,8 @@ class RunAssembly:
     def _open_stream(self) -> None:
         resumed, layout, offset = self.resumed, self.layout, self.window.start
         self.stream = build_activation_stream(
-            self.cfg, self.stream_sources, layout.data_rank, layout.data_parallel, self.micro_batch, log=self.log,
+            self.cfg.sources, self.cfg.data, self.stream_sources, layout.data_rank, layout.data_parallel,
+            self.micro_batch, log=self.log,
             state=None if resumed is None else (resumed.rank, resumed.tensors),
             share=range(offset + layout.share.start, offset + layout.share.stop))
         if resumed is None:

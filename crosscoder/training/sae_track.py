@@ -27,10 +27,10 @@ from pathlib import Path
 from crosscoder.config import RunConfig
 from crosscoder.constants import DICTIONARY_DIR, RUN_SUMMARY_FILE
 from crosscoder.data.checks import check_inputs
+from crosscoder.data.kinds import configured_snapshot_names
 from crosscoder.dictionary.io import read_meta
 from crosscoder.dictionary.stack import StackEntry, StackManifest, entry_folder, write_stack_manifest
 from crosscoder.errors import ConfigError
-from crosscoder.sources.models import configured_snapshot_names
 from crosscoder.storage import building_dir, write_text_atomic
 from crosscoder.training.tracking import RunContinuation, Tracker
 from crosscoder.training.trainer import TrainResult, train

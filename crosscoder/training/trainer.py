@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from crosscoder.config import MODEL_KINDS, RunConfig
+from crosscoder.config import RunConfig
 from crosscoder.constants import (
     CHECKPOINTS_DIR,
     DICTIONARY_DIR,
@@ -88,7 +88,8 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None,
     # global batch is split over the data-parallel ranks only.
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, count_sources(cfg), cfg.trainer.batch_size)
+    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, count_sources(cfg.sources),
+                                 cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
     run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, analyze)
@@ -263,7 +264,7 @@ class TrainingRun(RunAssembly):
         """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
         figures to W&B). The other ranks wait at the export's barrier meanwhile (seconds for the default tokens)."""
         trainer_cfg, sources_cfg = self.cfg.trainer, self.cfg.sources
-        if not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_KINDS:  # planted: no LM
+        if not trainer_cfg.eval_tokens or not sources_cfg.has_model():  # planted: no LM
             return {}
         metrics = export_eval(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
                               self.log)

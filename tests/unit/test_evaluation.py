@@ -120,7 +120,7 @@ def toy(tiny_snapshots: list, toy_cache: Path) -> dict:
     info = describe_sources(cfg.sources, log=lambda _: None)
     runners = load_runners(cfg.sources, info.specs, torch.device("cpu"), with_lm_head=True)
     bos, pad = special_token_ids(info.tokenizer)
-    batches = list(_first(held_out_batches(cfg, info.tokenizer, None).batches, 4))
+    batches = list(_first(held_out_batches(cfg.data, info.tokenizer, None).batches, 4))
     return dict(cfg=cfg, info=info, runners=runners, bos=bos, pad=pad, batches=batches)
 
 
@@ -162,7 +162,7 @@ def test_held_out_text_is_the_stream_after_what_the_run_read(toy: dict, tmp_path
     cfg.data.kind, cfg.data.paths = "text_files", [str(corpus)]
     tokenizer = toy["info"].tokenizer
     positions = [{"kind": "online", "rank": r, "world_size": 2, "document_shards": 2, "next_block": 5} for r in (0, 1)]
-    held = held_out_batches(cfg, tokenizer, positions)
+    held = held_out_batches(cfg.data, tokenizer, positions)
     assert held.source.startswith("text_files stream shard 0 of 4 after the 3 batches")
     shard0 = _first(iter_token_batches(cfg.data, tokenizer, shard=0, n_shards=4), 5)
     first = next(held.batches)
@@ -173,7 +173,7 @@ def test_held_out_text_is_the_stream_after_what_the_run_read(toy: dict, tmp_path
         next(held.batches)
     assert held.reused_training_text
     with pytest.raises(ConfigError, match="no online stream position of data rank 0"):
-        held_out_batches(cfg, tokenizer, None)
+        held_out_batches(cfg.data, tokenizer, None)
 
 
 def _dictionary(toy: dict, rank: int | None) -> Crosscoder:

@@ -17,11 +17,11 @@ from crosscoder.analysis.report.dictionary import analyze_dictionary
 from crosscoder.cli.train import train
 from crosscoder.config import HookPoint, RunConfig, SourcesConfig
 from crosscoder.constants import EVAL_FILE
-from crosscoder.data.kinds import describe_sources
+from crosscoder.data.kinds import configured_snapshot_names, describe_sources
 from crosscoder.dictionary.io import load_dictionary
 from crosscoder.errors import ConfigError
 from crosscoder.sources.hooks import SnapshotRunner
-from crosscoder.sources.models import _check_hooks, configured_snapshot_names, load_runners
+from crosscoder.sources.models import _check_hooks, load_runners
 from crosscoder.sources.spec import SnapshotSpec
 from tests.helpers import tiny_run_config
 

@@ -27,17 +27,12 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 from crosscoder.config import SourcesConfig
-from crosscoder.data.kinds import describe_sources
+from crosscoder.data.kinds import configured_snapshot_names, describe_sources, load_sources, resolve_snapshots
+from crosscoder.data.planted import planted_specs
 from crosscoder.errors import ConfigError
 from crosscoder.sources.causal_check import check_causal_decoder
 from crosscoder.sources.hooks import SnapshotRunner
-from crosscoder.sources.models import (
-    HookPoint,
-    configured_snapshot_names,
-    load_sources,
-    planted_specs,
-    resolve_snapshots,
-)
+from crosscoder.sources.models import HookPoint
 from crosscoder.sources.spec import SnapshotSpec
 from crosscoder.toy.tiny_lm import train_tokenizer
 

@@ -13,13 +13,15 @@ from safetensors import safe_open
 from crosscoder.analysis.features.matching import Recovery, recovery
 from crosscoder.config import PlantedSourceConfig
 from crosscoder.constants import WEIGHTS_FILE
+from crosscoder.data.kinds import SOURCE_KIND_REGISTRY
 from crosscoder.dictionary.io import load_decoder_norms, read_meta
 
 
 def planted_config(training: dict[str, Any]) -> PlantedSourceConfig | None:
     """The planted problem a run trained on, or None when its sources were real snapshots."""
     sources = training.get("sources") or {}
-    if sources.get("kind") != "planted":
+    kind = SOURCE_KIND_REGISTRY.get(sources.get("kind", "hf"))
+    if kind is None or not kind.has_ground_truth:
         return None
     merged = OmegaConf.merge(OmegaConf.structured(PlantedSourceConfig), sources.get("planted") or {})
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -12,9 +12,10 @@ from transformers import AutoModel
 
 from crosscoder.config import SourcesConfig
 from crosscoder.data.activations import paired_activations, valid_token_mask
+from crosscoder.data.kinds import load_sources
 from crosscoder.data.tokens import TokenBatch
 from crosscoder.sources.hooks import SnapshotRunner
-from crosscoder.sources.models import HookPoint, load_sources
+from crosscoder.sources.models import HookPoint
 
 CPU = torch.device("cpu")
 BOS, PAD = 0, 1  # the toy tokenizer's ids (Pythia's layout)

@@ -259,7 +259,7 @@ def test_config_requires_an_existing_files_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sources\.json is missing"):
         check_inputs(cfg)
     (tmp_path / "sources.json").write_text(json.dumps({"sources": [{"name": "a"}, {"name": "b"}]}))
-    assert check_inputs(cfg) is cfg and count_sources(cfg) == 2
+    assert check_inputs(cfg) is cfg and count_sources(cfg.sources) == 2
 
 
 def test_a_corrupt_safetensors_header_is_refused_naming_the_file(tmp_path: Path) -> None:

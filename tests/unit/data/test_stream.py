@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crosscoder.cli.cache import build_cache
-from crosscoder.config import RunConfig
+from crosscoder.config import DataConfig, RunConfig, SourcesConfig
 from crosscoder.data.activations import ActivationBlock, valid_token_mask
 from crosscoder.data.cache import CacheReader
 from crosscoder.data.kinds import describe_sources
@@ -41,6 +41,11 @@ def stream_config(toy_cache: Path, cache_dir: Path | None = None, shuffle_tokens
     return cfg
 
 
+def _groups(cfg: RunConfig) -> tuple[SourcesConfig, DataConfig]:
+    """The two config groups a stream reads."""
+    return cfg.sources, cfg.data
+
+
 @pytest.fixture(scope="module")
 def info(tiny_snapshots: list, toy_cache: Path) -> SourceInfo:
     return describe_sources(stream_config(toy_cache).sources, log=quiet)
@@ -62,8 +67,8 @@ def rows(stream: ActivationStream, n: int) -> torch.Tensor:
 
 
 def test_cache_reads_equal_online_activations(info: SourceInfo, toy_cache: Path, cache_dir: Path) -> None:
-    with build_activation_stream(stream_config(toy_cache), info, 0, 1, BATCH, log=quiet) as online, \
-         build_activation_stream(stream_config(toy_cache, cache_dir), info, 0, 1, BATCH, log=quiet) as cached:
+    with build_activation_stream(*_groups(stream_config(toy_cache)), info, 0, 1, BATCH, log=quiet) as online, \
+         build_activation_stream(*_groups(stream_config(toy_cache, cache_dir)), info, 0, 1, BATCH, log=quiet) as cached:
         online_rows = rows(online, 15)
         cached_rows = rows(cached, 15)
     assert torch.equal(online_rows, cached_rows)
@@ -71,7 +76,7 @@ def test_cache_reads_equal_online_activations(info: SourceInfo, toy_cache: Path,
 
 def test_a_finite_cache_ends_and_holds_what_was_asked(info: SourceInfo, toy_cache: Path, cache_dir: Path) -> None:
     cfg = stream_config(toy_cache, cache_dir, shuffle_tokens=512)
-    with build_activation_stream(cfg, info, 0, 1, BATCH, log=quiet) as stream:
+    with build_activation_stream(cfg.sources, cfg.data, info, 0, 1, BATCH, log=quiet) as stream:
         assert stream.available_tokens >= cfg.trainer.total_tokens
         served = sum(batch.shape[0] for batch in stream)
     assert cfg.trainer.total_tokens <= served <= stream.available_tokens
@@ -82,7 +87,7 @@ def test_two_ranks_read_their_own_document_shards(info: SourceInfo, toy_cache: P
     cfg = stream_config(toy_cache)
     bos, pad = special_token_ids(info.tokenizer)
     for rank in (0, 1):
-        blocks_from, close = online_block_source(cfg, info, rank, 2, log=quiet)
+        blocks_from, close = online_block_source(cfg.sources, cfg.data, info, rank, 2, log=quiet)
         blocks = list(itertools.islice(blocks_from(0), 4))
         close()
         shard = list(itertools.islice(iter_token_batches(cfg.data, info.tokenizer, shard=rank, n_shards=2), 4))
@@ -123,7 +128,7 @@ def test_resumed_stream_serves_no_token_twice(info: SourceInfo, toy_cache: Path,
     if cached:
         source, close = CacheReader(cache_dir).iter_blocks, (lambda: None)
     else:
-        source, close = online_block_source(cfg, info, 0, 1, log=quiet)
+        source, close = online_block_source(cfg.sources, cfg.data, info, 0, 1, log=quiet)
     served: list[set[int]] = []
     pulled: list[list[int]] = [[], []]
     position: StreamPosition | None = None
@@ -146,12 +151,12 @@ def test_resumed_stream_serves_no_token_twice(info: SourceInfo, toy_cache: Path,
 def test_a_position_from_another_stream_is_refused(info: SourceInfo, toy_cache: Path) -> None:
     position = StreamPosition(kind="cache", next_block=3, rank=0, world_size=1)
     with pytest.raises(ConfigError, match="for a cache stream on rank 0 of 1 .* this run is a online stream"):
-        build_activation_stream(stream_config(toy_cache), info, 0, 1, BATCH, position=position, log=quiet)
+        build_activation_stream(*_groups(stream_config(toy_cache)), info, 0, 1, BATCH, position=position, log=quiet)
     cfg = stream_config(toy_cache)
     cfg.data.workers.num_workers = 2
     position = StreamPosition(kind="online", next_block=3, rank=0, world_size=1, document_shards=1)
     with pytest.raises(ConfigError, match="resume with the same value"):
-        build_activation_stream(cfg, info, 0, 1, BATCH, position=position, log=quiet)
+        build_activation_stream(cfg.sources, cfg.data, info, 0, 1, BATCH, position=position, log=quiet)
 
 
 def test_a_cache_of_another_hook_is_refused(toy_cache: Path, cache_dir: Path) -> None:
@@ -159,4 +164,4 @@ def test_a_cache_of_another_hook_is_refused(toy_cache: Path, cache_dir: Path) ->
     cfg.sources.hook = "blocks.0.hook_resid_post"
     other = describe_sources(cfg.sources, log=quiet)
     with pytest.raises(ConfigError, match=r"hook='blocks.1.hook_resid_pre'.*blocks.0.hook_resid_post"):
-        build_activation_stream(cfg, other, 0, 1, BATCH, log=quiet)
+        build_activation_stream(cfg.sources, cfg.data, other, 0, 1, BATCH, log=quiet)
