@@ -58,11 +58,7 @@ from crosscoder.training.metrics import (
 )
 from crosscoder.training.preemption import StopRequest
 from crosscoder.training.schedules import l1_coefficient
-from crosscoder.training.state import (
-    rng_tensors,
-    save_training_state,
-    states_root,
-)
+from crosscoder.training.state import save_training_state, states_root
 from crosscoder.training.tracking import RunContinuation
 
 
@@ -208,18 +204,14 @@ class TrainingRun(RunAssembly):
 
     # ---- what a run writes ---------------------------------------------------------------------------
     def save_state(self, step: int) -> Path:
-        stream_scalars, stream_tensors = self.stream.full_state()
-        trainer_state = {"scheduler": self.scheduler.state_dict(), "wandb_run_id": self.tracker.run_id,
-                         "sources": [asdict(spec) for spec in self.sources.specs],
-                         "input_scale": self.input_scale.tolist(), "zero_stage": self.zero_stage,
-                         "config": self.run_config, "firing_tokens": self.firing.tokens}
-        tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": self.dead.tokens_since_fired,
-                   "firing_counts": self.firing.counts}
+        """The engine's partitions and the run state (RunState.state_dict) at `step`, as a training state."""
+        self.state.step = step
+        saved = self.state.state_dict()
         root = states_root(self.output_dir)
         with writing("the training state", root / TRAINING_STATE_PATTERN.format(step=step), self.last_state,
                      _last_state_hint(self.last_state)):
-            path = save_training_state(self.accelerator, self.engine, root, step, trainer_state, stream_scalars,
-                                       tensors, self.cfg.trainer.keep_states)
+            path = save_training_state(self.accelerator, self.engine, root, saved.step, saved.trainer, saved.rank,
+                                       saved.tensors, self.cfg.trainer.keep_states)
         self.log(f"saved training state at step {step} to {path}")
         self.last_state = path
         return path
