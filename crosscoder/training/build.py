@@ -2,13 +2,14 @@
 from, the sources (configs only) and the layout, the activation stream, the crosscoder inside its DeepSpeed
 engine with its input scales, Adam and the schedule, the run's resumable state (crosscoder.training.run_state:
 restored when resuming), and W&B. The loop itself is crosscoder.training.trainer's `TrainingRun`, which is a
-`RunAssembly`.
+`RunAssembly`; what it calls after each export (`AfterExport`) is handed in, not imported.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,33 @@ from crosscoder.training.tracking import AnalysisSummary, ProgressBar, RunContin
 from crosscoder.training.warm_start import check_warm_start, warm_start
 
 AnalyzeExport = Callable[[Path, torch.Tensor], AnalysisSummary]
-"""What the loop calls on each exported dictionary when tracking.log_analysis is on: (dictionary folder, dead
-mask [F]) -> its analysis, logged to W&B. The loop imports no analysis; the entry point passes this in."""
+"""(dictionary folder, dead mask [F]) -> its analysis, logged to W&B (crosscoder.analysis.report.dictionary's
+analyze_export)."""
+EvaluateExport = Callable[[Path, int, str, Callable[[str], None]], dict[str, float]]
+"""(dictionary folder, tokens, device, log) -> the spliced-in LM loss figures, also written into the folder
+(crosscoder.evaluation.spliced's export_eval)."""
+
+
+@dataclass(frozen=True)
+class AfterExport:
+    """What the loop calls on each exported crosscoder (main process, the other ranks wait at the export's
+    barrier), in this order: the analysis reports the evaluation's eval.json. The loop imports neither (they sit
+    on higher floors); the entry point passes them in (crosscoder.cli.train). None: skipped."""
+
+    evaluate: EvaluateExport | None = None
+    """Called when trainer.eval_tokens > 0 and the sources are a language model's (planted data has none)."""
+    analyze: AnalyzeExport | None = None
+    """Called when tracking.log_analysis is on."""
 
 
 class RunAssembly:
     """A run's parts, built in `start()` (collective: every rank calls it, in the same order)."""
 
     def __init__(self, cfg: RunConfig, accelerator, micro_batch: int, stop: StopRequest,  # noqa: ANN001
-                 continuation: RunContinuation | None = None, analyze: AnalyzeExport | None = None) -> None:
+                 continuation: RunContinuation | None = None, after_export: AfterExport | None = None) -> None:
         self.cfg, self.accelerator, self.micro_batch, self.stop = cfg, accelerator, micro_batch, stop
         self.continuation = continuation
-        self.analyze = analyze
+        self.after_export = after_export or AfterExport()
         self.is_main = accelerator.is_main_process
         self.log: Callable[[str], None] = print if self.is_main else (lambda *_: None)
         self.stream: ActivationStream | None = None

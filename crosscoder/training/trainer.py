@@ -34,7 +34,6 @@ from crosscoder.dictionary.independent import split_dictionary_states
 from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
 from crosscoder.dictionary.stack import export_stack
 from crosscoder.errors import EXIT_BAD_INPUT, EXIT_FAULT, ConfigError, RunFault, TrainingInterrupted, WorkerError
-from crosscoder.evaluation.spliced import export_eval
 from crosscoder.parallel.engine import (
     build_accelerator,
     ensure_process_group_env,
@@ -45,7 +44,7 @@ from crosscoder.parallel.engine import (
 from crosscoder.parallel.layout import check_layout
 from crosscoder.sources.spec import SourceInfo
 from crosscoder.storage import write_text_atomic, writing
-from crosscoder.training.build import AnalyzeExport, RunAssembly
+from crosscoder.training.build import AfterExport, RunAssembly
 from crosscoder.training.health import StepHealth, local_health, nonfinite_message, read_health
 from crosscoder.training.methods import (
     dead_mask_for,
@@ -73,10 +72,11 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, continuation: RunContinuation | None = None,
-          analyze: AnalyzeExport | None = None) -> TrainResult:
+          after_export: AfterExport | None = None) -> TrainResult:
     """Train one crosscoder as the config says (every rank of a launch calls this); see `TrainingRun`.
     `continuation`: log into that W&B run after its steps (a chain of runs, crosscoder.training.sae_track).
-    `analyze`: see AnalyzeExport (None: no analysis at export)."""
+    `after_export`: the spliced-in evaluation and the analysis of each export (None: neither; the entry point,
+    crosscoder.cli.train, passes both)."""
     check_inputs(cfg)
     started = time.perf_counter()
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
@@ -87,7 +87,7 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None,
     data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, count_sources(cfg), cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
-    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, analyze)
+    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, after_export)
     finished = False
     try:
         run.start()
@@ -228,8 +228,9 @@ class TrainingRun(RunAssembly):
                                   extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)},
                                   firing_frequency=self.firing.frequency() if self.firing.tokens else None)
             self.eval_metrics = self._evaluate(out_dir, step)  # before the analysis, which reports its eval.json
-            if self.cfg.tracking.log_analysis and self.analyze is not None:  # before the artifact: the report
-                self.tracker.log_analysis(self.analyze(out_dir, self.dead.dead_mask.cpu()), step)  # travels with it
+            analyze = self.after_export.analyze
+            if self.cfg.tracking.log_analysis and analyze is not None:  # before the artifact: the report
+                self.tracker.log_analysis(analyze(out_dir, self.dead.dead_mask.cpu()), step)  # travels with it
             self.tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen}, aliases)
             self.log(f"exported dictionary at step {step} to {out_dir}")
         self.accelerator.wait_for_everyone()
@@ -254,11 +255,11 @@ class TrainingRun(RunAssembly):
     def _evaluate(self, out_dir: Path, step: int) -> dict[str, float]:
         """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
         figures to W&B). The other ranks wait at the export's barrier meanwhile (seconds for the default tokens)."""
-        trainer_cfg, sources_cfg = self.cfg.trainer, self.cfg.sources
-        if not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_KINDS:  # planted: no LM
+        trainer_cfg, sources_cfg, evaluate = self.cfg.trainer, self.cfg.sources, self.after_export.evaluate
+        if evaluate is None or not trainer_cfg.eval_tokens or sources_cfg.kind not in MODEL_KINDS:  # planted: no LM
             return {}
-        metrics = export_eval(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
-                              self.log)
+        metrics = evaluate(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
+                           self.log)
         if metrics:
             self.tracker.log(metrics, step=step)
         return metrics
