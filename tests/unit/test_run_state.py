@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,12 +17,7 @@ from crosscoder.sources.spec import SnapshotSpec
 from crosscoder.training.metrics import DeadLatentTracker, FiringFrequency
 from crosscoder.training.run_state import RunState
 from crosscoder.training.schedules import lr_multiplier
-from crosscoder.training.state import (
-    TrainingState,
-    load_training_state,
-    save_training_state,
-    verify_training_state,
-)
+from crosscoder.training.state import TrainingState, load_training_state
 
 LEGACY_STATE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy" / "run" / "training_state" / "step_0000004"
 SHAPE = (2, 16)  # [S, F]: per-snapshot counters
@@ -66,24 +60,6 @@ def _advanced(steps: int = 10) -> RunState:
     return state
 
 
-def _save(state: RunState, root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The state as the trainer writes it (one rank; the engine's own files stand in as one file)."""
-    import accelerate.utils
-
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process=0: objects)
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: objects)
-    accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
-                                  wait_for_everyone=lambda: None)
-
-    def save_checkpoint(folder: str, tag: str, save_latest: bool) -> None:
-        Path(folder, tag).mkdir(parents=True)
-        Path(folder, tag, "partition.pt").write_bytes(b"engine")
-
-    saved = state.state_dict()
-    return save_training_state(accelerator, SimpleNamespace(save_checkpoint=save_checkpoint), root, saved.step,
-                               saved.trainer, saved.rank, saved.tensors, keep=2)
-
-
 def _step(state: RunState) -> None:
     state.scheduler.optimizer.step()  # no gradient: Adam leaves the parameter, the scheduler moves on
     state.scheduler.step()
@@ -93,14 +69,13 @@ def _lr(state: RunState) -> list[float]:
     return state.scheduler.get_last_lr()
 
 
-def test_a_saved_state_loads_back_into_a_fresh_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_state_dict_loads_back_into_a_fresh_run() -> None:
+    """In memory: what the trainer hands to save_training_state, laid back into a fresh run. (Through the disk and
+    the real DeepSpeed engine: tests/unit/test_resume.py and test_legacy_formats.py.)"""
     source = _advanced()
     torch.manual_seed(1)
-    path = _save(source, tmp_path, monkeypatch)  # the RNG state is taken here ...
+    saved = source.state_dict()  # the RNG state is taken here ...
     expected_draw = torch.rand(8)  # ... so this is the first draw of the resumed run
-    verify_training_state(path)
-    loaded = load_training_state(path, rank=0, world_size=1)
-
     target = _run_state()
     torch.manual_seed(99)
     # Controls: a fresh run differs in everything the load must restore.
@@ -108,7 +83,7 @@ def test_a_saved_state_loads_back_into_a_fresh_run(tmp_path: Path, monkeypatch: 
     assert not torch.equal(target.dead.tokens_since_fired, source.dead.tokens_since_fired)
     assert not torch.equal(torch.rand(8), expected_draw)
 
-    target.load_state_dict(loaded)
+    target.load_state_dict(saved)
     assert torch.equal(torch.rand(8), expected_draw)
     assert _lr(target) == _lr(source) and target.step == source.step == 10
     assert target.scheduler.state_dict()["last_epoch"] == source.scheduler.state_dict()["last_epoch"]
@@ -118,22 +93,21 @@ def test_a_saved_state_loads_back_into_a_fresh_run(tmp_path: Path, monkeypatch: 
     assert torch.equal(target.dead.tokens_since_fired, source.dead.tokens_since_fired)
     assert torch.equal(target.firing.counts, source.firing.counts) and target.firing.tokens == 10 * 64
     assert target.wandb_run_id == "abc12345"
-    # The stream is rebuilt from its own part, without the run's tensors.
-    scalars, tensors = loaded.stream_state
-    assert scalars["next_block"] == 5 and set(tensors) == {"storage"}
-    assert torch.equal(tensors["storage"], source.stream.storage)
-    assert loaded.input_scale.tolist() == [0.5, 2.0] and loaded.zero_stage == 2
-    assert [spec["fingerprint"] for spec in loaded.sources] == ["sha-0", "sha-4"]
+    assert saved.rank["next_block"] == 5 and torch.equal(saved.tensors["storage"], source.stream.storage)
+    assert saved.trainer["input_scale"] == [0.5, 2.0] and saved.trainer["zero_stage"] == 2
+    assert [spec["fingerprint"] for spec in saved.trainer["sources"]] == ["sha-0", "sha-4"]
 
 
-def test_the_files_keep_the_format_earlier_versions_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _save(_advanced(), tmp_path, monkeypatch)
-    written = json.loads((path / TRAINER_STATE_FILE).read_text())
+def test_the_state_dict_keeps_the_format_earlier_versions_wrote() -> None:
+    """save_training_state adds the step, the world size and the format version to the trainer part."""
+    saved = _advanced().state_dict()
     legacy = json.loads((LEGACY_STATE / TRAINER_STATE_FILE).read_text())
-    assert list(written) == list(legacy)
-    run_tensors = set(load_training_state(path, 0, 1).tensors) - {"storage"}
-    assert run_tensors == {"tokens_since_fired", "firing_counts", "rng_cpu"} | (
+    assert [*saved.trainer, "step", "world_size", "format_version"] == list(legacy)
+    assert set(saved.tensors) - {"storage"} == {"tokens_since_fired", "firing_counts", "rng_cpu"} | (
         {"rng_cuda"} if torch.cuda.is_available() else set())
+    # What the stream is rebuilt from leaves the run's own tensors out.
+    scalars, tensors = load_training_state(LEGACY_STATE, rank=0, world_size=1).stream_state
+    assert "next_block" in scalars and not {"tokens_since_fired", "firing_counts", "rng_cpu"} & set(tensors)
 
 
 def test_a_legacy_state_loads_and_an_older_one_starts_the_firing_frequency_afresh() -> None:
