@@ -22,6 +22,7 @@ from crosscoder.config import RunConfig, check_known_keys, register_configs
 from crosscoder.errors import ConfigError
 
 if TYPE_CHECKING:
+    from crosscoder.training.build import AfterExport
     from crosscoder.training.tracking import RunContinuation
     from crosscoder.training.trainer import TrainResult
 
@@ -136,16 +137,26 @@ def train_method(cfg: RunConfig):  # noqa: ANN201 (a TrainResult; the trainer is
     if cfg.method.name == "sae_track":
         from crosscoder.training.sae_track import train_sae_track
 
-        return train_sae_track(cfg)
+        return train_sae_track(cfg, after_export=after_export_callables())
     return train(cfg)
 
 
 def train(cfg: RunConfig, continuation: RunContinuation | None = None) -> TrainResult:
-    """Train as the config says, each exported dictionary analysed when tracking.log_analysis is on."""
-    from crosscoder.analysis.report.dictionary import analyze_export
+    """Train as the config says, each exported dictionary evaluated spliced in (trainer.eval_tokens) and analysed
+    (tracking.log_analysis)."""
     from crosscoder.training import trainer as training_loop
 
-    return training_loop.train(cfg, continuation, analyze=analyze_export)
+    return training_loop.train(cfg, continuation, after_export=after_export_callables())
+
+
+def after_export_callables() -> AfterExport:
+    """The spliced-in evaluation, then the analysis: what the trainer calls on each export. The loop imports
+    neither (lower floor); they are imported here only once a run starts, as every rank pays for imports."""
+    from crosscoder.analysis.report.dictionary import analyze_export
+    from crosscoder.evaluation.spliced import export_eval
+    from crosscoder.training.build import AfterExport
+
+    return AfterExport(evaluate=export_eval, analyze=analyze_export)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

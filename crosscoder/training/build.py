@@ -1,13 +1,15 @@
 """Assembling a training run on this rank, before its first step: the run directory and the state to resume
 from, the sources (configs only) and the layout, the activation stream, the crosscoder inside its DeepSpeed
-engine with its input scales, Adam and the schedule, the restored state, and W&B. The loop itself is
-crosscoder.training.trainer's `TrainingRun`, which is a `RunAssembly`.
+engine with its input scales, Adam and the schedule, the run's resumable state (crosscoder.training.run_state:
+restored when resuming), and W&B. The loop itself is crosscoder.training.trainer's `TrainingRun`, which is a
+`RunAssembly`; what it calls after each export (`AfterExport`) is handed in, not imported.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from crosscoder.training.metrics import (
 )
 from crosscoder.training.normalization import estimate_input_scale
 from crosscoder.training.preemption import StopRequest
+from crosscoder.training.run_state import RunState
 from crosscoder.training.schedules import adam, lr_multiplier
 from crosscoder.training.state import (
     TrainingState,
@@ -47,7 +50,6 @@ from crosscoder.training.state import (
     check_same_zero_stage,
     load_engine_state,
     load_training_state,
-    restore_rng,
     resume_target,
     select_training_state,
     states_root,
@@ -56,18 +58,33 @@ from crosscoder.training.tracking import AnalysisSummary, ProgressBar, RunContin
 from crosscoder.training.warm_start import check_warm_start, warm_start
 
 AnalyzeExport = Callable[[Path, torch.Tensor], AnalysisSummary]
-"""What the loop calls on each exported dictionary when tracking.log_analysis is on: (dictionary folder, dead
-mask [F]) -> its analysis, logged to W&B. The loop imports no analysis; the entry point passes this in."""
+"""(dictionary folder, dead mask [F]) -> its analysis, logged to W&B (crosscoder.analysis.report.dictionary's
+analyze_export)."""
+EvaluateExport = Callable[[Path, int, str, Callable[[str], None]], dict[str, float]]
+"""(dictionary folder, tokens, device, log) -> the spliced-in LM loss figures, also written into the folder
+(crosscoder.evaluation.spliced's export_eval)."""
+
+
+@dataclass(frozen=True)
+class AfterExport:
+    """What the loop calls on each exported crosscoder (main process, the other ranks wait at the export's
+    barrier), in this order: the analysis reports the evaluation's eval.json. The loop imports neither (they sit
+    on higher floors); the entry point passes them in (crosscoder.cli.train). None: skipped."""
+
+    evaluate: EvaluateExport | None = None
+    """Called when trainer.eval_tokens > 0 and the sources are a language model's (planted data has none)."""
+    analyze: AnalyzeExport | None = None
+    """Called when tracking.log_analysis is on."""
 
 
 class RunAssembly:
     """A run's parts, built in `start()` (collective: every rank calls it, in the same order)."""
 
     def __init__(self, cfg: RunConfig, accelerator, micro_batch: int, stop: StopRequest,  # noqa: ANN001
-                 continuation: RunContinuation | None = None, analyze: AnalyzeExport | None = None) -> None:
+                 continuation: RunContinuation | None = None, after_export: AfterExport | None = None) -> None:
         self.cfg, self.accelerator, self.micro_batch, self.stop = cfg, accelerator, micro_batch, stop
         self.continuation = continuation
-        self.analyze = analyze
+        self.after_export = after_export or AfterExport()
         self.is_main = accelerator.is_main_process
         self.log: Callable[[str], None] = print if self.is_main else (lambda *_: None)
         self.stream: ActivationStream | None = None
@@ -104,7 +121,7 @@ class RunAssembly:
         self.sources = restrict_sources(self.stream_sources, self.window)
         check_warm_start(cfg, len(self.sources.specs), self.sources.d_model)
         if self.resumed is not None:  # the same snapshot names may hold other weights now
-            check_same_snapshots(self.resumed.trainer["sources"], self.sources.specs,
+            check_same_snapshots(self.resumed.sources, self.sources.specs,
                                  f"the training state {self.resumed.path}")
             self.last_state = self.resumed.path
         self.source_names = [spec.name for spec in self.sources.specs]
@@ -116,8 +133,7 @@ class RunAssembly:
         resumed, layout, offset = self.resumed, self.layout, self.window.start
         self.stream = build_activation_stream(
             self.cfg.sources, self.cfg.data, self.stream_sources, layout.data_rank, layout.data_parallel,
-            self.micro_batch, log=self.log,
-            state=None if resumed is None else (resumed.rank, resumed.tensors),
+            self.micro_batch, log=self.log, state=None if resumed is None else resumed.stream_state,
             share=range(offset + layout.share.start, offset + layout.share.stop))
         if resumed is None:
             _check_enough_tokens(self.stream, self.cfg, self.total_steps * self.micro_batch)
@@ -158,28 +174,27 @@ class RunAssembly:
         self.firing = FiringFrequency(firing_shape, self.accelerator.device)
 
     def _restore(self) -> None:
-        self.first_step = 0
+        """The run's resumable state over its live parts; when resuming, the engine's partitions and then the
+        rest of the saved state laid back in."""
+        self.state = RunState(self.scheduler, self.stream, self.dead, self.firing, self.input_scale,
+                              self.sources.specs, self.zero_stage, self.run_config)
         resumed = self.resumed
-        if resumed is None:
-            return
-        load_engine_state(self.engine, resumed.path)
-        self.scheduler.load_state_dict(resumed.trainer["scheduler"])
-        self.dead.tokens_since_fired.copy_(resumed.tensors["tokens_since_fired"])
-        if "firing_counts" in resumed.tensors:  # states from before the firing frequency start it afresh
-            self.firing.add(resumed.tensors["firing_counts"], resumed.trainer["firing_tokens"])
-        restore_rng(resumed.tensors)
-        self.first_step = resumed.step
-        self.log(f"resumed from {resumed.path} at step {self.first_step}")
+        if resumed is not None:
+            load_engine_state(self.engine, resumed.path)
+            self.state.load_state_dict(resumed)
+            self.log(f"resumed from {resumed.path} at step {self.state.step}")
+        self.first_step = self.state.step
 
     def _start_tracking(self) -> None:
         cfg, layout = self.cfg, self.layout
-        resume_id = None if self.resumed is None else self.resumed.trainer.get("wandb_run_id")
+        resume_id = self.state.wandb_run_id  # the saved run's, when resuming
         continuation = self.continuation  # a chain's run (with its step offset) wins over the state's own id
         if continuation is None and resume_id:
             continuation = RunContinuation(resume_id)
         self.tracker = Tracker(cfg.tracking, self.run_config, self.output_dir, self.is_main,
                                resume_id=continuation.run_id if continuation else None,
                                step_offset=continuation.step_offset if continuation else 0)
+        self.state.wandb_run_id = self.tracker.run_id  # what a training state saved from now on records
         self.progress = ProgressBar(self.total_steps - self.first_step, cfg.trainer.batch_size, enabled=self.is_main)
         split = f" ({layout.describe()})" if layout.split else ""
         self.log(f"training {self.total_steps} steps of {cfg.trainer.batch_size} tokens on "
@@ -197,8 +212,8 @@ def _resumable_state(
     if path is None:
         return None
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
-    check_same_run(resumed.trainer["config"], run_config, path)
-    check_same_zero_stage(resumed.trainer["zero_stage"], accelerator.state.deepspeed_plugin.zero_stage, path)
+    check_same_run(resumed.config, run_config, path)
+    check_same_zero_stage(resumed.zero_stage, accelerator.state.deepspeed_plugin.zero_stage, path)
     return resumed
 
 

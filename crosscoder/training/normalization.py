@@ -25,7 +25,7 @@ def estimate_input_scale(
     the first batches. Mean squared norms, not scales, are averaged over the data ranks, so the result is the
     one-rank estimate; each rank measures its own snapshots, and summed over the world the others' are zeros."""
     if resumed is not None:
-        return torch.tensor(resumed.trainer["input_scale"])
+        return resumed.input_scale
     if not cfg.crosscoder.normalize_inputs:
         return torch.ones(len(sources.specs))
     first = stream.peek(cfg.crosscoder.norm_estimation_batches)

@@ -32,6 +32,7 @@ from crosscoder.dictionary.io import read_meta
 from crosscoder.dictionary.stack import StackEntry, StackManifest, entry_folder, write_stack_manifest
 from crosscoder.errors import ConfigError
 from crosscoder.storage import building_dir, write_text_atomic
+from crosscoder.training.build import AfterExport
 from crosscoder.training.tracking import RunContinuation, Tracker
 from crosscoder.training.trainer import TrainResult, train
 
@@ -99,8 +100,11 @@ def link_config(cfg: RunConfig, link: Link, root: Path, previous: Path | None) -
     return link_cfg.validate()
 
 
-def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or continue) the chain; every rank of a launch calls this (each link is a collective run)."""
+def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print,
+                    after_export: AfterExport | None = None) -> TrainResult:
+    """Run (or continue) the chain; every rank of a launch calls this (each link is a collective run).
+    `after_export`: what each link's trainer calls on its exported dictionary (crosscoder.training.build; the
+    entry point passes the spliced-in evaluation; the links never analyse, tracking.log_analysis is off)."""
     check_inputs(cfg)
     started = time.perf_counter()
     root = Path(cfg.output_dir).resolve()
@@ -117,7 +121,8 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print) -> Train
         else:
             log(f"SAE-Track link {link.index + 1}/{len(links)}: {link.name}, {link.tokens} tokens at lr {link.lr:g}"
                 + (f", from {previous}" if previous else ", from scratch"))
-            results.append(train(link_cfg, RunContinuation(run_id, link.step_offset) if run_id else None))
+            continuation = RunContinuation(run_id, link.step_offset) if run_id else None
+            results.append(train(link_cfg, continuation, after_export))
         previous = done
     stack_dir = root / DICTIONARY_DIR
     total_steps = sum(link.tokens for link in links) // cfg.trainer.batch_size

@@ -8,6 +8,9 @@ One folder per saved step, `<output_dir>/training_state/step_XXXXXXX/`:
   counters and RNG state (safetensors and JSON: nothing of ours is ever unpickled);
 - `manifest.json`, written last: the size and sha256 of every other file.
 
+What `trainer_state.json` and the rank files hold is crosscoder.training.run_state.RunState's `state_dict()`; this
+module writes, verifies and loads it.
+
 The folder is written under a hidden temporary name and renamed once complete. Before anything is loaded,
 every file is checked against the manifest (the ranks share the hashing), so a partial or corrupt checkpoint
 is refused with the reason, and `resume=auto` falls back to the previous one. The DeepSpeed files are handed
@@ -54,6 +57,10 @@ MUTABLE_SETTINGS = (
     "parallel.token_check_every",
     "deepspeed.zero_stage",  # the stage it resolves to must match instead (check_same_zero_stage)
 )
+DEAD_TENSOR, FIRING_TENSOR = "tokens_since_fired", "firing_counts"
+RNG_TENSORS = ("rng_cpu", "rng_cuda")
+RUN_TENSORS = (DEAD_TENSOR, FIRING_TENSOR, *RNG_TENSORS)
+"""A rank's tensors that are the run's own (crosscoder.training.run_state); the others are its stream's."""
 
 
 @dataclass
@@ -72,6 +79,29 @@ class TrainingState:
     @property
     def step(self) -> int:
         return int(self.trainer["step"])
+
+    @property
+    def stream_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """`build_activation_stream(state=...)`: the stream is rebuilt from it before the input scales would be
+        estimated from its first batches, so it is read here rather than by RunState.load_state_dict."""
+        return self.rank, {key: value for key, value in self.tensors.items() if key not in RUN_TENSORS}
+
+    @property
+    def input_scale(self) -> torch.Tensor:
+        return torch.tensor(self.trainer["input_scale"])
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """The snapshot specs it was saved with, fingerprints included."""
+        return self.trainer["sources"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.trainer["config"]
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.trainer["zero_stage"])
 
 
 def states_root(output_dir: Path) -> Path:
@@ -268,14 +298,16 @@ def check_same_zero_stage(saved: int, current: int, path: Path) -> None:
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    tensors = {"rng_cpu": torch.get_rng_state()}
+    cpu, cuda = RNG_TENSORS
+    tensors = {cpu: torch.get_rng_state()}
     if torch.cuda.is_available():
-        tensors["rng_cuda"] = torch.cuda.get_rng_state()
+        tensors[cuda] = torch.cuda.get_rng_state()
     return tensors
 
 
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng_cpu"])
-    if "rng_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng_cuda"])
+    cpu, cuda = RNG_TENSORS
+    torch.set_rng_state(tensors[cpu])
+    if cuda in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[cuda])
 

@@ -34,7 +34,6 @@ from crosscoder.dictionary.independent import split_dictionary_states
 from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
 from crosscoder.dictionary.stack import export_stack
 from crosscoder.errors import EXIT_BAD_INPUT, EXIT_FAULT, ConfigError, RunFault, TrainingInterrupted, WorkerError
-from crosscoder.evaluation.spliced import export_eval
 from crosscoder.parallel.engine import (
     build_accelerator,
     ensure_process_group_env,
@@ -45,7 +44,7 @@ from crosscoder.parallel.engine import (
 from crosscoder.parallel.layout import check_layout
 from crosscoder.sources.spec import SourceInfo
 from crosscoder.storage import write_text_atomic, writing
-from crosscoder.training.build import AnalyzeExport, RunAssembly
+from crosscoder.training.build import AfterExport, RunAssembly
 from crosscoder.training.health import StepHealth, local_health, nonfinite_message, read_health
 from crosscoder.training.methods import (
     dead_mask_for,
@@ -58,11 +57,7 @@ from crosscoder.training.metrics import (
 )
 from crosscoder.training.preemption import StopRequest
 from crosscoder.training.schedules import l1_coefficient
-from crosscoder.training.state import (
-    rng_tensors,
-    save_training_state,
-    states_root,
-)
+from crosscoder.training.state import save_training_state, states_root
 from crosscoder.training.tracking import RunContinuation
 
 
@@ -77,10 +72,11 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, continuation: RunContinuation | None = None,
-          analyze: AnalyzeExport | None = None) -> TrainResult:
+          after_export: AfterExport | None = None) -> TrainResult:
     """Train one crosscoder as the config says (every rank of a launch calls this); see `TrainingRun`.
     `continuation`: log into that W&B run after its steps (a chain of runs, crosscoder.training.sae_track).
-    `analyze`: see AnalyzeExport (None: no analysis at export)."""
+    `after_export`: the spliced-in evaluation and the analysis of each export (None: neither; the entry point,
+    crosscoder.cli.train, passes both)."""
     check_inputs(cfg)
     started = time.perf_counter()
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
@@ -92,7 +88,7 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None,
                                  cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
-    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, analyze)
+    run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, after_export)
     finished = False
     try:
         run.start()
@@ -209,18 +205,14 @@ class TrainingRun(RunAssembly):
 
     # ---- what a run writes ---------------------------------------------------------------------------
     def save_state(self, step: int) -> Path:
-        stream_scalars, stream_tensors = self.stream.full_state()
-        trainer_state = {"scheduler": self.scheduler.state_dict(), "wandb_run_id": self.tracker.run_id,
-                         "sources": [asdict(spec) for spec in self.sources.specs],
-                         "input_scale": self.input_scale.tolist(), "zero_stage": self.zero_stage,
-                         "config": self.run_config, "firing_tokens": self.firing.tokens}
-        tensors = {**stream_tensors, **rng_tensors(), "tokens_since_fired": self.dead.tokens_since_fired,
-                   "firing_counts": self.firing.counts}
+        """The engine's partitions and the run state (RunState.state_dict) at `step`, as a training state."""
+        self.state.step = step
+        saved = self.state.state_dict()
         root = states_root(self.output_dir)
         with writing("the training state", root / TRAINING_STATE_PATTERN.format(step=step), self.last_state,
                      _last_state_hint(self.last_state)):
-            path = save_training_state(self.accelerator, self.engine, root, step, trainer_state, stream_scalars,
-                                       tensors, self.cfg.trainer.keep_states)
+            path = save_training_state(self.accelerator, self.engine, root, saved.step, saved.trainer, saved.rank,
+                                       saved.tensors, self.cfg.trainer.keep_states)
         self.log(f"saved training state at step {step} to {path}")
         self.last_state = path
         return path
@@ -237,8 +229,9 @@ class TrainingRun(RunAssembly):
                                   extra_files={STREAM_POSITION_FILE: json.dumps(positions, indent=2)},
                                   firing_frequency=self.firing.frequency() if self.firing.tokens else None)
             self.eval_metrics = self._evaluate(out_dir, step)  # before the analysis, which reports its eval.json
-            if self.cfg.tracking.log_analysis and self.analyze is not None:  # before the artifact: the report
-                self.tracker.log_analysis(self.analyze(out_dir, self.dead.dead_mask.cpu()), step)  # travels with it
+            analyze = self.after_export.analyze
+            if self.cfg.tracking.log_analysis and analyze is not None:  # before the artifact: the report
+                self.tracker.log_analysis(analyze(out_dir, self.dead.dead_mask.cpu()), step)  # travels with it
             self.tracker.log_dictionary(out_dir, step, {"train_step": step, "tokens_seen": meta.tokens_seen}, aliases)
             self.log(f"exported dictionary at step {step} to {out_dir}")
         self.accelerator.wait_for_everyone()
@@ -263,11 +256,11 @@ class TrainingRun(RunAssembly):
     def _evaluate(self, out_dir: Path, step: int) -> dict[str, float]:
         """Main process only, outside the training step: the spliced-in LM loss of an export (eval.json in it, the
         figures to W&B). The other ranks wait at the export's barrier meanwhile (seconds for the default tokens)."""
-        trainer_cfg, sources_cfg = self.cfg.trainer, self.cfg.sources
-        if not trainer_cfg.eval_tokens or not sources_cfg.has_model():  # planted: no LM
+        trainer_cfg, sources_cfg, evaluate = self.cfg.trainer, self.cfg.sources, self.after_export.evaluate
+        if evaluate is None or not trainer_cfg.eval_tokens or not sources_cfg.has_model():  # planted: no LM
             return {}
-        metrics = export_eval(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
-                              self.log)
+        metrics = evaluate(out_dir, trainer_cfg.eval_tokens, resolve_worker_device(self.cfg.data.workers.device),
+                           self.log)
         if metrics:
             self.tracker.log(metrics, step=step)
         return metrics
