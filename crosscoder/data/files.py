@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from crosscoder.config import SourcesConfig
 from crosscoder.data.activations import ActivationBlock
-from crosscoder.data.cache import nonfinite_columns, rank_rows, row_runs
+from crosscoder.data.cache_reader import nonfinite_columns, rank_rows, row_runs
 from crosscoder.errors import ConfigError
 from crosscoder.sources.manifest import FORMAT_HINT, RESERVED_NAMES, SOURCES_FILE, FileSource, files_root, read_manifest
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo

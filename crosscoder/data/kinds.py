@@ -19,7 +19,7 @@ import torch
 
 from crosscoder.config import DataConfig, SourcesConfig
 from crosscoder.data.activations import paired_activations, valid_token_mask
-from crosscoder.data.cache import CacheReader, check_cache_matches
+from crosscoder.data.cache_reader import CacheReader, check_cache_matches
 from crosscoder.data.files import FileActivations, describe_file_sources
 from crosscoder.data.planted import held_out_draws, planted_specs
 from crosscoder.data.source_sets import ModelSources, PlantedSources, ShardedSources, SourceSet

@@ -215,7 +215,7 @@ def test_a_cache_of_several_hooks_trains_and_refuses_other_hooks(tiny_snapshots:
     """`crosscoder-cache` of two hooks of two snapshots (4 sources, one forward per snapshot), then training on
     it; the same cache for another hook list is refused, naming the hooks."""
     from crosscoder.cli.cache import build_cache
-    from crosscoder.data.cache import read_manifest
+    from crosscoder.data.cache_reader import read_manifest
 
     cfg = tiny_run_config(toy_cache, tmp_path / "run")
     cfg.sources.kind, cfg.sources.paths = "hf", [str(snapshot.path) for snapshot in tiny_snapshots[1:]]

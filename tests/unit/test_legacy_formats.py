@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from crosscoder.cli.train import CONF_DIR, train
-from crosscoder.data.cache import CacheReader
+from crosscoder.data.cache_reader import CacheReader
 from crosscoder.dictionary.io import load_decoder_norms, load_dictionary, load_firing_frequency
 from crosscoder.dictionary.provenance import run_config_of
 from crosscoder.dictionary.stack import load_stack_decoders, read_stack

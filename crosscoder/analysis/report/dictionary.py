@@ -173,7 +173,7 @@ def _csv(table: FeatureTable) -> str:
 
 
 def analyze_export(dictionary_dir: Path, dead_mask: torch.Tensor) -> AnalysisResult:
-    """The analysis a training run logs at each export (crosscoder.training.trainer.AnalyzeExport): the report,
+    """The analysis a training run logs at each export (crosscoder.training.build.AfterExport.analyze): the report,
     with the run's dead latents and, for planted sources, the recovery of the planted features."""
     return analyze_dictionary(dictionary_dir, dead_mask=dead_mask, recovery=planted_recovery(dictionary_dir))
 

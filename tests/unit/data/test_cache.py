@@ -19,14 +19,8 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from crosscoder.config import CacheConfig, DataConfig, SourcesConfig
 from crosscoder.constants import CACHE_HEADER_FILE, CACHE_MANIFEST_FILE
 from crosscoder.data.activations import ActivationBlock
-from crosscoder.data.cache import (
-    CacheReader,
-    activation_checksums,
-    cache_identity,
-    check_cache_matches,
-    read_manifest,
-    write_cache,
-)
+from crosscoder.data.cache import cache_identity, write_cache
+from crosscoder.data.cache_reader import CacheReader, activation_checksums, check_cache_matches, read_manifest
 from crosscoder.data.kinds import describe_sources
 from crosscoder.errors import ConfigError
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo

@@ -14,7 +14,7 @@ import torch
 from crosscoder.cli.cache import build_cache
 from crosscoder.config import DataConfig, RunConfig, SourcesConfig
 from crosscoder.data.activations import ActivationBlock, valid_token_mask
-from crosscoder.data.cache import CacheReader
+from crosscoder.data.cache_reader import CacheReader
 from crosscoder.data.kinds import describe_sources
 from crosscoder.data.shuffle import ShuffleBuffer
 from crosscoder.data.stream import ActivationStream, StreamPosition, build_activation_stream, online_block_source
