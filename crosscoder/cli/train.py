@@ -22,8 +22,10 @@ from crosscoder.config import RunConfig, check_known_keys, register_configs
 from crosscoder.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from crosscoder.training.build import AfterExport
-    from crosscoder.training.tracking import RunContinuation
+    from crosscoder.training.tracking import AnalysisSummary, RunContinuation
     from crosscoder.training.trainer import TrainResult
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -151,12 +153,18 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None) -> TrainR
 
 def after_export_callables() -> AfterExport:
     """The spliced-in evaluation, then the analysis: what the trainer calls on each export. The loop imports
-    neither (lower floor); they are imported here only once a run starts, as every rank pays for imports."""
-    from crosscoder.analysis.report.dictionary import analyze_export
+    neither (lower floor); the analysis (matplotlib: ~1 s) is imported on its first call, which only the main
+    process makes, so the other ranks never pay for it."""
     from crosscoder.evaluation.spliced import export_eval
     from crosscoder.training.build import AfterExport
 
-    return AfterExport(evaluate=export_eval, analyze=analyze_export)
+    return AfterExport(evaluate=export_eval, analyze=_analyze_export)
+
+
+def _analyze_export(dictionary_dir: Path, dead_mask: torch.Tensor) -> AnalysisSummary:
+    from crosscoder.analysis.report.dictionary import analyze_export
+
+    return analyze_export(dictionary_dir, dead_mask)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
