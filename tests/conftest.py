@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist every worker is one of as many processes as cores: one torch thread each, rather than
+    # each worker's threads contending for all the cores (measured: a tier ~1.6x faster than one process).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
