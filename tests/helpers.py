@@ -286,11 +286,22 @@ def _payloads(path: Path) -> Iterator[bytes]:
             offset -= offset % BLOCK
 
 
-def read_records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
-    for payload in _payloads(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
+def read_records(path: Path, wait_s: float = 20.0) -> Iterator[wandb_internal_pb2.Record]:
+    """The run file's records. `run.finish()` can return before wandb-core has written the last of them (seen
+    under two pytest-xdist workers: a history record missing, then present), so wait up to `wait_s` for the
+    run's closing `exit` record; a run that never closed (killed) is read as it is after that."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = [_record(payload) for payload in _payloads(path)]
+        if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
+            return iter(records)
+        time.sleep(0.2)
+
+
+def _record(payload: bytes) -> wandb_internal_pb2.Record:
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(payload)
+    return record
 
 
 def history_keys(path: Path) -> set[str]:
