@@ -1,12 +1,13 @@
 """Planted recovery of recipes through the real trainer: one line per run (issue 13's recipe search).
 
 Each argument is a JSON object of dotted overrides laid over the planted test's run
-(tests/analysis/test_planted_recovery.planted_run_config: 128 planted features over 8 snapshots, d=64,
-F=512, batch 512, 200k tokens, ReLU with lambda 0.5, lr 2e-3); a line reports the share of planted features
+(tests/unit/analysis/test_planted_recovery.planted_run_config: 128 planted features over 8 snapshots, d=64,
+F=512, batch 512, 200k tokens, ReLU; every recipe key left unset takes the family's recipe,
+crosscoder.config.recipes); a line reports the share of planted features
 recovered at cosine >= 0.9, the share with their emergence snapshot exact, and the final L0, dead share and EV.
 
-    python bench/planted_recipes.py '{"crosscoder.activation": "batchtopk", "trainer.lr": 0.01}' \\
-        '{"crosscoder.activation": "jumprelu", "crosscoder.l1_coeff": 5, "trainer.lr": 0.004}'
+    python bench/planted_recipes.py '{"crosscoder.activation": "batchtopk"}' \\
+        '{"crosscoder.activation": "jumprelu", "trainer.lr": 0.002, "sources.planted.seed": 7}'
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 from wandb.proto import wandb_internal_pb2
 
@@ -472,3 +473,35 @@ def planted_stack(path: Path, decoders: list[torch.Tensor], aligned: str = "warm
     """A stack of single-snapshot dictionaries (encoder = decoder transpose, top-4) on the planted problem."""
     return write_stack(path, decoders, aligned=aligned, method="sae_track", training=[PLANTED] * N_SNAPSHOTS,
                        tag=[torch.zeros(len(w)) for w in decoders])
+
+
+def write_activation_folder(root: Path, activations: torch.Tensor, sources: list[dict],
+                            rows_per_shard: int = 2048) -> Path:
+    """A `sources.kind=files` folder: sources.json listing `sources`, then safetensors shards of `activations`
+    [n, S, d] (stacked) with their row numbers as token ids."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sources.json").write_text(json.dumps({"sources": sources, "hook": "resid_pre"}))
+    for index, start in enumerate(range(0, activations.shape[0], rows_per_shard)):
+        block = activations[start : start + rows_per_shard].contiguous()
+        ids = torch.arange(start, start + block.shape[0], dtype=torch.int64)
+        save_file({"activations": block, "token_ids": ids}, str(root / f"shard_{index:03d}.safetensors"))
+    return root
+
+
+def train_cli(arguments: list[str], run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`crosscoder-train <arguments> hydra.run.dir=<run_dir>` in this process, through its console-script
+    function: (exit status, stdout, stderr)."""
+    from crosscoder.cli.train import main
+
+    monkeypatch.setattr(sys, "argv", ["crosscoder-train", *arguments, f"hydra.run.dir={run_dir}"])
+    capsys.readouterr()  # only what the command prints
+    code = 0
+    try:
+        main()
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -187,15 +187,24 @@ def _build_snapshot_parallel(cfg: RunConfig, log: Callable[[str], None]) -> Path
         if backend == "nccl":  # object collectives stage their bytes on the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    finished = False
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         check_parallel(cfg, world_size)
         if rank == 0:
-            return _lead(cfg, log, world_size)
-        _follow(cfg, rank, world_size)
-        return Path(cfg.data.cache.dir).expanduser()
+            built = _lead(cfg, log, world_size)
+        else:
+            _follow(cfg, rank, world_size)
+            built = Path(cfg.data.cache.dir).expanduser()
+        finished = True
+        return built
     finally:
         if created:
+            # A rank that takes the group down while a peer's last collective is in flight aborts the peer
+            # ("terminate called without an active exception", seen under load): meet first when all went well
+            # (after a failure a dead peer would hold the others until the timeout).
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

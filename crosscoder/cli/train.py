@@ -135,7 +135,9 @@ def sweep_group(sweep_dir: str | Path) -> str:
 
 def train_method(cfg: RunConfig):  # noqa: ANN201 (a TrainResult; the trainer is imported late)
     """One run of what `method` says: a crosscoder or independent dictionaries (one training run), or SAE-Track's
-    chain of runs."""
+    chain of runs. Prints the family's recipe as this run applies it (rank 0) once the settings are valid."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"crosscoder: {cfg.validate().describe_recipe()}", flush=True)
     if cfg.method.name == "sae_track":
         from crosscoder.training.sae_track import train_sae_track
 

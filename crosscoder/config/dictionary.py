@@ -23,14 +23,15 @@ class JumpReLUConfig:
     """The JumpReLU families (dictionary.activations): a learned threshold per latent; `jumprelu` gates once for
     every snapshot with a tanh penalty, `snapshot_jumprelu` gates each snapshot with a tanh-quad one."""
 
-    bandwidth: float = 0.5
-    """eps of the straight-through threshold gradient's rectangle kernel, in normalised pre-activation units."""
-    initial_threshold: float = 1.0
-    """theta every latent starts with (normalised units: inputs have E||x_s||^2 = d)."""
+    bandwidth: float | None = None
+    """eps of the straight-through threshold gradient's rectangle kernel, in normalised pre-activation units
+    (None: the family's recipe, crosscoder.config.recipes)."""
+    initial_threshold: float | None = None
+    """theta every latent starts with (normalised units: inputs have E||x_s||^2 = d; None: the recipe's)."""
     tanh_scale: float = 4.0
     """c in the penalty sum_i tanh(c f_i w_i) (scaled by crosscoder.l1_coeff, warmed up over l1_warmup_steps)."""
-    preact_coeff: float = 3e-6
-    """lambda_P of the pre-activation loss sum_i ReLU(theta_i - pre_i) w_i (0 turns it off)."""
+    preact_coeff: float | None = None
+    """lambda_P of the pre-activation loss sum_i ReLU(theta_i - pre_i) w_i (0 turns it off; None: the recipe's)."""
     frequency_scale: float = 0.01
     """snapshot_jumprelu: the tanh-quad penalty sum_i p_i (1 + p_i / frequency_scale) turns quadratic in a latent's
     firing frequency p_i above about this."""
@@ -47,11 +48,11 @@ class CrosscoderConfig:
     snapshot_jumprelu (the threshold applied per snapshot, a code per snapshot; tanh-quad penalty)."""
     k: int = 16
     """Active latents per token for topk / batchtopk (batchtopk keeps k * batch over the batch)."""
-    l1_coeff: float = 2.0
-    """lambda of the sparsity penalty: ReLU's lambda * sum_i f_i * sum_s ||W_dec[i, s]||, JumpReLU's tanh one (the
-    crosscoder=<family> groups ship their own: relu 0.5, jumprelu 5, snapshot_jumprelu 3)."""
-    l1_warmup_steps: int = 200
-    """lambda rises linearly from 0 over these steps (ReLU and JumpReLU)."""
+    l1_coeff: float | None = None
+    """lambda of the sparsity penalty: ReLU's lambda * sum_i f_i * sum_s ||W_dec[i, s]||, JumpReLU's tanh one.
+    None: the family's recipe (crosscoder.config.recipes: relu 0.5, jumprelu 5, snapshot_jumprelu 3)."""
+    l1_warmup_steps: int | None = None
+    """lambda rises linearly from 0 over these steps (ReLU and JumpReLU); None: the recipe's 5% of the steps."""
     jumprelu: JumpReLUConfig = field(default_factory=JumpReLUConfig)
     aux_k: int = 0
     """Dead latents used by the AuxK loss (topk / batchtopk); 0 means d/2 as in Gao et al."""
@@ -62,8 +63,9 @@ class CrosscoderConfig:
     dense path's loss and gradients at a fraction of its work; false takes the dense path."""
     dead_after_tokens: int = 200_000
     """A latent that has not fired in this many tokens counts as dead."""
-    init: str = "matched_filter"
-    """`matched_filter`: decoder rows of norm init_decoder_norm per snapshot, encoder = decoder transpose;
+    init: str | None = None
+    """None: the family's recipe (anthropic_2025 for both JumpReLU families, else matched_filter).
+    `matched_filter`: decoder rows of norm init_decoder_norm per snapshot, encoder = decoder transpose;
     `anthropic_2025` (Anthropic's January 2025 recipe): W_dec ~ U(+-1/sqrt(n)), W_enc = (n/F) W_dec^T with
     n = S * d, and b_enc set from the first batches so each latent fires on init_firing_fraction of tokens."""
     init_from: str = ""
@@ -100,18 +102,20 @@ class CrosscoderConfig:
                 raise ConfigError(f"crosscoder.k={self.k} is larger than crosscoder.dict_size={self.dict_size}")
             if self.aux_k < 0 or self.aux_k > self.dict_size:
                 raise ConfigError(f"crosscoder.aux_k={self.aux_k} must be in [0, dict_size={self.dict_size}]")
-        if self.init not in INIT_SCHEMES:
+        if self.init is not None and self.init not in INIT_SCHEMES:
             raise ConfigError(f"crosscoder.init={self.init!r} is not one of {list(INIT_SCHEMES)}")
         if not 0 <= self.init_firing_fraction < 1:
             raise ConfigError(f"crosscoder.init_firing_fraction={self.init_firing_fraction} must be in [0, 1)")
         if self.activation in JUMPRELU_FAMILIES:
             j = self.jumprelu
             for key in ("bandwidth", "initial_threshold", "tanh_scale", "frequency_scale"):
-                if not getattr(j, key) > 0:
+                if getattr(j, key) is not None and not getattr(j, key) > 0:
                     raise ConfigError(f"crosscoder.jumprelu.{key}={getattr(j, key)} must be > 0")
-            if j.preact_coeff < 0:
+            if j.preact_coeff is not None and j.preact_coeff < 0:
                 raise ConfigError(f"crosscoder.jumprelu.preact_coeff={j.preact_coeff} must be >= 0")
-        if self.l1_coeff < 0:
+        if self.l1_warmup_steps is not None and self.l1_warmup_steps < 0:
+            raise ConfigError(f"crosscoder.l1_warmup_steps={self.l1_warmup_steps} must be >= 0")
+        if self.l1_coeff is not None and self.l1_coeff < 0:
             raise ConfigError(f"crosscoder.l1_coeff={self.l1_coeff} must be >= 0")
 
     def firing_fraction(self) -> float:

@@ -19,6 +19,7 @@ from crosscoder.config.data import DataConfig
 from crosscoder.config.dictionary import JUMPRELU_FAMILIES, CrosscoderConfig
 from crosscoder.config.method import MethodConfig
 from crosscoder.config.parallel import DeepSpeedConfig, ParallelConfig
+from crosscoder.config.recipes import describe_recipe, fill_recipe
 from crosscoder.config.sources import SourcesConfig
 from crosscoder.config.tracking import TrackingConfig
 from crosscoder.config.trainer import TrainerConfig
@@ -41,25 +42,42 @@ class RunConfig:
     """Run directory (Hydra's output dir unless set)."""
 
     def validate(self, n_sources: int | None = None) -> RunConfig:
-        """Raise ConfigError naming the first bad value; return self for chaining. `n_sources`: the source count
-        where the config alone cannot tell it (an activation folder's sources.json; crosscoder.data.checks reads
-        it); without it, the rules that need it are left to that start-up check."""
+        """Fill the family's recipe into the keys left unset (`apply_recipe`), then raise ConfigError naming the
+        first bad value; return self for chaining. `n_sources`: the source count where the config alone cannot
+        tell it (an activation folder's sources.json; crosscoder.data.checks reads it); without it, the rules that
+        need it are left to that start-up check."""
+        self.crosscoder.validate()  # a family the recipes know, before its recipe is read
+        self.trainer.validate()
+        self.apply_recipe()
         for group in (self.sources, self.crosscoder, self.data, self.trainer, self.deepspeed, self.parallel,
                       self.tracking, self.method):
             group.validate()
         c, parallel = self.crosscoder, self.parallel
-        if c.init == "anthropic_2025" and parallel.snapshot_parallel > 1:
-            raise ConfigError("crosscoder.init=anthropic_2025 draws the whole decoder at once: use "
-                              "parallel.snapshot_parallel=1 or crosscoder.init=matched_filter")
+        # The family first: both JumpReLU recipes start from anthropic_2025, which is refused below for the same split.
         if c.activation in JUMPRELU_FAMILIES and parallel.snapshot_parallel > 1:
             raise ConfigError(f"crosscoder.activation={c.activation} cannot be split by snapshot yet (its "
                               "thresholds' gradient is not summed over the snapshot group): use "
                               "parallel.snapshot_parallel=1")
+        if c.init == "anthropic_2025" and parallel.snapshot_parallel > 1:
+            raise ConfigError("crosscoder.init=anthropic_2025 draws the whole decoder at once: use "
+                              "parallel.snapshot_parallel=1 or crosscoder.init=matched_filter")
         self._validate_method()
         n_sources = n_sources if n_sources is not None else self.n_sources()
         if n_sources is not None:
             self.check_source_count(n_sources)
         return self
+
+    def apply_recipe(self) -> dict[str, Any]:
+        """Fill every recipe key left None with the family's value (crosscoder.config.recipes); what the user set
+        stays. Returns what this call filled; `recipe_filled` keeps every key filled so far (a resume hands those
+        back to the values its training state was saved with)."""
+        filled = fill_recipe(self, self.crosscoder.activation, self.trainer.total_tokens // self.trainer.batch_size)
+        self.recipe_filled = {**getattr(self, "recipe_filled", {}), **filled}
+        return filled
+
+    def describe_recipe(self) -> str:
+        """The start-up line: the family's recipe as this run applies it, and the user's settings it kept."""
+        return describe_recipe(self, self.crosscoder.activation, getattr(self, "recipe_filled", {}))
 
     def check_source_count(self, n_sources: int) -> None:
         """The rules that need the number of sources: from the config alone (`validate`), or once an activation

@@ -20,7 +20,8 @@ class TrainerConfig:
     """Training tokens (all ranks together)."""
     batch_size: int = 1024
     """Tokens per optimiser step, all ranks together."""
-    lr: float = 1e-3
+    lr: float | None = None
+    """Adam's learning rate; None: the family's recipe (crosscoder.config.recipes)."""
     lr_warmup_steps: int = 50
     lr_decay_fraction: float = 0.2
     """The LR decays linearly to 0 over this last fraction of training."""
@@ -52,7 +53,7 @@ class TrainerConfig:
         positive("trainer.batch_size", self.batch_size)
         positive("trainer.total_tokens", self.total_tokens)
         positive("trainer.log_every", self.log_every)
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"trainer.lr={self.lr} must be > 0")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"trainer.lr_decay_fraction={self.lr_decay_fraction} must be in [0, 1]")

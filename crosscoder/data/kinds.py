@@ -64,6 +64,11 @@ class SourceKind:
         """Resolve the sources and check they are compatible, reading configs and headers only (cheap)."""
         raise NotImplementedError
 
+    def finite_origin(self, sources: SourcesConfig) -> tuple[str, str]:
+        """(what holds this kind's rows, how to get more), for a run its rows cannot feed; only a kind whose
+        `open` gives a finite set is asked."""
+        return f"sources.kind={self.name}", "give it more rows"
+
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None
              ) -> SourceSet:
@@ -97,11 +102,13 @@ class ModelKind(SourceKind):
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None
              ) -> SourceSet:
+        check_positions(data, info)
         return ModelSources(sources, data, info, rank, world_size, share, log, on_loaded)
 
     def activations(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, n_tokens: int,
                     device: torch.device, log: Log) -> Iterator[torch.Tensor]:
         """Every snapshot re-run inline (no workers) on the run's own token stream, valid tokens only."""
+        check_positions(data, info)
         runners = load_runners(sources, info.specs, device)
         bos, pad = special_token_ids(info.tokenizer)
         seen = 0
@@ -114,6 +121,15 @@ class ModelKind(SourceKind):
                 return
         if seen == 0:
             raise ConfigError(f"the token stream (data.kind={data.kind!r}) gave no tokens")
+
+
+def check_positions(data: DataConfig, info: SourceInfo) -> None:
+    """A sequence longer than the positions the snapshots were built for fails in the model (learned positions:
+    an index error) or runs silently past the context they were trained on (rotary): refused before any loads."""
+    if info.max_positions is not None and data.seq_len > info.max_positions:
+        raise ConfigError(f"data.seq_len={data.seq_len} is longer than the {info.max_positions} positions the "
+                          "snapshots were trained for (their configs' max_position_embeddings): set data.seq_len "
+                          f"<= {info.max_positions}")
 
 
 class HubSnapshots(ModelKind):
@@ -186,6 +202,9 @@ class ActivationFiles(SourceKind):
 
     def describe(self, sources: SourcesConfig, log: Log) -> SourceInfo:
         return describe_file_sources(sources)
+
+    def finite_origin(self, sources: SourcesConfig) -> tuple[str, str]:
+        return f"the activation folder sources.files.dir={sources.files.dir!r}", "add shards to it"
 
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None

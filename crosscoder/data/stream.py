@@ -78,7 +78,11 @@ class ActivationStream:
     def peek(self, n: int) -> list[torch.Tensor]:
         """The next `n` batches, which `next()` will still serve (e.g. to estimate input scales before training)."""
         while len(self._lookahead) < n:
-            self._lookahead.append(next(self._batches))
+            batch = next(self._batches, None)
+            if batch is None:  # a finite set too small for what start-up reads (checked earlier where it can be)
+                raise ConfigError(f"the activations ended after {len(self._lookahead)} batches; {n} are needed "
+                                  "before training starts (crosscoder.norm_estimation_batches)")
+            self._lookahead.append(batch)
         return [activations for activations, _ in list(self._lookahead)[:n]]
 
     def unread(self, activations: torch.Tensor, token_ids: torch.Tensor) -> None:

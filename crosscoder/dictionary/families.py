@@ -1,16 +1,19 @@
 """The dictionary families, by name: one registry that the config's choices, the model and the docs read.
 
 A family is its activation class (crosscoder.dictionary.activations), a line saying what it is, and its recipe:
-the settings it needs to train well (learning rate, warm-ups, ...), applied unless the user sets them. A new
-family is one Activation class and one `register` line; tests check `crosscoder.config.dictionary.Family` (the
-`crosscoder.activation` choices) and `conf/crosscoder/<name>.yaml` against this registry.
+the settings it needs to train well (learning rate, warm-ups, ...), filled into the keys the user leaves unset.
+The recipe is configuration, so it lives with the config (crosscoder.config.recipes, which imports no torch and
+fills it before anything is built); the registry reads it from there. A new family is one Activation class, one
+`register` line and one recipe entry; tests check `crosscoder.config.dictionary.Family` (the `crosscoder.activation`
+choices), the recipes and `conf/crosscoder/<name>.yaml` against this registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from crosscoder.config.recipes import recipe_of
 from crosscoder.dictionary.activations import (
     Activation,
     BatchTopK,
@@ -26,8 +29,11 @@ class FamilySpec:
     name: str
     activation: type[Activation]
     summary: str
-    recipe: dict[str, Any] = field(default_factory=dict)
-    """Dotted config keys and values this family trains with, applied unless the user sets them."""
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """Dotted config keys and the values this family trains with, filled in unless the user sets them."""
+        return recipe_of(self.name)
 
 
 FAMILIES: dict[str, FamilySpec] = {}

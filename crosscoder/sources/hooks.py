@@ -119,7 +119,7 @@ def hook_site(model: nn.Module, block: nn.Module, hook: HookPoint, name: str = "
         return HookSite(hook, block, reads_input=True)
     if hook.position == "post":
         return HookSite(hook, block)
-    config = getattr(model, "config", None)
+    config = language_config(getattr(model, "config", None))
     model_type = str(getattr(config, "model_type", "") or "")
     if model_type == "bloom" and getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
         raise ConfigError(f"{hook.name}: snapshot {name!r} is a BLOOM with slow_but_exact and pretraining_tp > 1, "
@@ -132,10 +132,27 @@ def hook_site(model: nn.Module, block: nn.Module, hook: HookPoint, name: str = "
     return HookSite(hook, module, scale=float(getattr(config, "residual_multiplier", 1.0) or 1.0))
 
 
+def language_config(config: Any) -> Any:  # noqa: ANN401 (an HF config)
+    """The language model's settings: a multimodal checkpoint (Gemma 3's ForConditionalGeneration, LLaVA) nests
+    them in its text config; a text-only model's are its own."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config(decoder=True) if callable(get_text_config) else config
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The decoder a multimodal model's text runs through (its vision tower has blocks too); the model itself
+    where it has no separate one."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return model
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks (gpt_neox.layers, model.layers, transformer.h, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
+    n_layers = getattr(language_config(model.config), "num_hidden_layers", None)
+    for _, module in _language_model(model).named_modules():
         if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
             return module
     raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}")
@@ -158,7 +175,7 @@ class SnapshotRunner:
         self.model, self.name = model, name
         self.sites = [hook_site(model, blocks[hook.layer], hook, name) for hook in self.hooks]
         self.hook, self.block = self.hooks[0], blocks[self.hooks[0].layer]
-        self.d_model = int(model.config.hidden_size)
+        self.d_model = int(language_config(model.config).hidden_size)
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:

@@ -60,7 +60,26 @@ def read_manifest(root: Path) -> tuple[list[FileSource], str]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{path}: source {name!r} has {key}={value!r}; it must be an integer (or left out)")
         sources.append(FileSource(name, entry.get("step"), entry.get("layer")))
+    _check_order(sources, path)
     return sources, raw.get("hook") or "files"
+
+
+def _check_order(sources: list[FileSource], path: Path) -> None:
+    """The analysis reads the sources' order as their axis (time for steps, depth for layers), so sources whose
+    steps (or layers) are all given must be listed in that order, snapshot by snapshot as HF sources are (layers
+    restart at each step; two hooks of one step or layer may sit side by side)."""
+    for key, axis in (("step", "training order (the analysis reads it as time)"),
+                      ("layer", "depth order (the analysis reads it as depth)")):
+        values = [getattr(source, key) for source in sources]
+        if None in values:
+            continue
+        for before, after in zip(sources, sources[1:], strict=False):
+            if key == "layer" and before.step != after.step:
+                continue
+            if getattr(after, key) < getattr(before, key):
+                raise ConfigError(
+                    f"{path}: source {after.name!r} ({key} {getattr(after, key)}) is listed after {before.name!r} "
+                    f"({key} {getattr(before, key)}): list the sources in {axis}; the {key}s as listed are {values}")
 
 
 def file_source_names(cfg: SourcesConfig) -> list[str]:

@@ -20,7 +20,7 @@ from crosscoder.config import HookPoint, SourcesConfig
 from crosscoder.errors import ConfigError
 from crosscoder.sources.causal_check import check_causal_decoder, describe_snapshot
 from crosscoder.sources.fingerprint import snapshot_fingerprint
-from crosscoder.sources.hooks import SnapshotRunner
+from crosscoder.sources.hooks import SnapshotRunner, language_config
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo
 
 STEP_PATTERN = re.compile(r"step[_-]?(\d+)")
@@ -215,7 +215,7 @@ NO_SUBLAYER_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
 
 def _check_hooks(cfg: SourcesConfig, model_config: Any, spec: SnapshotSpec) -> None:  # noqa: ANN401 (HF config)
     """Every hook within the model's blocks, and sublayer hooks only where the blocks have sublayers."""
-    n_layers = getattr(model_config, "num_hidden_layers", None)
+    n_layers = getattr(language_config(model_config), "num_hidden_layers", None)
     model_type = getattr(model_config, "model_type", "")
     for hook in configured_hooks(cfg):
         if n_layers is not None and hook.layer >= n_layers:
@@ -235,11 +235,17 @@ def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> Sou
     into the residual stream, so one width holds for all of a snapshot's hooks."""
     tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
     check_same_tokenizer(tokenizers, specs)
-    widths = []
+    widths, positions = [], []
     for spec in specs:
         model_config = load_model_config(spec, cfg.trust_remote_code)
         check_causal_decoder(model_config, spec)
-        width = int(model_config.hidden_size)
+        text = language_config(model_config)
+        if getattr(text, "hidden_size", None) is None:
+            raise ConfigError(f"snapshot {describe_snapshot(spec)} ({type(model_config).__name__}) names no "
+                              "hidden_size for its language model: this tool cannot tell its residual width")
+        width = int(text.hidden_size)
+        if isinstance(getattr(text, "max_position_embeddings", None), int):
+            positions.append(text.max_position_embeddings)
         if widths and width != widths[0]:
             raise ConfigError(
                 f"snapshot {describe_snapshot(spec)} has width {width}, but {describe_snapshot(specs[0])} has "
@@ -252,7 +258,7 @@ def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> Sou
     specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in specs]
     hook = ",".join(cfg.hooks) if cfg.hooks else cfg.hook
     return SourceInfo(specs=expand_hooks(specs, cfg), tokenizer=tokenizers[0], d_model=widths[0], hook=hook,
-                      axis=source_axis(cfg, len(specs)))
+                      axis=source_axis(cfg, len(specs)), max_positions=min(positions) if positions else None)
 
 
 def snapshot_groups(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> list[tuple[SnapshotSpec, list[HookPoint]]]:

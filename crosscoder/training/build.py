@@ -18,7 +18,8 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
 
 from crosscoder.config import RunConfig
-from crosscoder.data.kinds import describe_sources
+from crosscoder.config.recipes import get_setting, set_setting
+from crosscoder.data.kinds import describe_sources, source_kind
 from crosscoder.data.stream import ActivationStream, build_activation_stream
 from crosscoder.errors import ConfigError
 from crosscoder.parallel.engine import (
@@ -112,8 +113,8 @@ class RunAssembly:
         self.output_dir = _shared_output_dir(str(configured_dir))
         if self.output_dir != Path(cfg.output_dir).resolve():
             log(f"continuing the run in {self.output_dir}")
+        self.resumed = _resumable_state(self.accelerator, resume, self.output_dir, cfg, log)
         self.run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        self.resumed = _resumable_state(self.accelerator, resume, self.output_dir, self.run_config, log)
         # Rank 0 first: it builds the embedded snapshots (or fills the hub cache) while the others wait.
         with self.accelerator.main_process_first():
             self.stream_sources = describe_sources(cfg.sources, log=log)  # what the stream reads from
@@ -135,8 +136,9 @@ class RunAssembly:
             self.cfg.sources, self.cfg.data, self.stream_sources, layout.data_rank, layout.data_parallel,
             self.micro_batch, log=self.log, state=None if resumed is None else resumed.stream_state,
             share=range(offset + layout.share.start, offset + layout.share.stop))
-        if resumed is None:
-            _check_enough_tokens(self.stream, self.cfg, self.total_steps * self.micro_batch)
+        if resumed is None:  # the steps, and the first batches that set the input scales and the encoder bias
+            steps = max(self.total_steps, self.cfg.crosscoder.norm_estimation_batches)
+            _check_enough_tokens(self.stream, self.cfg, steps * self.micro_batch)
 
     def _build_engine(self) -> None:
         """The crosscoder (this rank's share), its input scales, Adam and the schedule, inside DeepSpeed."""
@@ -206,29 +208,50 @@ class RunAssembly:
 
 
 def _resumable_state(
-    accelerator, resume: str, output_dir: Path, run_config: dict[str, Any], log: Callable[[str], None]  # noqa: ANN001
+    accelerator, resume: str, output_dir: Path, cfg: RunConfig, log: Callable[[str], None]  # noqa: ANN001
 ) -> TrainingState | None:
     path = select_training_state(accelerator, resume, states_root(output_dir), log)
     if path is None:
         return None
     resumed = load_training_state(path, accelerator.process_index, accelerator.num_processes)
-    check_same_run(resumed.config, run_config, path)
+    _keep_saved_recipe(cfg, resumed.config, log)
+    check_same_run(resumed.config, OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), path)
     check_same_zero_stage(resumed.zero_stage, accelerator.state.deepspeed_plugin.zero_stage, path)
     return resumed
 
 
+def _keep_saved_recipe(cfg: RunConfig, saved: dict[str, Any], log: Callable[[str], None]) -> None:
+    """A resumed run continues under the settings it was saved with: a key this run left to the recipe takes the
+    state's value (a state saved before the recipe changed, or before recipes existed, still resumes)."""
+    for key in getattr(cfg, "recipe_filled", {}):
+        node: Any = saved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != get_setting(cfg, key):
+            log(f"resuming with the saved {key}={node} (the recipe for {cfg.crosscoder.activation} now says "
+                f"{get_setting(cfg, key)})")
+            set_setting(cfg, key, node)
+
+
 def _check_enough_tokens(stream: ActivationStream, cfg: RunConfig, needed_per_rank: int) -> None:
-    """A cache is finite: refuse up front a run it cannot feed, rather than stop half-way."""
+    """A cache or an activation folder is finite: refuse up front a run it cannot feed, rather than stop half-way,
+    naming what holds too few rows."""
     available = stream.available_tokens
     if available is None:
         return
     # The shuffle buffer can leave up to one batch unserved at the end of a finite stream.
     if available - stream.buffer.batch_size < needed_per_rank:
-        raise ConfigError(
-            f"data.cache.dir={cfg.data.cache.dir!r} holds {available} tokens for this rank, but "
-            f"trainer.total_tokens={cfg.trainer.total_tokens} needs {needed_per_rank} per rank (+ one batch); "
-            "build a larger cache (data.cache.tokens) or train on fewer tokens"
-        )
+        if cfg.data.cache.dir:
+            origin, remedy = f"data.cache.dir={cfg.data.cache.dir!r}", "build a larger cache (data.cache.tokens)"
+        else:
+            origin, remedy = source_kind(cfg.sources.kind).finite_origin(cfg.sources)
+        estimation = cfg.crosscoder.norm_estimation_batches * stream.buffer.batch_size
+        needs = (f"trainer.total_tokens={cfg.trainer.total_tokens} needs {needed_per_rank} per rank (+ one batch)"
+                 if needed_per_rank > estimation else
+                 f"the input-scale estimation needs crosscoder.norm_estimation_batches="
+                 f"{cfg.crosscoder.norm_estimation_batches} batches of {stream.buffer.batch_size} (+ one batch)")
+        raise ConfigError(f"{origin} holds {available} tokens for this rank, but {needs}; {remedy}, or train on "
+                          "fewer tokens")
 
 
 def _shared_output_dir(configured: str) -> Path:

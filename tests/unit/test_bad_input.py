@@ -1,0 +1,143 @@
+"""Issue 23's bad inputs, each through the real entry point: a mistake is one line on stderr naming its cause and
+exit 2, before anything heavy loads; nothing silently wrong is accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import tiny_overrides, train_cli, write_activation_folder
+
+pytestmark = pytest.mark.usefixtures("clean_process_env")
+
+
+def _rows(n: int, n_sources: int = 3, d: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, n_sources, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _files_run(folder: Path) -> list[str]:
+    return ["sources=files", f"sources.files.dir={folder}", "crosscoder.dict_size=16", "trainer.batch_size=64",
+            "trainer.total_tokens=640", "tracking=disabled", "deepspeed=zero0"]
+
+
+def test_files_listed_out_of_training_order_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 2: steps out of order in sources.json are refused, as they are for HF snapshots; in order they run."""
+    steps = [0, 1000, 500]
+    folder = write_activation_folder(tmp_path / "acts", _rows(1024),
+                                     [{"name": f"step{step}", "step": step} for step in steps])
+    code, _, err = train_cli(_files_run(folder), tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "'step500' (step 500) is listed after 'step1000' (step 1000)" in err
+    assert "training order" in err and not (tmp_path / "run").exists()
+
+    in_order = write_activation_folder(tmp_path / "ordered", _rows(1024),
+                                       [{"name": f"step{step}", "step": step} for step in sorted(steps)])
+    code, out, err = train_cli(_files_run(in_order), tmp_path / "ordered-run", monkeypatch, capsys)
+    assert code == 0, err
+    assert "recipe for relu:" in out
+
+
+def test_an_activation_folder_too_small_for_the_run_is_named_with_what_it_lacks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Cases 5 and 10: fewer rows than the steps need, or than the input-scale estimation reads, is one line
+    naming the folder (not data.cache.dir) and what needs the rows, exit 2, not a StopIteration."""
+    folder = write_activation_folder(tmp_path / "acts", _rows(400), [{"name": f"L{layer}", "layer": layer}
+                                                                     for layer in range(3)])
+    code, _, err = train_cli(_files_run(folder), tmp_path / "run", monkeypatch, capsys)  # 640 tokens
+    assert code == 2, err
+    assert err.count("\n") == 1 and f"the activation folder sources.files.dir='{folder}' holds 400 tokens" in err
+    assert "trainer.total_tokens=640 needs 640 per rank" in err and "cache" not in err
+
+    code, _, err = train_cli([*_files_run(folder), "trainer.total_tokens=128"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "holds 400 tokens" in err
+    assert "the input-scale estimation needs crosscoder.norm_estimation_batches=8 batches of 64" in err
+    code, _, err = train_cli([*_files_run(folder), "trainer.total_tokens=128", "crosscoder.norm_estimation_batches=4"],
+                             tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+
+
+def _hf_snapshots(folder: Path, tiny_snapshots: list, build: Callable[[int, int], object]) -> list[Path]:
+    """Two random-init HF checkpoints (`build(vocab_size, seed)`) named step0 and step1, with the toy
+    tokenizer: local snapshots as `sources.paths` takes them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_snapshots[0].path)
+    paths = []
+    for step in (0, 1):
+        path = folder / f"step{step}"
+        build(len(tokenizer), step).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def _gpt2(vocab_size: int, seed: int) -> object:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                                bos_token_id=0, eos_token_id=0))
+
+
+def _gemma3_multimodal(vocab_size: int, seed: int) -> object:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=vocab_size, max_position_embeddings=64)
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    return Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+
+
+def _hf_run(paths: list[Path], seq_len: int) -> list[str]:
+    return ["sources.kind=hf", f"sources.paths=[{','.join(str(path) for path in paths)}]",
+            "sources.hook=blocks.1.hook_resid_pre", f"data.seq_len={seq_len}", "data.model_batch_size=4",
+            "data.toy_documents=100", "data.shuffle.buffer_tokens=256", "data.workers.num_workers=0",
+            "crosscoder.dict_size=16", "crosscoder.norm_estimation_batches=2", "trainer.batch_size=64",
+            "trainer.total_tokens=256", "trainer.eval_tokens=0", "tracking=disabled", "deepspeed=zero0"]
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused_naming_the_limit(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 7: GPT-2's learned positions (an IndexError inside the model before) and the toy GPT-NeoX's rotary
+    ones (run silently past the trained context before) are both refused, naming the limit; at the limit it runs."""
+    gpt2 = _hf_snapshots(tmp_path / "gpt2", tiny_snapshots, _gpt2)
+    code, _, err = train_cli(_hf_run(gpt2, 17), tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "data.seq_len=17 is longer than the 16 positions" in err
+    assert "set data.seq_len <= 16" in err
+    code, _, err = train_cli(_hf_run(gpt2, 16), tmp_path / "gpt2-run", monkeypatch, capsys)
+    assert code == 0, err
+
+    overrides = [o for o in tiny_overrides(toy_cache) if not o.startswith(("tracking=", "data.seq_len="))]
+    code, _, err = train_cli([*overrides, "data.seq_len=65", "tracking=disabled"], tmp_path / "toy-run",
+                             monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "data.seq_len=65 is longer than the 64 positions" in err
+
+
+def test_a_multimodal_checkpoint_is_read_through_its_language_model(
+        tiny_snapshots: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 6: Gemma 3's ForConditionalGeneration keeps its text settings in a nested config and has a vision
+    tower with as many blocks as its language model: the width, the positions and the hooked blocks are the
+    language model's (AttributeError on hidden_size before)."""
+    from crosscoder.dictionary.io import read_meta
+    from crosscoder.sources.hooks import find_blocks
+
+    paths = _hf_snapshots(tmp_path / "gemma3", tiny_snapshots, _gemma3_multimodal)
+    model = _gemma3_multimodal(300, 0)
+    assert find_blocks(model) is model.model.language_model.layers  # not the vision tower's two blocks
+    code, _, err = train_cli(_hf_run(paths, 65), tmp_path / "refused", monkeypatch, capsys)
+    assert code == 2 and "longer than the 64 positions" in err, err
+    code, _, err = train_cli(_hf_run(paths, 16), tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    meta = read_meta(tmp_path / "run" / "dictionary")
+    assert meta.d_model == 32 and meta.source_names == ["step0", "step1"]
