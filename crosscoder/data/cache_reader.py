@@ -113,7 +113,7 @@ def check_cache_matches(manifest: CacheManifest, info: SourceInfo, cache_dir: st
             if old.get(key) != getattr(spec, key):
                 raise ConfigError(f"{where}: snapshot {i} has {key}={old.get(key)!r} in the cache but "
                                   f"{key}={getattr(spec, key)!r} in the sources")
-    check_same_snapshots(built, info.specs, where)
+    check_same_snapshots(built, info.specs, where, folder=info.folder)
     for key, now in (("hook", info.hook), ("d_model", info.d_model)):
         if manifest.identity.get(key) != now:
             raise ConfigError(f"{where} was built at {key}={manifest.identity.get(key)!r}, the sources have {now!r}")

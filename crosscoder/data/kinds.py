@@ -20,12 +20,12 @@ import torch
 from crosscoder.config import DataConfig, SourcesConfig
 from crosscoder.data.activations import paired_activations, valid_token_mask
 from crosscoder.data.cache_reader import CacheReader, check_cache_matches
-from crosscoder.data.files import FileActivations, describe_file_sources
+from crosscoder.data.files import FileActivations, content_digests, describe_file_sources
 from crosscoder.data.planted import held_out_draws, planted_specs
 from crosscoder.data.source_sets import ModelSources, PlantedSources, ShardedSources, SourceSet
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
 from crosscoder.errors import ConfigError
-from crosscoder.sources.manifest import file_source_names
+from crosscoder.sources.manifest import file_source_names, files_root
 from crosscoder.sources.models import (
     LoadedSources,
     check_names_and_order,
@@ -68,6 +68,11 @@ class SourceKind:
         """(what holds this kind's rows, how to get more), for a run its rows cannot feed; only a kind whose
         `open` gives a finite set is asked."""
         return f"sources.kind={self.name}", "give it more rows"
+
+    def content_digests(self, sources: SourcesConfig, log: Log) -> dict[str, str] | None:
+        """Every input file's whole-content digest, for a kind whose `describe` fingerprint only samples its data
+        and whose data a user may rewrite between a stop and a resume; None where the fingerprint says enough."""
+        return None
 
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None
@@ -205,6 +210,9 @@ class ActivationFiles(SourceKind):
 
     def finite_origin(self, sources: SourcesConfig) -> tuple[str, str]:
         return f"the activation folder sources.files.dir={sources.files.dir!r}", "add shards to it"
+
+    def content_digests(self, sources: SourcesConfig, log: Log) -> dict[str, str] | None:
+        return content_digests(files_root(sources), log)
 
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None

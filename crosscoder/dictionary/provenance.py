@@ -67,5 +67,5 @@ def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print,
         raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
                           f"was trained on {meta.source_names} (d={meta.d_model})")
     if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now
-        check_same_snapshots(meta.sources, info.specs, "the dictionary")
+        check_same_snapshots(meta.sources, info.specs, "the dictionary", folder=info.folder)
     return cfg, info

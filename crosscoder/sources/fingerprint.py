@@ -138,12 +138,14 @@ def _short(fingerprint: object) -> str:
     return text if len(text) <= SHOWN_DIGITS else f"{text[:SHOWN_DIGITS]}…"
 
 
-def check_same_snapshots(saved: list[dict[str, Any]], specs: list[SnapshotSpec], where: str) -> None:
+def check_same_snapshots(saved: list[dict[str, Any]], specs: list[SnapshotSpec], where: str,
+                         folder: str | None = None) -> None:
     """Raise a ConfigError naming the first snapshot that is not the one `where` (e.g. "activation cache X",
     "training state Y") was made from: another count or name, or another fingerprint (its weights or config
     changed). `saved` is the `asdict(spec)` list recorded there; an entry without a fingerprint (written before
     fingerprints existed) cannot be shown to be this snapshot, so it is refused too. A spec without a fingerprint
-    (not from `describe_sources`) is fingerprinted here."""
+    (not from `describe_sources`) is fingerprinted here. `folder`: the activation folder every source is read from
+    (`SourceInfo.folder`), whose fingerprint its sources share: a change is then named as the folder's."""
     names = [spec.name for spec in specs]
     saved_names = [entry.get("name") for entry in saved]
     if len(saved) != len(specs):
@@ -159,6 +161,9 @@ def check_same_snapshots(saved: list[dict[str, Any]], specs: list[SnapshotSpec],
                               "older crosscoder), so it cannot be shown to hold this snapshot's activations; "
                               "rebuild it (or start a new run) with this version")
         now = spec.fingerprint or snapshot_fingerprint(spec)
+        if old != now and folder is not None:
+            raise ConfigError(f"{where} was made from other activations in the folder {folder} (fingerprint "
+                              f"{_short(old)} there, {_short(now)} now: a shard or sources.json changed)")
         if old != now:
             raise ConfigError(f"{where} was made from a different snapshot {spec.name!r} (fingerprint {_short(old)} "
                               f"there, {_short(now)} now: its weights or config changed)")

@@ -48,6 +48,8 @@ class SourceInfo:
     """The hook point (several: comma-separated)."""
     axis: str = "step"
     """What the source axis is (`source_axis`): `step`, `layer`, `hook` or `source`."""
+    folder: str | None = None
+    """The activation folder every source is read from (sources.kind=files); None for snapshots."""
     max_positions: int | None = None
     """The most token positions every snapshot was built for (their configs' max_position_embeddings); None where
     unknown or without a model."""

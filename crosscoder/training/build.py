@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from crosscoder.config import RunConfig
 from crosscoder.config.recipes import get_setting, set_setting
+from crosscoder.data.files import check_same_contents
 from crosscoder.data.kinds import describe_sources, source_kind
 from crosscoder.data.stream import ActivationStream, build_activation_stream
 from crosscoder.errors import ConfigError
@@ -123,12 +124,26 @@ class RunAssembly:
         check_warm_start(cfg, len(self.sources.specs), self.sources.d_model)
         if self.resumed is not None:  # the same snapshot names may hold other weights now
             check_same_snapshots(self.resumed.sources, self.sources.specs,
-                                 f"the training state {self.resumed.path}")
+                                 f"the training state {self.resumed.path}", folder=self.sources.folder)
             self.last_state = self.resumed.path
+        self.input_digests = self._input_digests()
         self.source_names = [spec.name for spec in self.sources.specs]
         self.layout = build_layout(cfg.parallel.snapshot_parallel, len(self.sources.specs),
                                    cfg.parallel.sparse_topk_gradient)
         self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
+
+    def _input_digests(self) -> dict[str, str] | None:
+        """The input files' whole-content digests (an activation folder's: the kind says), hashed by the main
+        process and shared; when resuming, checked against the state's (a state from before has none)."""
+        digests: list[dict[str, str] | None] = [None]
+        if self.is_main:
+            digests[0] = source_kind(self.cfg.sources.kind).content_digests(self.cfg.sources, self.log)
+        broadcast_object_list(digests, from_process=0)
+        saved = None if self.resumed is None else self.resumed.trainer.get("input_digests")
+        if digests[0] is not None and saved is not None:
+            check_same_contents(saved, digests[0], str(self.sources.folder),
+                                f"the training state {self.resumed.path}")  # type: ignore[union-attr]
+        return digests[0]
 
     def _open_stream(self) -> None:
         resumed, layout, offset = self.resumed, self.layout, self.window.start
@@ -179,7 +194,7 @@ class RunAssembly:
         """The run's resumable state over its live parts; when resuming, the engine's partitions and then the
         rest of the saved state laid back in."""
         self.state = RunState(self.scheduler, self.stream, self.dead, self.firing, self.input_scale,
-                              self.sources.specs, self.zero_stage, self.run_config)
+                              self.sources.specs, self.zero_stage, self.run_config, input_digests=self.input_digests)
         resumed = self.resumed
         if resumed is not None:
             load_engine_state(self.engine, resumed.path)

@@ -78,12 +78,16 @@ class RunState:
     """The optimiser steps done: where a resumed run's loop starts."""
     wandb_run_id: str | None = None
     """The W&B run this run logs into: the saved one after a load (the tracker resumes it), then the tracker's."""
+    input_digests: dict[str, str] | None = None
+    """Whole-content digests of the input files (an activation folder's): a resume is checked against them."""
 
     def state_dict(self) -> RunStateDict:
         stream_scalars, stream_tensors = self.stream.full_state()
         trainer = {"scheduler": self.scheduler.state_dict(), "wandb_run_id": self.wandb_run_id,
                    "sources": [asdict(spec) for spec in self.sources], "input_scale": self.input_scale.tolist(),
                    "zero_stage": self.zero_stage, "config": self.run_config, "firing_tokens": self.firing.tokens}
+        if self.input_digests is not None:
+            trainer["input_digests"] = self.input_digests
         tensors = {**stream_tensors, **rng_tensors(), DEAD_TENSOR: self.dead.tokens_since_fired,
                    FIRING_TENSOR: self.firing.counts}
         return RunStateDict(self.step, trainer, stream_scalars, tensors)

@@ -33,7 +33,7 @@ from crosscoder.dictionary.stack import StackEntry, StackManifest, entry_folder,
 from crosscoder.errors import ConfigError
 from crosscoder.storage import building_dir, write_text_atomic
 from crosscoder.training.build import AfterExport
-from crosscoder.training.tracking import RunContinuation, Tracker
+from crosscoder.training.tracking import RunContinuation, Tracker, check_credentials
 from crosscoder.training.trainer import TrainResult, train
 
 LINKS_DIR = "links"
@@ -106,6 +106,7 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print,
     `after_export`: what each link's trainer calls on its exported dictionary (crosscoder.training.build; the
     entry point passes the spliced-in evaluation; the links never analyse, tracking.log_analysis is off)."""
     check_inputs(cfg)
+    check_credentials(cfg.tracking)
     started = time.perf_counter()
     root = Path(cfg.output_dir).resolve()
     links = chain_plan(cfg)

@@ -16,11 +16,28 @@ import torch
 
 from crosscoder.config import TrackingConfig
 from crosscoder.constants import WANDB_DATA_DIR
+from crosscoder.errors import ConfigError
 
 ANALYSIS_TABLE_ROWS = 2000
 """Latents per logged W&B feature table (evenly spaced beyond it)."""
 
 _DATA_DIR_OWNED = "CROSSCODER_OWNS_WANDB_DATA_DIR"
+
+
+def check_credentials(tracking: TrackingConfig) -> None:
+    """tracking=online needs a W&B login: look for one at start-up, before any model loads, rather than fail in
+    `wandb.init` once everything is built. W&B's own lookup (WANDB_API_KEY, ~/.netrc, its settings; at a terminal
+    it asks), without contacting the server: a key's presence, not its validity."""
+    if tracking.mode != "online":
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as error:
+        raise ConfigError(f"tracking=online needs W&B credentials and none were found ({error}): run `wandb "
+                          "login` or set WANDB_API_KEY, or log with tracking=offline and `wandb sync` the run "
+                          "later") from error
 
 
 class AnalysisSummary(Protocol):

@@ -58,7 +58,7 @@ from crosscoder.training.metrics import (
 from crosscoder.training.preemption import StopRequest
 from crosscoder.training.schedules import l1_coefficient
 from crosscoder.training.state import save_training_state, states_root
-from crosscoder.training.tracking import RunContinuation
+from crosscoder.training.tracking import RunContinuation, check_credentials
 
 
 @dataclass
@@ -78,6 +78,7 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None,
     `after_export`: the spliced-in evaluation and the analysis of each export (None: neither; the entry point,
     crosscoder.cli.train, passes both)."""
     check_inputs(cfg)
+    check_credentials(cfg.tracking)
     started = time.perf_counter()
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
     # world size from the launcher's environment. The ranks of one snapshot group share their tokens, so the

@@ -141,3 +141,54 @@ def test_a_multimodal_checkpoint_is_read_through_its_language_model(
     assert code == 0, err
     meta = read_meta(tmp_path / "run" / "dictionary")
     assert meta.d_model == 32 and meta.source_names == ["step0", "step1"]
+
+
+def test_tracking_online_without_credentials_is_refused_before_anything_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 8: no W&B key anywhere W&B looks is one line and exit 2 at start-up (a W&B traceback after the
+    snapshots had loaded before). W&B is pointed at a closed local port: nothing leaves this machine."""
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    run = ["sources=planted", "crosscoder.dict_size=16", "trainer.batch_size=64", "trainer.total_tokens=128",
+           "tracking=online"]
+    code, out, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "tracking=online needs W&B credentials" in err and "wandb login" in err
+    assert "input scales" not in out and not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_a_changed_activation_folder_is_refused_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Cases 1 and 11: one byte of a shard changed where the folder's fingerprint does not sample (so the
+    fingerprint cannot tell) is refused on resume, naming the folder and the file, not "a different snapshot"; a
+    change the fingerprint sees is named as the folder's too; the unchanged folder resumes."""
+    from crosscoder.data.files import fingerprint_regions, folder_fingerprint, scan_folder
+
+    folder = write_activation_folder(tmp_path / "acts", _rows(4096, seed=1),
+                                     [{"name": f"L{layer}", "layer": layer} for layer in range(3)])
+    run = [*_files_run(folder), "trainer.state_every=4", "trainer.total_tokens=640"]
+    code, _, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 0 and "resumed from" in out, err
+
+    shard = folder / "shard_001.safetensors"
+    sampled = fingerprint_regions(shard.stat().st_size)
+    offset = sampled[1][0] + sampled[1][1] + 64  # in the gap after the first sampled chunk of the body
+    assert not any(start <= offset < start + length for start, length in sampled)
+    before = folder_fingerprint(scan_folder(folder))
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x40  # one bit of one activation
+    shard.write_bytes(bytes(data))
+    assert folder_fingerprint(scan_folder(folder)) == before  # the fingerprint alone would accept it
+    code, _, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and f"other activations in the folder {folder}: shard_001.safetensors changed" in err
+    assert "snapshot" not in err
+
+    (folder / "sources.json").write_text((folder / "sources.json").read_text().replace("resid_pre", "resid_post"))
+    code, _, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 2 and f"was made from other activations in the folder {folder} (fingerprint" in err, err

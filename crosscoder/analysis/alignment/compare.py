@@ -129,12 +129,26 @@ def check_compatible(inputs: Sequence[CompareInput]) -> None:
             s = next(s for s, (a, b) in enumerate(zip(names, theirs, strict=True)) if a != b)
             raise IncompatibleInputsError(f"snapshot {s} is {theirs[s]!r} in {other.name} but {names[s]!r} in "
                                           f"{first.name}: the inputs must share their snapshots, in order")
+        _check_same_snapshots(first, other)
         if other.meta.hook != first.meta.hook:
             raise IncompatibleInputsError(f"{other.name} reads hook {other.meta.hook!r}, {first.name} reads "
                                           f"{first.meta.hook!r}")
         if other.meta.d_model != first.meta.d_model:
             raise IncompatibleInputsError(f"{other.name} has d_model={other.meta.d_model}, {first.name} has "
                                           f"d_model={first.meta.d_model}")
+
+
+def _check_same_snapshots(first: CompareInput, other: CompareInput) -> None:
+    """Same names are not the same snapshots: two models' `step0`, or a folder of other activations. Where both
+    inputs recorded a source's fingerprint (every export since they were added), they must agree; otherwise the
+    second would be scored on the first's activations and latents matched across models."""
+    for mine, theirs in zip(first.meta.sources, other.meta.sources, strict=True):
+        ours, their = mine.get("fingerprint"), theirs.get("fingerprint")
+        if ours and their and ours != their:
+            raise IncompatibleInputsError(
+                f"snapshot {mine.get('name')!r} of {other.name} is not the one of {first.name} (fingerprints "
+                f"{their[:12]} and {ours[:12]}: another model, checkpoint or activation folder under the same name); "
+                "compare dictionaries trained on the same snapshots")
 
 
 def load_decoder(item: CompareInput) -> torch.Tensor:

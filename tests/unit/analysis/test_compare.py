@@ -29,7 +29,7 @@ PLANTED = {"sources": {"kind": "planted", "planted": {"n_snapshots": N_SNAPSHOTS
 
 
 def write_crosscoder(path: Path, w_dec: torch.Tensor, *, activation: str = "topk", names: list[str] = NAMES,
-                     training: dict | None = None) -> Path:
+                     training: dict | None = None, fingerprints: list[str] | None = None) -> Path:
     """An exported crosscoder with decoder `w_dec` [F, S, d] (normalised space, input scale 1), encoder its
     transpose, no biases."""
     n_latents, n_snapshots, d_model = w_dec.shape
@@ -38,7 +38,8 @@ def write_crosscoder(path: Path, w_dec: torch.Tensor, *, activation: str = "topk
         model.W_dec.copy_(w_dec)
         model.W_enc.copy_(w_dec.permute(1, 2, 0))
     meta = DictionaryMeta(
-        sources=[{"name": name, "path": "toy", "revision": None, "step": 100 * s} for s, name in enumerate(names)],
+        sources=[{"name": name, "path": "toy", "revision": None, "step": 100 * s,
+                  "fingerprint": fingerprints[s] if fingerprints else None} for s, name in enumerate(names)],
         hook=HOOK, d_model=d_model, dict_size=n_latents, activation=activation, k=4, aux_k=0, tokens_seen=5000,
         train_step=10, input_scale=[1.0] * n_snapshots, training=training or {})
     return export_dictionary(model.state_dict(), meta, path)
@@ -130,6 +131,21 @@ def test_mismatched_or_unaligned_inputs_exit_2(tmp_path: Path, capsys: pytest.Ca
     error = _one_line_exit([str(renamed), str(unaligned), "--tokens", "0"], capsys)
     assert "aligned: none" in error and "run crosscoder-match" in error
     assert not (tmp_path / "compare").exists()
+
+
+def test_crosscoders_of_other_snapshots_under_the_same_names_exit_2(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23, case 3: two models' snapshots both called snap0..2 (other fingerprints) are not compared (the
+    second was scored on the first's activations before); the same fingerprints, or none recorded, compare."""
+    decoder = torch.stack(hand_built_decoders(), dim=1)
+    one = write_crosscoder(tmp_path / "one", decoder, fingerprints=["a1" * 32, "b1" * 32, "c1" * 32])
+    other = write_crosscoder(tmp_path / "other", decoder, fingerprints=["a1" * 32, "f2" * 32, "c1" * 32])
+    error = _one_line_exit([str(one), str(other), "--tokens", "0"], capsys)
+    assert "snapshot 'snap1' of other is not the one of one (fingerprints f2f2f2f2f2f2 and b1b1b1b1b1b1" in error
+    same = write_crosscoder(tmp_path / "same", decoder, fingerprints=["a1" * 32, "b1" * 32, "c1" * 32])
+    unrecorded = write_crosscoder(tmp_path / "unrecorded", decoder)
+    compare_cli.main([str(one), str(same), str(unrecorded), "--tokens", "0", "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "report.html").is_file()
 
 
 def test_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
