@@ -16,6 +16,7 @@ from crosscoder.analysis.features.planted import planted_recovery
 from crosscoder.analysis.inputs.contexts import CONTEXTS_TITLE, contexts_section, top_contexts
 from crosscoder.analysis.inputs.replay import has_activations
 from crosscoder.analysis.report.adjacent import DEFAULT_ADJACENT_TOKENS, adjacent_or_none
+from crosscoder.analysis.report.by_hook import hook_views
 from crosscoder.analysis.report.dictionary import analyze_dictionary, check_dictionary_dir, load_evolution
 from crosscoder.analysis.report.html import leading_features
 from crosscoder.analysis.report.plots import MAX_HEATMAP_ROWS
@@ -23,7 +24,7 @@ from crosscoder.analysis.report.progress import progress_or_none
 from crosscoder.analysis.report.scaling import DEFAULT_SCALING_TOKENS, dictionary_scaling
 from crosscoder.analysis.report.stack import SKIPPED_FOR_STACKS, stack_planted_recovery
 from crosscoder.constants import ANALYSIS_DIR
-from crosscoder.dictionary.io import DictionaryMeta
+from crosscoder.dictionary.io import DictionaryMeta, read_meta
 from crosscoder.dictionary.provenance import unsupported_reason
 from crosscoder.dictionary.stack import is_stack
 from crosscoder.errors import ConfigError, DictionaryError, exit_bad_input
@@ -126,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(error))  # the message names the path
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
+        by_hook = not stack and bool(hook_views(read_meta(dictionary)))
+    except (DictionaryError, FileNotFoundError) as error:
+        _fail(str(error))
+    if by_hook:
+        _analyze_by_hook(args, log)
+        return
+    try:
         log(f"loading {dictionary}")
         evolution = load_evolution(dictionary)  # once, for picking the context latents and for the report
         if stack:
@@ -156,6 +164,26 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # the report folder: a full disk, read-only, no permission
         exit_if_storage_failed(PROG, error, args.out or args.dictionary)
         raise
+    print(f"report: {result.report}", flush=True)
+
+
+def _analyze_by_hook(args: argparse.Namespace, log: Callable[[str], None]) -> None:
+    """A snapshots x hooks crosscoder: the evolution one hook at a time (crosscoder.analysis.report.by_hook). The
+    analyses that pick latents from one evolution or pair neighbouring sources (top contexts, latent scaling, the
+    adjacent statistics) are not run on it: its neighbouring sources alternate hook and snapshot."""
+    log(f"{args.dictionary}: snapshots x hooks, analysed one hook at a time; skipping top contexts, latent scaling "
+        "and adjacent statistics (they read the sources as one axis)")
+    try:
+        result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, log=log)
+    except (DictionaryError, FileNotFoundError) as error:
+        _fail(str(error))
+    except ValueError as error:
+        _fail(f"{args.dictionary}: {error}")
+    except OSError as error:
+        exit_if_storage_failed(PROG, error, args.out or args.dictionary)
+        raise
+    for hook, hook_result in result.by_hook.items():
+        log(f"{hook}: {hook_result.evolution.class_counts()} ({hook_result.report})")
     print(f"report: {result.report}", flush=True)
 
 

@@ -48,6 +48,8 @@ class AnalysisSummary(Protocol):
     files: list[Path]
     evolution: Any
     recovery: Any
+    by_hook: dict[str, Any]
+    """A snapshots x hooks crosscoder's result per hook ({} otherwise), each with files and evolution."""
 
 
 @dataclass
@@ -140,13 +142,16 @@ class Tracker:
         if len(rows) > max_rows:  # a W&B table of every latent of a big dictionary would be slow to log and view
             rows = [rows[round(i * (len(rows) - 1) / (max_rows - 1))] for i in range(max_rows)]
         metrics: dict[str, Any] = {"analysis/features": wandb.Table(columns=result.table.columns, data=rows)}
-        for path in result.files:
-            if path.suffix == ".png":
-                metrics[f"analysis/{path.stem}"] = wandb.Image(str(path))
-        for name, count in result.evolution.class_counts().items():
-            metrics[f"analysis/class/{name}"] = count
-        for name, count in zip(result.evolution.names, result.evolution.emergence_counts.tolist(), strict=True):
-            metrics[f"analysis/emerging_at/{name}"] = count
+        # A snapshots x hooks crosscoder is analysed one hook at a time: each hook's plots and counts under its name.
+        parts = {f"{hook}/": part for hook, part in result.by_hook.items()} or {"": result}
+        for prefix, part in parts.items():
+            for path in part.files:
+                if path.suffix == ".png":
+                    metrics[f"analysis/{prefix}{path.stem}"] = wandb.Image(str(path))
+            for name, count in part.evolution.class_counts().items():
+                metrics[f"analysis/{prefix}class/{name}"] = count
+            for name, count in zip(part.evolution.names, part.evolution.emergence_counts.tolist(), strict=True):
+                metrics[f"analysis/{prefix}emerging_at/{name}"] = count
         if result.recovery is not None:  # planted sources: how much of the ground truth is found, as it trains
             metrics["analysis/recovery/fraction_recovered"] = result.recovery.fraction_recovered
             metrics["analysis/recovery/emergence_accuracy"] = result.recovery.emergence_accuracy

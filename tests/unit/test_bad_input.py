@@ -192,3 +192,51 @@ def test_a_resume_on_a_changed_activation_folder_is_refused_naming_the_file(
     (folder / "sources.json").write_text((folder / "sources.json").read_text().replace("resid_pre", "resid_post"))
     code, _, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
     assert code == 2 and f"was made from other activations in the folder {folder} (fingerprint" in err, err
+
+
+def test_a_snapshots_by_hooks_crosscoder_is_analysed_one_hook_at_a_time(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 4: attention and MLP outputs of 3 snapshots (6 sources, two axes). The analysis at export (logged to
+    W&B) and crosscoder-analyze read each hook's 3 snapshots as the time axis, never the 6 sources as one;
+    an analysis that can only read one axis (crosscoder-compare) refuses it with one line."""
+    import json
+
+    from crosscoder.analysis.report.by_hook import MixedAxesError
+    from crosscoder.analysis.report.dictionary import load_evolution
+    from crosscoder.cli import analyze as analyze_cli
+    from crosscoder.cli import compare as compare_cli
+    from tests.helpers import history_keys, single_wandb_run_file
+
+    hooks = ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"]
+    overrides = [o for o in tiny_overrides(toy_cache) if not o.startswith("trainer.total_tokens=")]
+    code, _, err = train_cli([*overrides, f"sources.hooks=[{','.join(hooks)}]", "trainer.total_tokens=512"],
+                             tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    dictionary = tmp_path / "run" / "dictionary"
+    keys = history_keys(single_wandb_run_file(tmp_path / "run"))
+    assert {f"analysis/{hook}/emerging_at/step{step}" for hook in hooks for step in (0, 4, 12)} <= keys
+    assert not any(key.startswith("analysis/emerging_at/") for key in keys)  # no reading of the 6 as one axis
+
+    with pytest.raises(MixedAxesError, match="snapshots x hooks"):
+        load_evolution(dictionary)
+    analyze_cli.main([str(dictionary)])
+    out = capsys.readouterr().out
+    assert "analysed one hook at a time" in out
+    summary = json.loads((dictionary / "analysis" / "summary.json").read_text())
+    assert summary["source_axis"] == "source" and list(summary["by_hook"]) == hooks
+    for hook in hooks:
+        per_hook = summary["by_hook"][hook]
+        assert per_hook["snapshots"] == ["step0", "step4", "step12"] and per_hook["steps"] == [0, 4, 12]
+        assert len(per_hook["emergence_counts"]) == 3
+        assert (dictionary / "analysis" / hook / "report.html").is_file()
+    index = (dictionary / "analysis" / "report.html").read_text()
+    assert all(f'href="{hook}/report.html"' in index for hook in hooks)
+    header = (dictionary / "analysis" / "features.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["hook", "feature"]
+
+    with pytest.raises(SystemExit) as stopped:
+        compare_cli.main([str(dictionary), str(dictionary), "--names", "a", "b", "--tokens", "0"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "snapshots x hooks crosscoder" in err

@@ -9,6 +9,7 @@ into place, so a folder with the final name always holds a complete report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -26,6 +27,14 @@ from crosscoder.analysis.features.evolution import Evolution, FeatureTable, anal
 from crosscoder.analysis.features.matching import Recovery
 from crosscoder.analysis.features.planted import planted_recovery
 from crosscoder.analysis.report.adjacent import add_adjacent
+from crosscoder.analysis.report.by_hook import (
+    MIXED_AXES,
+    HookView,
+    MixedAxesError,
+    hook_views,
+    mixed_axes_message,
+    render_hook_index,
+)
 from crosscoder.analysis.report.html import render_report
 from crosscoder.analysis.report.plots import (
     MAX_HEATMAP_ROWS,
@@ -96,6 +105,8 @@ class AnalysisResult:
     meta: DictionaryMeta
     files: list[Path] = field(default_factory=list)
     recovery: Recovery | None = None
+    by_hook: dict[str, AnalysisResult] = field(default_factory=dict)
+    """A snapshots x hooks crosscoder's analysis of each hook (crosscoder.analysis.report.by_hook); {} otherwise."""
 
 
 def check_dictionary_dir(path: str | Path) -> Path:
@@ -117,6 +128,8 @@ def load_evolution(dictionary_dir: str | Path, dead_mask: torch.Tensor | None = 
         return load_stack_evolution(dictionary_dir, dead_mask)
     path = check_dictionary_dir(dictionary_dir)
     meta = read_meta(path)
+    if hook_views(meta):
+        raise MixedAxesError(mixed_axes_message(path))
     norms = load_decoder_norms(path)
     w_dec = read_tensors(path / WEIGHTS_FILE, ["W_dec"])["W_dec"]  # W_dec only: W_enc is as large
     if w_dec.shape[:2] != norms.shape:
@@ -191,6 +204,7 @@ def analyze_dictionary(
     scaling: LatentScaling | None = None,
     progress: ProgressResult | None = None,
     adjacent: AdjacentStatistics | None = None,
+    view: HookView | None = None,
 ) -> AnalysisResult:
     """Analyse the dictionary at `dictionary_dir` and write the report folder (default `<dir>/analysis`); an
     aligned stack folder is analysed as one crosscoder of its snapshots (crosscoder.analysis.report.stack).
@@ -202,7 +216,14 @@ def analyze_dictionary(
     `scaling`: latent scaling (`scaling_report.dictionary_scaling`): columns, a flag per latent, a section.
     `progress`: an aligned stack's progress measure (`progress.stack_progress`): columns, summary, a section.
     `adjacent`: adjacent-source statistics (`adjacent_report.dictionary_adjacent`): adjacent.csv, summary, a section.
+    `view`: the one hook of a snapshots x hooks crosscoder this analysis is of (`evolution` is that hook's).
+
+    A snapshots x hooks crosscoder is analysed one hook at a time (crosscoder.analysis.report.by_hook): a folder
+    per hook and an index; `AnalysisResult.by_hook` holds each hook's result.
     """
+    if not is_stack(dictionary_dir) and view is None and evolution is None and \
+            (views := hook_views(read_meta(check_dictionary_dir(dictionary_dir)))):
+        return _analyze_by_hook(Path(dictionary_dir), out_dir, views, dead_mask, max_heatmap_rows, log)
     # An aligned stack reads as one crosscoder (crosscoder.analysis.report.stack): its chains, read once here.
     stack = load_stack_chains(dictionary_dir) if is_stack(dictionary_dir) else None
     dictionary_dir = Path(dictionary_dir) if stack else check_dictionary_dir(dictionary_dir)
@@ -226,6 +247,8 @@ def analyze_dictionary(
         table = feature_table(evo)
         summary = build_summary(evo, meta, dictionary_dir, recovery)
         frequency = stack_firing_frequency(stack) if stack else load_firing_frequency(dictionary_dir)
+        if view is not None and frequency is not None and frequency.dim() == 2:  # per source: the hook's
+            frequency = frequency[view.columns]
         if frequency is not None:  # exports from before any log step have none
             figures[DENSITY_FIGURE] = plot_firing_frequency(frequency, DENSE_FREQUENCY, tmp / "density.png",
                                                             evo.names)
@@ -242,7 +265,7 @@ def analyze_dictionary(
             extra_sections = [(SCALING_TITLE, section), *(extra_sections or [])]
         if adjacent is not None:  # needs activations, which only the caller can re-create
             extra_sections = [add_adjacent(summary, adjacent, evo.steps, tmp), *(extra_sections or [])]
-        spliced = read_eval(dictionary_dir)
+        spliced = read_eval(dictionary_dir) if view is None else None  # per source: in the index of the hooks
         if spliced is not None:  # by crosscoder-eval or by the trainer at export (evaluation.spliced)
             summary["spliced_eval"] = spliced
             section = spliced_section(spliced, plot_ce_recovered(spliced, tmp / SPLICED_FIGURE))
@@ -254,6 +277,44 @@ def analyze_dictionary(
                              extra_sections=extra_sections,
                              latent_flags=scaling_flags(scaling) if scaling is not None else None)
         (tmp / ANALYSIS_REPORT_FILE).write_text(page, encoding="utf-8")
-    files = sorted(out.iterdir())
+    files = sorted(path for path in out.iterdir() if path.is_file())
     return AnalysisResult(out_dir=out, report=out / ANALYSIS_REPORT_FILE, evolution=evo, table=table,
                           summary=summary, meta=meta, files=files, recovery=recovery)
+
+
+def _analyze_by_hook(dictionary_dir: Path, out_dir: str | Path | None, views: list[HookView],
+                     dead_mask: torch.Tensor | None, max_heatmap_rows: int, log: Callable[[str], None]
+                     ) -> AnalysisResult:
+    """A snapshots x hooks crosscoder: one full analysis per hook (its sources on the step axis) in
+    `<out>/<hook>/`, and at `<out>` an index page, summary.json (each hook's summary) and features.csv (each hook's
+    rows, a `hook` column first). The result is the first hook's, with every hook's in `by_hook`."""
+    path = check_dictionary_dir(dictionary_dir)
+    out = Path(out_dir) if out_dir is not None else path / ANALYSIS_DIR
+    norms = load_decoder_norms(path)
+    w_dec = read_tensors(path / WEIGHTS_FILE, ["W_dec"])["W_dec"]
+    by_hook: dict[str, AnalysisResult] = {}
+    with building_dir(out) as tmp:
+        for view in views:
+            log(f"hook {view.hook}: {len(view.columns)} snapshots")
+            evo = analyze_evolution(w_dec[:, view.columns], norms[:, view.columns], names=view.meta.source_names,
+                                    steps=view.meta.source_positions, dead_mask=dead_mask, axis="step")
+            by_hook[view.hook] = analyze_dictionary(path, tmp / view.folder, dead_mask=dead_mask,
+                                                    max_heatmap_rows=max_heatmap_rows, evolution=(evo, view.meta),
+                                                    log=log, view=view)
+        first = next(iter(by_hook.values()))
+        table = FeatureTable(["hook", *first.table.columns],
+                             [[hook, *row] for hook, result in by_hook.items() for row in result.table.rows])
+        summary: dict[str, Any] = {"dictionary": str(path), "source_axis": MIXED_AXES,
+                                   "by_hook": {hook: result.summary for hook, result in by_hook.items()}}
+        spliced = read_eval(path)
+        if spliced is not None:
+            summary["spliced_eval"] = spliced
+        (tmp / ANALYSIS_FEATURES_FILE).write_text(_csv(table))
+        (tmp / ANALYSIS_SUMMARY_FILE).write_text(json.dumps(jsonable(summary), indent=2))
+        (tmp / ANALYSIS_REPORT_FILE).write_text(render_hook_index(path, views, by_hook, spliced), encoding="utf-8")
+    results = {hook: dataclasses.replace(result, out_dir=out / view.folder, report=out / view.folder /
+                                         ANALYSIS_REPORT_FILE,
+                                         files=[out / view.folder / f.name for f in result.files])
+               for view, (hook, result) in zip(views, by_hook.items(), strict=True)}
+    return dataclasses.replace(next(iter(results.values())), out_dir=out, report=out / ANALYSIS_REPORT_FILE,
+                               table=table, summary=summary, by_hook=results)
