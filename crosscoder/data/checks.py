@@ -20,8 +20,10 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     """`cfg.validate()`, then every check against the machine and the disk; ConfigError names the first problem.
     Returns `cfg` for chaining."""
     cfg.validate()
-    source_kind(cfg.sources.kind).check(cfg.sources)
+    kind = source_kind(cfg.sources.kind)
+    kind.check(cfg.sources)
     _check_data(cfg.data)
+    kind.preflight(cfg.sources, cfg.data)  # the snapshots' own configs, before anything is built or compiled
     if cfg.n_sources() is None:  # the rules that need the count, now that the sources can tell it
         cfg.check_source_count(count_sources(cfg.sources))
     return cfg

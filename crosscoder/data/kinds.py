@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -28,7 +28,9 @@ from crosscoder.errors import ConfigError
 from crosscoder.sources.manifest import file_source_names, files_root
 from crosscoder.sources.models import (
     LoadedSources,
+    check_model_configs,
     check_names_and_order,
+    configured_hooks,
     describe_model_sources,
     expand_hooks,
     hf_snapshot_names,
@@ -36,6 +38,9 @@ from crosscoder.sources.models import (
 )
 from crosscoder.sources.models import resolve_snapshots as resolve_hf_snapshots
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo
+
+if TYPE_CHECKING:
+    from crosscoder.toy import ToyLMConfig
 
 Log = Callable[[str], None]
 
@@ -59,6 +64,10 @@ class SourceKind:
 
     def check(self, sources: SourcesConfig) -> None:
         """Start-up checks against the disk, in milliseconds (the config's value rules ran before)."""
+
+    def preflight(self, sources: SourcesConfig, data: DataConfig) -> None:
+        """The checks the sources' own configs allow, before anything is built, loaded or compiled (DeepSpeed's
+        op, the accelerator, the embedded model): cheap reads only."""
 
     def describe(self, sources: SourcesConfig, log: Log) -> SourceInfo:
         """Resolve the sources and check they are compatible, reading configs and headers only (cheap)."""
@@ -145,6 +154,12 @@ class HubSnapshots(ModelKind):
     def snapshot_names(self, sources: SourcesConfig) -> list[str]:
         return hf_snapshot_names(sources)
 
+    def preflight(self, sources: SourcesConfig, data: DataConfig) -> None:
+        """Each snapshot's config (config.json: a local read, or a small download for a hub id)."""
+        width, max_positions = check_model_configs(sources, resolve_hf_snapshots(sources))
+        check_positions(data, SourceInfo(specs=[], tokenizer=None, d_model=width, hook="",
+                                         max_positions=max_positions))
+
     def snapshots(self, sources: SourcesConfig, log: Log) -> list[SnapshotSpec]:
         return resolve_hf_snapshots(sources)
 
@@ -157,15 +172,32 @@ class ToySnapshots(ModelKind):
     def snapshot_names(self, sources: SourcesConfig) -> list[str]:
         return [f"step{step}" for step in sources.toy.snapshot_steps]
 
-    def snapshots(self, sources: SourcesConfig, log: Log) -> list[SnapshotSpec]:
-        from crosscoder.toy import ToyLMConfig, ensure_toy_snapshots
+    def preflight(self, sources: SourcesConfig, data: DataConfig) -> None:
+        """The embedded model's shape is its config's: hooks within its blocks, sequences within its positions,
+        known before it is trained."""
+        toy = _toy_config(sources)
+        for hook in configured_hooks(sources):
+            if hook.layer >= toy.num_layers:
+                key = "sources.hooks" if sources.hooks else "sources.hook"
+                raise ConfigError(f"{key}={hook.name}: the embedded toy model has only {toy.num_layers} blocks "
+                                  f"(0..{toy.num_layers - 1}; sources.toy.num_layers)")
+        check_positions(data, SourceInfo(specs=[], tokenizer=None, d_model=toy.hidden_size, hook="",
+                                         max_positions=toy.seq_len))
 
-        toy = ToyLMConfig(hidden_size=sources.toy.hidden_size, num_layers=sources.toy.num_layers,
-                          train_steps=sources.toy.train_steps, snapshot_steps=tuple(sources.toy.snapshot_steps))
-        built = ensure_toy_snapshots(Path(sources.toy.cache_dir).expanduser(), toy, log=log)
+    def snapshots(self, sources: SourcesConfig, log: Log) -> list[SnapshotSpec]:
+        from crosscoder.toy import ensure_toy_snapshots
+
+        built = ensure_toy_snapshots(Path(sources.toy.cache_dir).expanduser(), _toy_config(sources), log=log)
         specs = [SnapshotSpec(name=f"step{s.step}", path=str(s.path), step=s.step) for s in built]
         check_names_and_order(specs)
         return specs
+
+
+def _toy_config(sources: SourcesConfig) -> ToyLMConfig:
+    from crosscoder.toy import ToyLMConfig  # the toy package imports its trainer: only where it is used
+
+    return ToyLMConfig(hidden_size=sources.toy.hidden_size, num_layers=sources.toy.num_layers,
+                       train_steps=sources.toy.train_steps, snapshot_steps=tuple(sources.toy.snapshot_steps))
 
 
 class PlantedDraws(SourceKind):

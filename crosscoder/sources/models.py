@@ -227,14 +227,9 @@ def _check_hooks(cfg: SourcesConfig, model_config: Any, spec: SnapshotSpec) -> N
                               "attention or MLP sublayer; hook its residual stream (hook_resid_pre/post)")
 
 
-def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> SourceInfo:
-    """Sources with a model behind them (hf, toy), from their resolved snapshots `specs` (crosscoder.data.kinds
-    resolves them). Check they are compatible, reading only tokenizers and configs (cheap): one tokenizer, one width,
-    every hook within every model, every model a decoder-only causal LM; then fingerprint each snapshot (a few MB
-    of each local snapshot's weight files; a hub snapshot's commit and config). Every hook (sources.hooks) writes
-    into the residual stream, so one width holds for all of a snapshot's hooks."""
-    tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
-    check_same_tokenizer(tokenizers, specs)
+def check_model_configs(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> tuple[int, int | None]:
+    """From the snapshots' configs alone (no weights, no tokenizer): each is a decoder-only causal LM with the
+    hooked blocks, all share one width. Returns (the width, the fewest positions any was built for, or None)."""
     widths, positions = [], []
     for spec in specs:
         model_config = load_model_config(spec, cfg.trust_remote_code)
@@ -253,12 +248,24 @@ def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> Sou
             )
         _check_hooks(cfg, model_config, spec)
         widths.append(width)
+    return widths[0], (min(positions) if positions else None)
+
+
+def describe_model_sources(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> SourceInfo:
+    """Sources with a model behind them (hf, toy), from their resolved snapshots `specs` (crosscoder.data.kinds
+    resolves them). Check they are compatible, reading only tokenizers and configs (cheap): one tokenizer, one width,
+    every hook within every model, every model a decoder-only causal LM; then fingerprint each snapshot (a few MB
+    of each local snapshot's weight files; a hub snapshot's commit and config). Every hook (sources.hooks) writes
+    into the residual stream, so one width holds for all of a snapshot's hooks."""
+    tokenizers = [load_tokenizer(spec, cfg.trust_remote_code) for spec in specs]
+    check_same_tokenizer(tokenizers, specs)
+    width, max_positions = check_model_configs(cfg, specs)
     # Once per run, after the cheap checks: what each snapshot is, so a cache or a training state made from other
     # weights under the same names is refused (crosscoder.sources.fingerprint).
     specs = [replace(spec, fingerprint=snapshot_fingerprint(spec)) for spec in specs]
     hook = ",".join(cfg.hooks) if cfg.hooks else cfg.hook
-    return SourceInfo(specs=expand_hooks(specs, cfg), tokenizer=tokenizers[0], d_model=widths[0], hook=hook,
-                      axis=source_axis(cfg, len(specs)), max_positions=min(positions) if positions else None)
+    return SourceInfo(specs=expand_hooks(specs, cfg), tokenizer=tokenizers[0], d_model=width, hook=hook,
+                      axis=source_axis(cfg, len(specs)), max_positions=max_positions)
 
 
 def snapshot_groups(cfg: SourcesConfig, specs: list[SnapshotSpec]) -> list[tuple[SnapshotSpec, list[HookPoint]]]:

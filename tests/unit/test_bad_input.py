@@ -240,3 +240,30 @@ def test_a_snapshots_by_hooks_crosscoder_is_analysed_one_hook_at_a_time(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "snapshots x hooks crosscoder" in err
+
+
+def test_what_the_snapshots_configs_refuse_is_refused_before_deepspeed_starts(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 12: a mistake the snapshots' configs show (a hook past the last block, a sequence past the positions)
+    is refused before the accelerator and DeepSpeed start (on a fresh machine DeepSpeed first compiles its op:
+    the error took 133 s to appear) and before the toy model is trained. A tripwire on the accelerator proves
+    the order."""
+    import crosscoder.training.trainer as trainer
+
+    def tripwire(*_: object, **__: object) -> None:
+        raise AssertionError("the accelerator started before the snapshots' configs were checked")
+
+    monkeypatch.setattr(trainer, "build_accelerator", tripwire)
+    gpt2 = _hf_snapshots(tmp_path / "gpt2", tiny_snapshots, _gpt2)
+    code, _, err = train_cli(_hf_run(gpt2, 17), tmp_path / "run", monkeypatch, capsys)
+    assert code == 2 and "data.seq_len=17 is longer than the 16 positions" in err, err
+    code, _, err = train_cli([*_hf_run(gpt2, 16), "sources.hook=blocks.2.hook_resid_pre"], tmp_path / "run",
+                             monkeypatch, capsys)
+    assert code == 2 and "has only 2 blocks" in err, err
+    fresh_cache = tmp_path / "no-toy-yet"
+    overrides = [o for o in tiny_overrides(fresh_cache) if not o.startswith("tracking=")]
+    code, _, err = train_cli([*overrides, "sources.hook=blocks.5.hook_resid_pre", "tracking=disabled"],
+                             tmp_path / "run", monkeypatch, capsys)
+    assert code == 2 and "the embedded toy model has only 2 blocks" in err, err
+    assert not fresh_cache.exists()  # refused before the toy model was trained
