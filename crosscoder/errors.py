@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,6 +47,21 @@ def exit_bad_input(prog: str, message: str) -> NoReturn:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the value."""
+
+    on_every_rank: bool = False
+    """Raised by a check every rank of a launch makes alike, before the ranks talk (`same_on_every_rank`): the
+    entry point prints it once, from rank 0."""
+
+
+@contextmanager
+def same_on_every_rank() -> Iterator[None]:
+    """Mark the ConfigErrors raised inside as ones every rank raises alike (start-up checks of the config, the
+    disk and the snapshots' configs, before any collective), so a launch of N ranks prints one line, not N."""
+    try:
+        yield
+    except ConfigError as error:
+        error.on_every_rank = True
+        raise
 
 
 class DictionaryError(ValueError):

@@ -23,6 +23,7 @@ from crosscoder.analysis.report.plots import MAX_HEATMAP_ROWS
 from crosscoder.analysis.report.progress import progress_or_none
 from crosscoder.analysis.report.scaling import DEFAULT_SCALING_TOKENS, dictionary_scaling
 from crosscoder.analysis.report.stack import SKIPPED_FOR_STACKS, stack_planted_recovery
+from crosscoder.cli.arguments import ArgumentParser, check_device
 from crosscoder.constants import ANALYSIS_DIR
 from crosscoder.dictionary.io import DictionaryMeta, read_meta
 from crosscoder.dictionary.provenance import unsupported_reason
@@ -36,7 +37,7 @@ CONTEXTS_PER_CELL = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Feature-evolution analysis of an exported crosscoder dictionary: trajectories, emergence, "
                     "classes, drift, snapshot similarity; writes PNGs, features.csv, summary.json and report.html.",
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0, "
                      f"--scaling-tokens={args.scaling_tokens}, --progress-tokens={args.progress_tokens} and "
                      f"--adjacent-tokens={args.adjacent_tokens} >= 0")
+    check_device(parser, args.device)
     stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
         dictionary = Path(args.dictionary) if stack else check_dictionary_dir(args.dictionary)

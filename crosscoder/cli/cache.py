@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from crosscoder.cli.train import CONF_DIR, check_run_dir_writable, quiet_non_main_ranks, run_command
 from crosscoder.config import RunConfig, register_configs
 from crosscoder.data.checks import check_inputs
-from crosscoder.errors import ConfigError
+from crosscoder.errors import ConfigError, same_on_every_rank
 
 register_configs()
 
@@ -64,11 +64,12 @@ def check_parallel(cfg: RunConfig, world_size: int) -> None:
 
 def build_cache(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     """Write (or finish) the activation cache at data.cache.dir; return its folder."""
-    check_inputs(cfg)
-    if not cfg.data.cache.dir:
-        raise ConfigError("data.cache.dir is not set: name the folder to write the activation cache to")
-    world_size = launch_world_size()
-    check_parallel(cfg, world_size)  # before any collective: every rank refuses on its own
+    with same_on_every_rank():
+        check_inputs(cfg)
+        if not cfg.data.cache.dir:
+            raise ConfigError("data.cache.dir is not set: name the folder to write the activation cache to")
+        world_size = launch_world_size()
+        check_parallel(cfg, world_size)  # before any collective: every rank refuses on its own
     if world_size == 1:
         return _build_one_process(cfg, log)
     return _build_snapshot_parallel(cfg, log)

@@ -17,6 +17,7 @@ from crosscoder.analysis.alignment.compare import (
     compare,
 )
 from crosscoder.analysis.report.compare import COMPARE_JSON, write_compare_report
+from crosscoder.cli.arguments import ArgumentParser, check_device
 from crosscoder.errors import DictionaryError, exit_bad_input
 from crosscoder.storage import exit_if_storage_failed
 
@@ -26,7 +27,7 @@ DEFAULT_OUT = "compare"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Compare dictionaries trained on the same snapshots (a crosscoder, stacks of per-snapshot SAEs "
                     "aligned by SAE-Track or crosscoder-match): emergence and classes, per-snapshot explained "
@@ -76,6 +77,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> li
         parser.error(f"--tokens={args.tokens} must be >= 0")
     if not 0.0 < args.threshold <= 1.0:
         parser.error(f"--threshold={args.threshold} must be in (0, 1]")
+    check_device(parser, args.device)
     names = args.names if args.names is not None else default_names([Path(p) for p in args.inputs])
     if len(names) != len(args.inputs) or len(set(names)) != len(names):
         parser.error(f"--names needs {len(args.inputs)} distinct labels, got {names}")

@@ -13,6 +13,7 @@ import sys
 from typing import NoReturn
 
 from crosscoder.analysis.report.dictionary import check_dictionary_dir
+from crosscoder.cli.arguments import ArgumentParser, check_device
 from crosscoder.data.workers import resolve_worker_device
 from crosscoder.errors import ConfigError, DictionaryError, exit_bad_input
 from crosscoder.evaluation.spliced import METRIC_KEYS, SplicedEval, evaluate_dictionary, write_eval
@@ -24,7 +25,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Spliced-in LM loss per snapshot of an exported crosscoder dictionary: CE clean, with the hooked "
                     "activation replaced by the reconstruction, by zero and by the mean; fraction of CE recovered "
@@ -49,11 +50,13 @@ def _table(result: SplicedEval) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.tokens <= 0:
         _fail(f"--tokens={args.tokens} must be > 0")
     if not DEVICE_PATTERN.match(args.device):
         _fail(f"--device={args.device!r} is not auto, cpu, cuda, cuda:N or mps")
+    check_device(parser, args.device)
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
         dictionary = check_dictionary_dir(args.dictionary)

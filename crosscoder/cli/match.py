@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from crosscoder.analysis.alignment.sae_match import COSTS, DEFAULT_MATCH_COSINE, MATCH_QUALITY_FILE, write_matched_stack
+from crosscoder.cli.arguments import ArgumentParser
 from crosscoder.errors import DictionaryError, exit_bad_input
 from crosscoder.storage import exit_if_storage_failed
 
@@ -17,7 +18,7 @@ OUT_SUFFIX = "_sae_match"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="SAE Match: permute each snapshot's dictionary so latent i is the same feature across the stack "
                     "(linear assignment on the decoders with input scales and JumpReLU thresholds folded in, "

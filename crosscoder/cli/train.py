@@ -54,6 +54,7 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
         TokenDriftError,
         TrainingInterrupted,
         WorkerError,
+        same_on_every_rank,
     )
     from crosscoder.storage import write_failure_reason
 
@@ -63,10 +64,13 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
         sys.exit(status)
 
     try:
-        check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+        with same_on_every_rank():
+            check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
         return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as error:
         _discard_unstarted_run_dir()
+        if error.on_every_rank and int(os.environ.get("RANK", "0")) > 0:
+            sys.exit(EXIT_BAD_INPUT)  # rank 0 says it: one line per launch, not one per rank
         stop(f"configuration error: {error}", EXIT_BAD_INPUT)
     except CheckpointError as error:
         stop(str(error), EXIT_BAD_INPUT)

@@ -29,7 +29,29 @@ def check_inputs(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def device_problem(device: str) -> str | None:
+    """Why this machine cannot run on `device` (auto, cpu, cuda, cuda:N, mps), or None: checked at start-up, not
+    when the first tensor moves there."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return None
+    if device == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no MPS device"
+    if device == "cuda" or device.startswith("cuda:"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if count == 0:
+            return "this machine has no CUDA device"
+        if index >= count:
+            return f"this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+        return None
+    return "not auto, cpu, cuda, cuda:N or mps"
+
+
 def _check_data(data: DataConfig) -> None:
+    if (problem := device_problem(data.workers.device)) is not None:
+        raise ConfigError(f"data.workers.device={data.workers.device!r}: {problem}")
     n_cpus = os.cpu_count() or 1
     for cpu in data.workers.cpus:
         if not 0 <= cpu < n_cpus:

@@ -30,7 +30,7 @@ from crosscoder.data.checks import check_inputs
 from crosscoder.data.kinds import configured_snapshot_names
 from crosscoder.dictionary.io import read_meta
 from crosscoder.dictionary.stack import StackEntry, StackManifest, entry_folder, write_stack_manifest
-from crosscoder.errors import ConfigError
+from crosscoder.errors import ConfigError, same_on_every_rank
 from crosscoder.storage import building_dir, write_text_atomic
 from crosscoder.training.build import AfterExport
 from crosscoder.training.tracking import RunContinuation, Tracker, check_credentials
@@ -105,8 +105,9 @@ def train_sae_track(cfg: RunConfig, log: Callable[[str], None] = print,
     """Run (or continue) the chain; every rank of a launch calls this (each link is a collective run).
     `after_export`: what each link's trainer calls on its exported dictionary (crosscoder.training.build; the
     entry point passes the spliced-in evaluation; the links never analyse, tracking.log_analysis is off)."""
-    check_inputs(cfg)
-    check_credentials(cfg.tracking)
+    with same_on_every_rank():
+        check_inputs(cfg)
+        check_credentials(cfg.tracking)
     started = time.perf_counter()
     root = Path(cfg.output_dir).resolve()
     links = chain_plan(cfg)

@@ -33,7 +33,15 @@ from crosscoder.data.workers import resolve_worker_device
 from crosscoder.dictionary.independent import split_dictionary_states
 from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
 from crosscoder.dictionary.stack import export_stack
-from crosscoder.errors import EXIT_BAD_INPUT, EXIT_FAULT, ConfigError, RunFault, TrainingInterrupted, WorkerError
+from crosscoder.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAULT,
+    ConfigError,
+    RunFault,
+    TrainingInterrupted,
+    WorkerError,
+    same_on_every_rank,
+)
 from crosscoder.parallel.engine import (
     build_accelerator,
     ensure_process_group_env,
@@ -77,16 +85,18 @@ def train(cfg: RunConfig, continuation: RunContinuation | None = None,
     `continuation`: log into that W&B run after its steps (a chain of runs, crosscoder.training.sae_track).
     `after_export`: the spliced-in evaluation and the analysis of each export (None: neither; the entry point,
     crosscoder.cli.train, passes both)."""
-    check_inputs(cfg)
-    check_credentials(cfg.tracking)
+    with same_on_every_rank():
+        check_inputs(cfg)
+        check_credentials(cfg.tracking)
     started = time.perf_counter()
     # DeepSpeed needs the per-rank micro batch in its config, before the process group is up: read the
     # world size from the launcher's environment. The ranks of one snapshot group share their tokens, so the
     # global batch is split over the data-parallel ranks only.
     ensure_process_group_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, count_sources(cfg.sources),
-                                 cfg.trainer.batch_size)
+    with same_on_every_rank():
+        data_parallel = check_layout(world_size, cfg.parallel.snapshot_parallel, count_sources(cfg.sources),
+                                     cfg.trainer.batch_size)
     accelerator = build_accelerator(cfg, cfg.trainer.batch_size // data_parallel, data_parallel)
     stop = StopRequest()
     run = TrainingRun(cfg, accelerator, cfg.trainer.batch_size // data_parallel, stop, continuation, after_export)

@@ -154,7 +154,13 @@ def test_tracking_online_without_credentials_is_refused_before_anything_loads(
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     run = ["sources=planted", "crosscoder.dict_size=16", "trainer.batch_size=64", "trainer.total_tokens=128",
            "tracking=online"]
-    code, out, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    import wandb
+
+    wandb.teardown()  # W&B keeps its settings process-wide: read them from this test's environment, ...
+    try:
+        code, out, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    finally:
+        wandb.teardown()  # ... and the next test's from its own (WANDB_MODE=offline)
     assert code == 2, err
     assert err.count("\n") == 1 and "tracking=online needs W&B credentials" in err and "wandb login" in err
     assert "input scales" not in out and not (tmp_path / "run").exists()
@@ -267,3 +273,56 @@ def test_what_the_snapshots_configs_refuse_is_refused_before_deepspeed_starts(
                              tmp_path / "run", monkeypatch, capsys)
     assert code == 2 and "the embedded toy model has only 2 blocks" in err, err
     assert not fresh_cache.exists()  # refused before the toy model was trained
+
+
+def test_a_start_up_mistake_under_a_launch_is_said_once_by_rank_0(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 9, the ranks' part: every rank of `accelerate launch` refuses a bad value alike, before the ranks talk;
+    rank 0 prints the line, the others exit 2 silently (each printed it before). A mistake only one rank can see
+    (after the ranks talk) is still printed by the rank that sees it."""
+    from crosscoder.errors import ConfigError, same_on_every_rank
+
+    bad = ["sources=planted", "data.workers.num_workers=-1", "tracking=disabled"]
+    outcomes = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        outcomes[rank] = train_cli(bad, tmp_path / f"run{rank}", monkeypatch, capsys)
+    assert outcomes["0"][0] == outcomes["1"][0] == 2
+    assert outcomes["0"][2].count("\n") == 1 and "data.workers.num_workers=-1" in outcomes["0"][2]
+    assert outcomes["1"][2] == ""
+
+    with pytest.raises(ConfigError) as raised, same_on_every_rank():
+        raise ConfigError("alike")
+    assert raised.value.on_every_rank and not ConfigError("one rank's").on_every_rank
+
+
+@pytest.mark.parametrize("tool", ["analyze", "compare", "eval", "match"])
+def test_every_tools_bad_argument_or_missing_device_is_one_line(
+        tool: str, dictionary_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every argument of the command-line tools is checked with one line and exit 2 (argparse printed its usage
+    first), and a --device this machine lacks is refused at start-up, not when the first tensor moves."""
+    import importlib
+
+    main = importlib.import_module(f"crosscoder.cli.{tool}").main
+    cases = [["--no-such-flag"], [str(dictionary_dir), "--threshold", "many"] if tool in ("compare", "match")
+             else [str(dictionary_dir), "--tokens", "many"] if tool == "eval" else [str(dictionary_dir), "--max-rows",
+                                                                                  "many"]]
+    if tool != "match":
+        inputs = [str(dictionary_dir)] * (2 if tool == "compare" else 1)
+        cases.append([*inputs, "--device", "cuda:7"])
+    for arguments in cases:
+        with pytest.raises(SystemExit) as stopped:
+            main(arguments)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+        assert err.startswith(f"crosscoder-{tool}: ")
+        if "--device" in arguments:
+            assert "--device=cuda:7: this machine has" in err
+
+
+def test_a_worker_device_this_machine_lacks_is_refused_at_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = train_cli(["sources=planted", "data.workers.device=cuda:7", "tracking=disabled"], tmp_path / "run",
+                             monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "data.workers.device='cuda:7': this machine has" in err, err
