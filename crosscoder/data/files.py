@@ -299,15 +299,6 @@ def content_digests(root: Path, log: Callable[[str], None] = print) -> dict[str,
     return digests
 
 
-def check_same_contents(saved: dict[str, str], now: dict[str, str], folder: str, where: str) -> None:
-    """Refuse, naming the first file, a folder whose files are not byte for byte those `where` was made from."""
-    for name in sorted(saved.keys() | now.keys()):
-        if saved.get(name) != now.get(name):
-            change = "is new" if name not in saved else "is gone" if name not in now else "changed"
-            raise ConfigError(f"{where} was made from other activations in the folder {folder}: {name} {change} "
-                              "since (compared whole, byte for byte); resume on the same files or start a new run")
-
-
 def describe_file_sources(cfg: SourcesConfig) -> SourceInfo:
     """The sources of `sources.files.dir`, checked from headers (and the first shard's values), fingerprinted."""
     folder = scan_folder(files_root(cfg))

@@ -25,6 +25,7 @@ from crosscoder.data.planted import held_out_draws, planted_specs
 from crosscoder.data.source_sets import ModelSources, PlantedSources, ShardedSources, SourceSet
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
 from crosscoder.errors import ConfigError
+from crosscoder.sources.fingerprint import snapshot_file_digests
 from crosscoder.sources.manifest import file_source_names, files_root
 from crosscoder.sources.models import (
     LoadedSources,
@@ -78,7 +79,7 @@ class SourceKind:
         `open` gives a finite set is asked."""
         return f"sources.kind={self.name}", "give it more rows"
 
-    def content_digests(self, sources: SourcesConfig, log: Log) -> dict[str, str] | None:
+    def content_digests(self, sources: SourcesConfig, info: SourceInfo, log: Log) -> dict[str, str] | None:
         """Every input file's whole-content digest, for a kind whose `describe` fingerprint only samples its data
         and whose data a user may rewrite between a stop and a resume; None where the fingerprint says enough."""
         return None
@@ -112,6 +113,10 @@ class ModelKind(SourceKind):
 
     def describe(self, sources: SourcesConfig, log: Log) -> SourceInfo:
         return describe_model_sources(sources, self.snapshots(sources, log))
+
+    def content_digests(self, sources: SourcesConfig, info: SourceInfo, log: Log) -> dict[str, str] | None:
+        """Local snapshot directories' weight files, whole (a hub snapshot's commit is exact already)."""
+        return snapshot_file_digests(info.specs, log)
 
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None
@@ -243,7 +248,7 @@ class ActivationFiles(SourceKind):
     def finite_origin(self, sources: SourcesConfig) -> tuple[str, str]:
         return f"the activation folder sources.files.dir={sources.files.dir!r}", "add shards to it"
 
-    def content_digests(self, sources: SourcesConfig, log: Log) -> dict[str, str] | None:
+    def content_digests(self, sources: SourcesConfig, info: SourceInfo, log: Log) -> dict[str, str] | None:
         return content_digests(files_root(sources), log)
 
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from crosscoder.config import RunConfig
 from crosscoder.config.recipes import get_setting, set_setting
-from crosscoder.data.files import check_same_contents
 from crosscoder.data.kinds import describe_sources, source_kind
 from crosscoder.data.stream import ActivationStream, build_activation_stream
 from crosscoder.errors import ConfigError
@@ -30,7 +29,7 @@ from crosscoder.parallel.engine import (
     with_model_parallel_unit,
 )
 from crosscoder.parallel.layout import build_layout
-from crosscoder.sources.fingerprint import check_same_snapshots
+from crosscoder.sources.fingerprint import check_same_contents, check_same_snapshots
 from crosscoder.storage import writing
 from crosscoder.training.methods import (
     build_module,
@@ -133,16 +132,19 @@ class RunAssembly:
         self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
 
     def _input_digests(self) -> dict[str, str] | None:
-        """The input files' whole-content digests (an activation folder's: the kind says), hashed by the main
-        process and shared; when resuming, checked against the state's (a state from before has none)."""
+        """The input files' whole-content digests (an activation folder's, local snapshots' weights: the kind
+        says), hashed by the main process and shared; when resuming, checked against the state's (a state from
+        before has none)."""
         digests: list[dict[str, str] | None] = [None]
         if self.is_main:
-            digests[0] = source_kind(self.cfg.sources.kind).content_digests(self.cfg.sources, self.log)
+            kind = source_kind(self.cfg.sources.kind)
+            digests[0] = kind.content_digests(self.cfg.sources, self.stream_sources, self.log)
         broadcast_object_list(digests, from_process=0)
         saved = None if self.resumed is None else self.resumed.trainer.get("input_digests")
         if digests[0] is not None and saved is not None:
-            check_same_contents(saved, digests[0], str(self.sources.folder),
-                                f"the training state {self.resumed.path}")  # type: ignore[union-attr]
+            folder = self.sources.folder
+            what = f"activations in the folder {folder}" if folder else "snapshots"
+            check_same_contents(saved, digests[0], what, f"the training state {self.resumed.path}")  # type: ignore[union-attr]
         return digests[0]
 
     def _open_stream(self) -> None:

@@ -76,12 +76,12 @@ def _hf_snapshots(folder: Path, tiny_snapshots: list, build: Callable[[int, int]
     return paths
 
 
-def _gpt2(vocab_size: int, seed: int) -> object:
+def _gpt2(vocab_size: int, seed: int, width: int = 32) -> object:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                                bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=width, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
 
 
 def _gemma3_multimodal(vocab_size: int, seed: int) -> object:
@@ -326,3 +326,33 @@ def test_a_worker_device_this_machine_lacks_is_refused_at_start_up(
     code, _, err = train_cli(["sources=planted", "data.workers.device=cuda:7", "tracking=disabled"], tmp_path / "run",
                              monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "data.workers.device='cuda:7': this machine has" in err, err
+
+
+def test_a_resume_on_changed_snapshot_weights_is_refused_naming_the_file(
+        tiny_snapshots: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Exact identity of local snapshots: one bit of a weight file changed where the fingerprint does not sample
+    (it reads ~1.6 MB per file) is refused on resume, naming the snapshot's file; unchanged, the run resumes."""
+    from crosscoder.sources.fingerprint import directory_fingerprint, sampled_regions
+    from crosscoder.sources.spec import SnapshotSpec
+
+    paths = _hf_snapshots(tmp_path / "gpt2", tiny_snapshots, lambda vocab, seed: _gpt2(vocab, seed, width=256))
+    run = [*_hf_run(paths, 16), "trainer.state_every=2"]
+    code, _, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 0 and "resumed from" in out, err
+
+    weights = paths[1] / "model.safetensors"
+    sampled = sampled_regions(weights.stat().st_size)
+    offset = sampled[1][0] + sampled[1][1] + 1024  # after the first sampled chunk past the head
+    assert len(sampled) > 1 and not any(start <= offset < start + length for start, length in sampled)
+    spec = SnapshotSpec(name="step1", path=str(paths[1]))
+    before = directory_fingerprint(paths[1], spec)
+    data = bytearray(weights.read_bytes())
+    data[offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert directory_fingerprint(paths[1], spec) == before  # the fingerprint alone would accept it
+    code, _, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "was made from other snapshots: step1/model.safetensors changed" in err
