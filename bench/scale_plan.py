@@ -21,49 +21,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from crosscoder.parallel.layout import snapshot_shares
+from crosscoder.parallel.memory import (  # noqa: F401 (bench/memory_bench.py reads them from here)
+    BYTES_PER_PARAM,
+    ELEMENT_BYTES,
+    FP32_MASTER_COPY,
+    MASTER_BYTES,
+    PARTITIONED,
+    PRECISIONS,
+    crosscoder_params,
+    zero_bytes_per_rank,
+)
 
 GB = 1e9  # decimal gigabytes, as GPU memory and link bandwidth are quoted
-PRECISIONS = ("fp32", "bf16")
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
-# Bytes per parameter held before ZeRO partitioning: (params, grads, optimizer). bf16 keeps an fp32 master
-# plus two fp32 Adam moments (12). In fp32 DeepSpeed's ZeRO-1/2 optimizer still keeps its own fp32 copy of the
-# flat partition as the master (12, measured by bench/memory_bench.py: 12 Psi/N); ZeRO-3 (its partition is its
-# own master) and plain Adam (stage 0) update the parameters themselves, so the optimizer is the 2 moments (8).
-BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
-FP32_MASTER_COPY = {0: False, 1: True, 2: True, 3: False}
-MASTER_BYTES = 4
-# Which of (params, grads, optimizer) each ZeRO stage partitions over the data group.
-PARTITIONED = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
 
 
 # --------------------------------------------------------------------------------------------- formulas
-
-
-def crosscoder_params(n_snapshots: int, d_model: int, dict_size: int) -> int:
-    """Psi for `n_snapshots` snapshots: W_enc + W_dec (S*d*F each), b_enc [F], b_dec [S, d]."""
-    return 2 * n_snapshots * d_model * dict_size + dict_size + n_snapshots * d_model
-
-
-def zero_bytes_per_rank(params: int, data_parallel: int, zero_stage: int, precision: str) -> dict[str, int]:
-    """Bytes of params / grads / optimizer state one rank holds for `params` parameters under a ZeRO stage.
-
-    Partitions are ceil(params / dp) long (DeepSpeed pads the flat buffer to a multiple of dp). ZeRO-1 holds
-    all the gradients until the step boundary. Not counted: DeepSpeed's gradient reduction bucket
-    (reduce_bucket_size elements, 5e8 by default, allocated whatever the model's size), where ZeRO-2/3 hold every
-    gradient not yet reduced: all of them, on top of the partition, while params < reduce_bucket_size
-    (bench/memory_bench.py measures both)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if zero_stage not in PARTITIONED:
-        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
-    if data_parallel < 1:
-        raise ValueError(f"data_parallel must be >= 1, got {data_parallel}")
-    shard = -(-params // data_parallel)
-    held = [shard if part else params for part in PARTITIONED[zero_stage]]
-    per_param = BYTES_PER_PARAM[precision]
-    if precision == "fp32" and FP32_MASTER_COPY[zero_stage]:
-        per_param = (per_param[0], per_param[1], per_param[2] + MASTER_BYTES)
-    return {key: n * b for key, n, b in zip(("params", "grads", "optimizer"), held, per_param, strict=True)}
+# crosscoder_params and zero_bytes_per_rank live in crosscoder.parallel.memory (the trainer's start-up memory
+# check uses them too).
 
 
 def snapshot_allreduce_bytes(micro_batch: int, dict_size: int, element_bytes: int, ranks_by_decoder_norm: bool,

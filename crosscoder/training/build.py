@@ -29,6 +29,7 @@ from crosscoder.parallel.engine import (
     with_model_parallel_unit,
 )
 from crosscoder.parallel.layout import build_layout
+from crosscoder.parallel.memory import check_state_fits
 from crosscoder.sources.fingerprint import check_same_contents, check_same_snapshots
 from crosscoder.storage import writing
 from crosscoder.training.methods import (
@@ -130,6 +131,9 @@ class RunAssembly:
         self.layout = build_layout(cfg.parallel.snapshot_parallel, len(self.sources.specs),
                                    cfg.parallel.sparse_topk_gradient)
         self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
+        check_state_fits(len(self.layout.share), self.sources.d_model, cfg.crosscoder.dict_size,
+                         self.layout.data_parallel, self.accelerator.state.deepspeed_plugin.zero_stage,
+                         cfg.trainer.precision, self.accelerator.device)
 
     def _input_digests(self) -> dict[str, str] | None:
         """The input files' whole-content digests (an activation folder's, local snapshots' weights: the kind

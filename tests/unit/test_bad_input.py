@@ -356,3 +356,22 @@ def test_a_resume_on_changed_snapshot_weights_is_refused_naming_the_file(
     code, _, err = train_cli([*run, "trainer.resume=auto"], tmp_path / "run", monkeypatch, capsys)
     assert code == 2, err
     assert err.count("\n") == 1 and "was made from other snapshots: step1/model.safetensors changed" in err
+
+
+def test_a_dictionary_whose_state_cannot_fit_the_rank_is_refused_before_it_is_allocated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A size that must fit is checked against the machine at start-up: 50 M latents over 8 planted sources of
+    width 64 are 51 G parameters, whose weights, gradients and Adam state (~760 GiB) no rank here holds. One
+    line naming the dictionary's size, what it needs and what the device has; nothing was allocated (the run
+    would otherwise die in the allocator or be killed by the OOM killer)."""
+    from crosscoder.parallel.memory import crosscoder_params, zero_bytes_per_rank
+
+    code, _, err = train_cli(["sources=planted", "crosscoder.dict_size=50000000", "tracking=disabled"],
+                             tmp_path / "run", monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "crosscoder.dict_size=50000000 over this rank's 8 sources of width 64" in err
+    assert "GiB per rank" in err and ("this machine has" in err or "cuda" in err)
+    # The formula it applies is bench/memory_bench.py's, checked there against measured allocations.
+    params = crosscoder_params(8, 64, 50_000_000)
+    assert f"is {params:,} parameters" in err
+    assert sum(zero_bytes_per_rank(params, 1, 0, "fp32").values()) == 16 * params
