@@ -37,6 +37,7 @@ from crosscoder.config import SourcesConfig
 from crosscoder.data.activations import ActivationBlock
 from crosscoder.data.cache_reader import nonfinite_columns, rank_rows, row_runs
 from crosscoder.errors import ConfigError
+from crosscoder.sources.fingerprint import whole_file_digests
 from crosscoder.sources.manifest import FORMAT_HINT, RESERVED_NAMES, SOURCES_FILE, FileSource, files_root, read_manifest
 from crosscoder.sources.spec import SnapshotSpec, SourceInfo
 
@@ -276,27 +277,13 @@ def folder_fingerprint(folder: FileFolder) -> str:
     return digest.hexdigest()
 
 
-DIGEST_CHUNK = 8 << 20
-
-
 def content_digests(root: Path, log: Callable[[str], None] = print) -> dict[str, str]:
-    """sha256 of every file of an activation folder, whole (sources.json and every shard file), by path relative
-    to the folder: what a resumed run checks its folder against exactly, where the fingerprint only samples bytes.
-    It reads the folder once (about 0.5 GB/s per core on the 2-core CI machine); folders over 1 GB say so."""
+    """`whole_file_digests` of an activation folder (sources.json and every shard file), by path relative to the
+    folder."""
     folder = scan_folder(root, check_first=False)
     paths = [folder.root / SOURCES_FILE, *(path for shard in folder.shards for path in shard.files)]
-    total = sum(path.stat().st_size for path in paths)
-    if total > 1 << 30:
-        log(f"hashing the activation folder {folder.root} whole ({total / 2**30:.1f} GB), so a resume can tell any "
-            "change")
-    digests = {}
-    for path in paths:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(DIGEST_CHUNK):
-                digest.update(chunk)
-        digests[str(path.relative_to(folder.root))] = digest.hexdigest()
-    return digests
+    return whole_file_digests({str(path.relative_to(folder.root)): path for path in paths},
+                              f"the activation folder {folder.root}", log)
 
 
 def describe_file_sources(cfg: SourcesConfig) -> SourceInfo:

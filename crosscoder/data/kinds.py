@@ -121,13 +121,13 @@ class ModelKind(SourceKind):
     def open(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, rank: int, world_size: int,
              share: range, batch_rows: int, log: Log, on_loaded: Callable[[list[str]], None] | None = None
              ) -> SourceSet:
-        check_positions(data, info)
+        check_positions(data, info.max_positions)
         return ModelSources(sources, data, info, rank, world_size, share, log, on_loaded)
 
     def activations(self, sources: SourcesConfig, data: DataConfig, info: SourceInfo, n_tokens: int,
                     device: torch.device, log: Log) -> Iterator[torch.Tensor]:
         """Every snapshot re-run inline (no workers) on the run's own token stream, valid tokens only."""
-        check_positions(data, info)
+        check_positions(data, info.max_positions)
         runners = load_runners(sources, info.specs, device)
         bos, pad = special_token_ids(info.tokenizer)
         seen = 0
@@ -142,13 +142,14 @@ class ModelKind(SourceKind):
             raise ConfigError(f"the token stream (data.kind={data.kind!r}) gave no tokens")
 
 
-def check_positions(data: DataConfig, info: SourceInfo) -> None:
-    """A sequence longer than the positions the snapshots were built for fails in the model (learned positions:
-    an index error) or runs silently past the context they were trained on (rotary): refused before any loads."""
-    if info.max_positions is not None and data.seq_len > info.max_positions:
-        raise ConfigError(f"data.seq_len={data.seq_len} is longer than the {info.max_positions} positions the "
+def check_positions(data: DataConfig, max_positions: int | None) -> None:
+    """A sequence longer than the positions the snapshots were built for (`SourceInfo.max_positions`) fails in
+    the model (learned positions: an index error) or runs silently past the context they were trained on
+    (rotary): refused before any loads."""
+    if max_positions is not None and data.seq_len > max_positions:
+        raise ConfigError(f"data.seq_len={data.seq_len} is longer than the {max_positions} positions the "
                           "snapshots were trained for (their configs' max_position_embeddings): set data.seq_len "
-                          f"<= {info.max_positions}")
+                          f"<= {max_positions}")
 
 
 class HubSnapshots(ModelKind):
@@ -161,9 +162,8 @@ class HubSnapshots(ModelKind):
 
     def preflight(self, sources: SourcesConfig, data: DataConfig) -> None:
         """Each snapshot's config (config.json: a local read, or a small download for a hub id)."""
-        width, max_positions = check_model_configs(sources, resolve_hf_snapshots(sources))
-        check_positions(data, SourceInfo(specs=[], tokenizer=None, d_model=width, hook="",
-                                         max_positions=max_positions))
+        _, max_positions = check_model_configs(sources, resolve_hf_snapshots(sources))
+        check_positions(data, max_positions)
 
     def snapshots(self, sources: SourcesConfig, log: Log) -> list[SnapshotSpec]:
         return resolve_hf_snapshots(sources)
@@ -186,8 +186,7 @@ class ToySnapshots(ModelKind):
                 key = "sources.hooks" if sources.hooks else "sources.hook"
                 raise ConfigError(f"{key}={hook.name}: the embedded toy model has only {toy.num_layers} blocks "
                                   f"(0..{toy.num_layers - 1}; sources.toy.num_layers)")
-        check_positions(data, SourceInfo(specs=[], tokenizer=None, d_model=toy.hidden_size, hook="",
-                                         max_positions=toy.seq_len))
+        check_positions(data, toy.seq_len)
 
     def snapshots(self, sources: SourcesConfig, log: Log) -> list[SnapshotSpec]:
         from crosscoder.toy import ensure_toy_snapshots

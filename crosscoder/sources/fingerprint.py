@@ -102,24 +102,17 @@ def directory_fingerprint(directory: Path, spec: SnapshotSpec) -> str:
 
 
 DIGEST_CHUNK = 8 << 20
+LARGE_INPUT_BYTES = 1 << 30
+"""Inputs larger than this say, as they are hashed whole, that they are being read."""
 
 
-def snapshot_file_digests(specs: list[SnapshotSpec], log: Callable[[str], None] = print) -> dict[str, str]:
-    """sha256 of every local snapshot directory's config.json and weight files, whole, keyed `<snapshot>/<file>`:
-    what a resumed run checks its snapshots against exactly, where the fingerprint samples ~1.6 MB per file. A
-    hub snapshot is left out (its fingerprint is its commit, exact already). One read of the weights (about
-    0.5 GB/s per core on the 2-core CI machine); over 1 GB it says so."""
-    files: dict[str, Path] = {}
-    for spec in specs:
-        directory = Path(spec.path).expanduser()
-        if spec.path == SYNTHETIC_PATH or not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name == "config.json"):
-                files[f"{spec.snapshot_name}/{path.name}"] = path
+def whole_file_digests(files: dict[str, Path], what: str, log: Callable[[str], None] = print) -> dict[str, str]:
+    """sha256 of each file, whole, under its key: what a resumed run checks its inputs against exactly, where a
+    fingerprint only samples bytes. One read of them (about 0.5 GB/s per core on the 2-core CI machine); over
+    1 GB it says so, naming `what` they are."""
     total = sum(path.stat().st_size for path in files.values())
-    if total > 1 << 30:
-        log(f"hashing the snapshots' weight files whole ({total / 2**30:.1f} GB), so a resume can tell any change")
+    if total > LARGE_INPUT_BYTES:
+        log(f"hashing {what} whole ({total / 2**30:.1f} GB), so a resume can tell any change")
     digests = {}
     for name, path in files.items():
         digest = hashlib.sha256()
@@ -128,6 +121,20 @@ def snapshot_file_digests(specs: list[SnapshotSpec], log: Callable[[str], None] 
                 digest.update(chunk)
         digests[name] = digest.hexdigest()
     return digests
+
+
+def snapshot_file_digests(specs: list[SnapshotSpec], log: Callable[[str], None] = print) -> dict[str, str]:
+    """`whole_file_digests` of every local snapshot directory's config.json and weight files, keyed
+    `<snapshot>/<file>`. A hub snapshot is left out: its fingerprint is its commit, exact already."""
+    files: dict[str, Path] = {}
+    for spec in specs:
+        directory = Path(spec.path).expanduser()
+        if spec.path == SYNTHETIC_PATH or not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name == "config.json"):
+                files[f"{spec.snapshot_name}/{path.name}"] = path
+    return whole_file_digests(files, "the snapshots' weight files", log)
 
 
 def check_same_contents(saved: dict[str, str], now: dict[str, str], what: str, where: str) -> None:

@@ -79,7 +79,8 @@ class RunState:
     wandb_run_id: str | None = None
     """The W&B run this run logs into: the saved one after a load (the tracker resumes it), then the tracker's."""
     input_digests: dict[str, str] | None = None
-    """Whole-content digests of the input files (an activation folder's): a resume is checked against them."""
+    """Whole-content digests of the input files (an activation folder's, local snapshots' weights): a resume is
+    checked against them."""
 
     def state_dict(self) -> RunStateDict:
         stream_scalars, stream_tensors = self.stream.full_state()
