@@ -184,7 +184,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     result = run_command("crosscoder", cfg, train_method)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_metrics.get("explained_variance/mean", float("nan"))
-        print(f"crosscoder: {result.steps} steps, {result.tokens_seen} tokens in {result.wall_seconds:.1f}s; "
+        print(f"crosscoder: {result.timing()}, {result.tokens_seen} tokens; "
               f"mean explained variance {ev:.3f}, L0 {result.final_metrics.get('l0', float('nan')):.1f}")
         print(f"crosscoder: dictionary: {result.dictionary_dir}")
         print(f"crosscoder: run dir:    {result.output_dir}")

@@ -218,7 +218,8 @@ class RunAssembly:
                                resume_id=continuation.run_id if continuation else None,
                                step_offset=continuation.step_offset if continuation else 0)
         self.state.wandb_run_id = self.tracker.run_id  # what a training state saved from now on records
-        self.progress = ProgressBar(self.total_steps - self.first_step, cfg.trainer.batch_size, enabled=self.is_main)
+        self.progress = ProgressBar(self.total_steps, cfg.trainer.batch_size, enabled=self.is_main,
+                                    first_step=self.first_step)
         split = f" ({layout.describe()})" if layout.split else ""
         self.log(f"training {self.total_steps} steps of {cfg.trainer.batch_size} tokens on "
                  f"{self.accelerator.num_processes} rank(s){split}, ZeRO-{self.zero_stage}, "

@@ -14,7 +14,8 @@ estimated, the rest checked); `load_state_dict` restores what lives in parts bui
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -53,7 +54,8 @@ class RunStateDict:
 
     step: int
     trainer: dict[str, Any]
-    """trainer_state.json: scheduler, wandb_run_id, sources, input_scale, zero_stage, config, firing_tokens."""
+    """trainer_state.json: scheduler, wandb_run_id, sources, input_scale, zero_stage, config, firing_tokens,
+    input_digests, run_seconds."""
     rank: dict[str, Any]
     """This rank's scalars: the stream's position and shuffle-buffer bookkeeping."""
     tensors: dict[str, torch.Tensor]
@@ -81,6 +83,17 @@ class RunState:
     input_digests: dict[str, str] | None = None
     """Whole-content digests of the input files (an activation folder's, local snapshots' weights): a resume is
     checked against them."""
+    earlier_seconds: float | None = 0.0
+    """Wall seconds the run spent in its earlier sessions (a resumed run's; None: its state is from before run
+    times were kept)."""
+    session_started: float = field(default_factory=time.perf_counter)
+    """When this session started (time.perf_counter), so a saved state carries the run's whole time."""
+
+    def run_seconds(self) -> float | None:
+        """The run's wall time so far, all sessions together (None when an earlier session's is unknown)."""
+        if self.earlier_seconds is None:
+            return None
+        return self.earlier_seconds + time.perf_counter() - self.session_started
 
     def state_dict(self) -> RunStateDict:
         stream_scalars, stream_tensors = self.stream.full_state()
@@ -89,6 +102,9 @@ class RunState:
                    "zero_stage": self.zero_stage, "config": self.run_config, "firing_tokens": self.firing.tokens}
         if self.input_digests is not None:
             trainer["input_digests"] = self.input_digests
+        run_seconds = self.run_seconds()
+        if run_seconds is not None:
+            trainer["run_seconds"] = run_seconds
         tensors = {**stream_tensors, **rng_tensors(), DEAD_TENSOR: self.dead.tokens_since_fired,
                    FIRING_TENSOR: self.firing.counts}
         return RunStateDict(self.step, trainer, stream_scalars, tensors)
@@ -111,6 +127,7 @@ class RunState:
         restore_rng(saved.tensors)
         self.step = saved.step
         self.wandb_run_id = saved.trainer.get("wandb_run_id")
+        self.earlier_seconds = saved.trainer.get("run_seconds")
 
 
 def _check_shape(name: str, saved: torch.Tensor, live: torch.Tensor, where: object) -> None:

@@ -179,30 +179,34 @@ class Tracker:
 
 
 class ProgressBar:
-    """A console line with throughput and ETA, printed at most every `interval` seconds (main process only)."""
+    """A console line with throughput and ETA, printed at most every `interval` seconds (main process only).
+    Steps are the run's own (a resumed run shows where the run stands, not how far this session got); the rate is
+    this session's, measured from `first_step`."""
 
-    def __init__(self, total_steps: int, tokens_per_step: int, enabled: bool, interval: float = 2.0) -> None:
-        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    def __init__(self, total_steps: int, tokens_per_step: int, enabled: bool, first_step: int = 0,
+                 interval: float = 2.0) -> None:
+        self.total_steps, self.tokens_per_step, self.first_step = total_steps, tokens_per_step, first_step
         self.enabled, self.interval = enabled, interval
         self.start = self.last_print = time.perf_counter()
 
     def tokens_per_second(self, step: int) -> float:
+        """This session's throughput when the run stands at `step`."""
         elapsed = time.perf_counter() - self.start
-        return step * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        return (step - self.first_step) * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+
+    def line(self, step: int, extra: dict[str, float]) -> str:
+        rate = self.tokens_per_second(step)
+        remaining = (self.total_steps - step) * self.tokens_per_step / rate if rate > 0 else float("inf")
+        fields = "".join(f" | {key} {value:.4g}" for key, value in extra.items())
+        return (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
+                f"{_si(step * self.tokens_per_step)} tok | {_si(rate)} tok/s | ETA {_duration(remaining)}{fields}")
 
     def update(self, step: int, extra: dict[str, float], force: bool = False) -> None:
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last_print < self.interval):
             return
         self.last_print = now
-        rate = self.tokens_per_second(step)
-        remaining = (self.total_steps - step) * self.tokens_per_step / rate if rate > 0 else float("inf")
-        fields = " | ".join(f"{key} {value:.4g}" for key, value in extra.items())
-        print(
-            f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | "
-            f"{_si(step * self.tokens_per_step)} tok | {_si(rate)} tok/s | ETA {_duration(remaining)} | {fields}",
-            file=sys.stderr, flush=True,
-        )
+        print(self.line(step, extra), file=sys.stderr, flush=True)
 
 
 def _si(value: float) -> str:

@@ -76,7 +76,15 @@ class TrainResult:
     steps: int
     tokens_seen: int
     wall_seconds: float
+    """This session's wall time (a resumed run's: since its resume)."""
     final_metrics: dict[str, Any]
+    resumed_from_step: int = 0
+    run_seconds: float | None = None
+    """The run's wall time, all sessions together (None when a resumed state did not record its earlier time)."""
+
+    def timing(self) -> str:
+        """How long the run took, in words (a resumed run's names this session's share and the whole's)."""
+        return timing_phrase(self.wall_seconds, self.resumed_from_step, self.steps, self.run_seconds)
 
 
 def train(cfg: RunConfig, continuation: RunContinuation | None = None,
@@ -122,6 +130,7 @@ class TrainingRun(RunAssembly):
 
     # ---- the loop ------------------------------------------------------------------------------------
     def train(self, started: float) -> TrainResult:
+        self.state.session_started = started  # the run's time counts this session from its start-up
         loop_started, waited_before = time.perf_counter(), self.stream.wait_seconds
         self._window = (loop_started, waited_before)  # (time, stream wait) at the last log step
         for step in range(self.first_step, self.total_steps):
@@ -169,7 +178,7 @@ class TrainingRun(RunAssembly):
         trainer_cfg = self.cfg.trainer
         if done % trainer_cfg.log_every == 0 or done == self.total_steps:
             metrics = step_metrics(self.accelerator, self.layout, output, l1_coeff, self.scheduler, self.dead,
-                                    self.source_names, self.progress.tokens_per_second(done - self.first_step),
+                                    self.source_names, self.progress.tokens_per_second(done),
                                     self.firing)
             now, (window_started, window_waited) = time.perf_counter(), self._window
             # The share of loop time spent waiting on the activation stream (0 when data is never late).
@@ -188,7 +197,7 @@ class TrainingRun(RunAssembly):
         shown = {"loss": self.step_loss}
         if self.metrics:  # quality figures from the last log step
             shown.update(ev=self.metrics["explained_variance/mean"], l0=self.metrics["l0"])
-        self.progress.update(done - self.first_step, shown, force=done == self.total_steps)
+        self.progress.update(done, shown, force=done == self.total_steps)
 
     def _after_step(self, done: int, health: StepHealth) -> None:
         """Intermediate exports, a stop asked by a signal, periodic training states."""
@@ -282,8 +291,12 @@ class TrainingRun(RunAssembly):
         loaded = gather_object([self.stream.snapshots_loaded])  # what each rank's workers actually loaded
         wall = time.perf_counter() - started
         loop_seconds = time.perf_counter() - loop_started
+        run_seconds = self.state.run_seconds()
         summary = {
-            **self.metrics, **self.eval_metrics, "wall_seconds": wall, "steps": total_steps,
+            # wall_seconds is the run's cost (all its sessions; this session's alone when an earlier one's is
+            # unknown): crosscoder-compare reads it
+            **self.metrics, **self.eval_metrics, "wall_seconds": wall if run_seconds is None else run_seconds,
+            "session_seconds": wall, "run_seconds_known": run_seconds is not None, "steps": total_steps,
             "loop_seconds": loop_seconds,
             "data_wait_fraction_total": (self.stream.wait_seconds - waited_before) / max(loop_seconds, 1e-9),
             "tokens_seen": total_steps * batch_size, "dictionary_dir": str(dictionary_dir),
@@ -297,8 +310,10 @@ class TrainingRun(RunAssembly):
             with writing("the run summary", summary_file):
                 write_text_atomic(summary_file, json.dumps(summary, indent=2))
         self.tracker.finish(summary)
-        self.log(f"done in {wall:.1f}s: dictionary in {dictionary_dir}")
-        return TrainResult(self.output_dir, dictionary_dir, total_steps, total_steps * batch_size, wall, self.metrics)
+        self.log(f"done: {timing_phrase(wall, self.first_step, total_steps, run_seconds)}; dictionary in "
+                 f"{dictionary_dir}")
+        return TrainResult(self.output_dir, dictionary_dir, total_steps, total_steps * batch_size, wall, self.metrics,
+                           self.first_step, run_seconds)
 
     def close(self) -> None:
         """Stop the workers and close the W&B run (not collective): after a normal finish only the workers are
@@ -339,3 +354,12 @@ def _dictionary_meta(
     )
 
 
+def timing_phrase(session_seconds: float, resumed_from_step: int, total_steps: int,
+                  run_seconds: float | None) -> str:
+    """How long a run took, in words: a resumed run names its session's share and the whole run's time."""
+    if resumed_from_step == 0:
+        return f"{total_steps} steps in {session_seconds:.1f}s"
+    whole = (f"{run_seconds:.1f}s in all" if run_seconds is not None
+             else "the earlier sessions' time is unknown (their state predates run times)")
+    return (f"{total_steps} steps; this session resumed at step {resumed_from_step} and trained "
+            f"{total_steps - resumed_from_step} in {session_seconds:.1f}s, {whole}")

@@ -68,13 +68,24 @@ def test_states_are_kept_with_retention_and_record_the_run(finished_run: tuple) 
 
 
 def test_resume_from_a_state_ends_with_the_uninterrupted_weights(finished_run: tuple, tmp_path: Path,
-                                                                  clean_process_env: None) -> None:  # noqa: F811
+                                                                  clean_process_env: None,  # noqa: F811
+                                                                  capsys: pytest.CaptureFixture) -> None:
     cfg, run_dir, expected = finished_run
     state = run_dir / TRAINING_STATES_DIR / "step_0000006"
     cfg.output_dir, cfg.trainer.resume = str(tmp_path / "resumed"), str(state)
     result = train(cfg)
     assert result.steps == STEPS
-    assert json.loads((result.output_dir / "summary.json").read_text())["resumed_from_step"] == 6
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 6
+    # Case 13 of issue 23: the progress counts the run's steps, and the run's time is the sessions' sum.
+    earlier = json.loads((state / TRAINER_STATE_FILE).read_text())["run_seconds"]
+    assert summary["session_seconds"] == result.wall_seconds and summary["run_seconds_known"]
+    assert summary["wall_seconds"] == pytest.approx(earlier + result.wall_seconds, abs=1.0)
+    assert result.run_seconds == summary["wall_seconds"] > result.wall_seconds
+    output = capsys.readouterr()
+    printed = output.out + output.err
+    assert f"step {STEPS}/{STEPS} (100%)" in printed and "step 3/3" not in printed
+    assert f"this session resumed at step 6 and trained 3 in {result.wall_seconds:.1f}s" in printed
     assert_same_weights(result.output_dir, expected)
     # The W&B run continues: the resumed run logs under the saved run id.
     run_id = json.loads((state / TRAINER_STATE_FILE).read_text())["wandb_run_id"]
