@@ -29,6 +29,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from crosscoder.cli.compose import check_overrides
 from crosscoder.cli.train import CONF_DIR, check_run_dir_writable, quiet_non_main_ranks, run_command
 from crosscoder.config import RunConfig, register_configs
 from crosscoder.data.checks import check_inputs
@@ -341,6 +342,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     check_run_dir_writable(sys.argv[1:])
+    check_overrides("crosscoder-cache", sys.argv[1:])  # a bad command line: one line and exit 2, not Hydra's report
     quiet_non_main_ranks()
     _hydra_main()
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from crosscoder.cli.compose import CONF_DIR, check_overrides
 from crosscoder.config import RunConfig, check_known_keys, register_configs
 from crosscoder.errors import ConfigError
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from crosscoder.training.tracking import AnalysisSummary, RunContinuation
     from crosscoder.training.trainer import TrainResult
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 T = TypeVar("T")
 
 register_configs()
@@ -98,7 +98,7 @@ def resume_command(state_dir: Path) -> str:
     keep = [override for override in HydraConfig.get().overrides.task
             if override.lstrip("+~").split("=", 1)[0] not in ("trainer.resume", "hydra.run.dir")]
     arguments = [*keep, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
-    launcher = ("accelerate launch <your launch options> -m crosscoder.train"
+    launcher = ("crosscoder-launch <your launch options> -m crosscoder.train"
                 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "crosscoder-train")
     return " ".join([launcher, *(shlex.quote(argument) for argument in arguments)])
 
@@ -194,6 +194,7 @@ def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(f"crosscoder: config folder {CONF_DIR} not found; install the package editable (pip install -e .)")
     check_run_dir_writable(sys.argv[1:])
+    check_overrides("crosscoder", sys.argv[1:])  # a bad command line: one line and exit 2, not Hydra's report
     quiet_non_main_ranks()
     _hydra_main()
 

@@ -1,4 +1,4 @@
-"""The SLURM scripts: `bash -n` parses them, and each starts one `accelerate launch` per node with a
+"""The SLURM scripts: `bash -n` parses them, and each starts one `crosscoder-launch` per node with a
 launch config of this repo. The other launch-file checks: tests/unit/test_launch.py."""
 
 from __future__ import annotations

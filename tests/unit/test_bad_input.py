@@ -3,13 +3,14 @@ exit 2, before anything heavy loads; nothing silently wrong is accepted."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import tiny_overrides, train_cli, write_activation_folder
+from tests.helpers import REPO, tiny_overrides, train_cli, write_activation_folder
 
 pytestmark = pytest.mark.usefixtures("clean_process_env")
 
@@ -375,3 +376,44 @@ def test_a_dictionary_whose_state_cannot_fit_the_rank_is_refused_before_it_is_al
     params = crosscoder_params(8, 64, 50_000_000)
     assert f"is {params:,} parameters" in err
     assert sum(zero_bytes_per_rank(params, 1, 0, "fp32").values()) == 16 * params
+
+
+@pytest.mark.parametrize(("arguments", "said"), [
+    (["trainer.lr=-1"], "configuration error: trainer.lr=-1.0 must be > 0"),
+    (["trainer.lrr=1"], "Key 'lrr' not in 'TrainerConfig'"),
+    (["crosscoder=nope"], "Available options in 'crosscoder': batchtopk, jumprelu, relu, snapshot_jumprelu, topk"),
+    (["sources.hook=blocks.9.hook_resid_pre"], "the embedded toy model has only 2 blocks"),
+])
+def test_crosscoder_launch_checks_the_config_before_any_rank_starts(
+        arguments: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 9: `crosscoder-launch` (accelerate launch's arguments) composes and checks the run before launching:
+    one line, exit 2, no rank started (no run directory), where `accelerate launch` printed the line once per
+    rank, then its ChildFailedError report, and exited 1 (the launch tier checks the ranks' own refusals)."""
+    from crosscoder.cli.launch import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config_file", str(REPO / "launch" / "cpu_2proc_zero2.yaml"), "-m", "crosscoder.train", *arguments,
+              "sources.toy.num_layers=2", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and err.startswith("crosscoder-launch: "), err
+    assert said in err and not run_dir.exists()
+
+
+def test_a_bad_command_line_is_one_line_from_every_hydra_entry_point(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown key, a group option that does not exist or a value of the wrong type: Hydra printed a report of
+    several lines and exited 1; it is one line and exit 2, from crosscoder-train and crosscoder-cache alike."""
+    from crosscoder.cli import cache
+
+    for arguments, said in ((["trainer.lr=abc"], "Value 'abc' of type 'str' could not be converted to Float"),
+                            (["crosscoder=nope"], "Could not find 'crosscoder/nope'")):
+        code, _, err = train_cli(arguments, tmp_path / "run", monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and said in err and "HYDRA_FULL_ERROR" not in err, err
+    monkeypatch.setattr(sys, "argv", ["crosscoder-cache", "data.cache.dirr=x", f"hydra.run.dir={tmp_path / 'c'}"])
+    with pytest.raises(SystemExit) as stopped:
+        cache.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err == "crosscoder-cache: Could not override 'data.cache.dirr'; To append to " \
+        "your config use +data.cache.dirr=x; Key 'dirr' not in 'CacheConfig'\n", err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
