@@ -87,13 +87,14 @@ def write_failure_reason(error: BaseException, path: Path) -> str | None:
         seen = seen.__cause__ or seen.__context__
     if "No space left" in str(error):
         return "no space left on the device"
-    free, folder = _free_space(path)
+    free, folder = free_space(path)
     if free is not None and free < LOW_SPACE_BYTES:
         return f"no space left on the device ({free / 2**20:,.1f} MiB free on {folder})"
     return None
 
 
-def _free_space(path: Path) -> tuple[int | None, Path | None]:
+def free_space(path: Path) -> tuple[int | None, Path | None]:
+    """Bytes free on the file system `path` is on (or would be: its nearest existing folder), and that folder."""
     for folder in (path, *path.parents):
         if folder.exists():
             return shutil.disk_usage(folder).free, folder

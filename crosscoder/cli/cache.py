@@ -77,13 +77,14 @@ def build_cache(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
 
 
 def _build_one_process(cfg: RunConfig, log: Callable[[str], None]) -> Path:
-    from crosscoder.data.cache import cache_identity, write_cache
+    from crosscoder.data.cache import cache_identity, check_cache_fits, write_cache
     from crosscoder.data.kinds import describe_sources
     from crosscoder.data.stream import online_block_source
 
     info = describe_sources(cfg.sources, log=log)
     identity = cache_identity(info, cfg.data, cfg.data.cache.dtype)
     tokens = cfg.data.cache.tokens or default_cache_tokens(cfg)
+    check_cache_fits(cfg.data.cache, info, tokens)
     # The cache is one global stream (rank 0 of 1); training ranks split every shard between them.
     blocks_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=log)
     try:
@@ -235,7 +236,7 @@ def _lead(cfg: RunConfig, log: Callable[[str], None], world_size: int) -> Path:
     """Rank 0: run its own share, gather the others' columns block by block, write the cache."""
     import torch.distributed as dist
 
-    from crosscoder.data.cache import cache_identity, write_cache
+    from crosscoder.data.cache import cache_identity, check_cache_fits, write_cache
     from crosscoder.data.stream import online_block_source
     from crosscoder.parallel.layout import snapshot_shares
     from crosscoder.sources.models import DTYPES
@@ -250,6 +251,7 @@ def _lead(cfg: RunConfig, log: Callable[[str], None], world_size: int) -> Path:
             f"{', '.join(f'{s.start}-{s.stop - 1}' if len(s) > 1 else str(s.start) for s in shares)}")
         identity = cache_identity(info, cfg.data, cfg.data.cache.dtype)
         tokens = cfg.data.cache.tokens or default_cache_tokens(cfg)
+        check_cache_fits(cfg.data.cache, info, tokens)
         local_from, close = online_block_source(cfg.sources, cfg.data, info, rank=0, world_size=1, log=log,
                                                 share=shares[0])
 

@@ -33,7 +33,7 @@ from crosscoder.data.cache_reader import activation_checksums, nonfinite_columns
 from crosscoder.errors import ConfigError
 from crosscoder.sources.models import DTYPES
 from crosscoder.sources.spec import SourceInfo
-from crosscoder.storage import temporary_sibling, write_text_atomic, writing
+from crosscoder.storage import free_space, temporary_sibling, write_text_atomic, writing
 
 STREAM_KEYS = ("kind", "paths", "dataset", "dataset_config", "split", "text_field", "seq_len", "model_batch_size",
                "toy_documents", "seed")
@@ -146,6 +146,26 @@ def _append_shards(
         if close is not None:
             close()
     return done
+
+
+def check_cache_fits(cfg: CacheConfig, info: SourceInfo, total_tokens: int) -> None:
+    """Refuse at start-up a cache the disk cannot hold, before any snapshot loads: its size is known from the
+    tokens, the sources, the width and the dtype (activations, then per row a token id and a checksum per source).
+    Shards already in the folder count as written. Safetensors headers and the JSON files are left out (small)."""
+    if not cfg.dir or cfg.dtype not in DTYPES:
+        return  # write_cache names these
+    n_sources, itemsize = len(info.specs), torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    needed = total_tokens * (n_sources * info.d_model * itemsize + 8 + 8 * n_sources)
+    cache_dir = Path(cfg.dir).expanduser()
+    if cache_dir.is_dir():
+        needed -= sum(path.stat().st_size for path in cache_dir.glob(CACHE_SHARD_PATTERN.replace("{index:06d}", "*")))
+    free, where = free_space(cache_dir)
+    if free is not None and needed > free:
+        raise ConfigError(
+            f"data.cache.dir={cfg.dir}: the cache needs about {needed / 2**30:,.2f} GiB more "
+            f"({total_tokens:,} tokens x "
+            f"{n_sources} sources x d={info.d_model} in {cfg.dtype}) but {where} has {free / 2**30:,.2f} GiB free; "
+            "free space, pick another data.cache.dir, or set data.cache.tokens / data.cache.dtype=bfloat16")
 
 
 def write_cache(cfg: CacheConfig, identity: dict[str, Any], blocks_from: Callable[[int], Iterator[ActivationBlock]],

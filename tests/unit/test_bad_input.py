@@ -417,3 +417,27 @@ def test_a_bad_command_line_is_one_line_from_every_hydra_entry_point(
     assert stopped.value.code == 2 and err == "crosscoder-cache: Could not override 'data.cache.dirr'; To append to " \
         "your config use +data.cache.dirr=x; Key 'dirr' not in 'CacheConfig'\n", err
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_any_snapshot_loads(
+        tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A setting naming a size that must fit: crosscoder-cache knows the cache's size before it starts (tokens x
+    sources x width x dtype), so a cache larger than the free space is one line and exit 2, not a full disk hours
+    later; nothing is written and no worker starts. The same command with a size that fits builds the cache."""
+    from crosscoder.cli import cache
+
+    folder = tmp_path / "acts"
+    arguments = ["crosscoder-cache", *tiny_overrides(toy_cache), f"data.cache.dir={folder}",
+                 f"hydra.run.dir={tmp_path / 'log'}"]
+    monkeypatch.setattr(sys, "argv", [*arguments, "data.cache.tokens=100000000000000"])  # 3 x 32 x 4 B x 1e14
+    with pytest.raises(SystemExit) as stopped:
+        cache.main()
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.err.count("\n") == 1, captured.err
+    assert f"crosscoder-cache: configuration error: data.cache.dir={folder}: the cache needs about" in captured.err
+    assert "(100,000,000,000,000 tokens x 3 sources x d=32 in float32)" in captured.err
+    assert "activation worker" not in captured.out + captured.err and not folder.exists()
+    monkeypatch.setattr(sys, "argv", [*arguments, "data.cache.tokens=256", "data.workers.num_workers=0"])
+    cache.main()
+    assert "activation cache" in capsys.readouterr().out and list(folder.glob("shard_*.safetensors"))
