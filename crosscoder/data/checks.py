@@ -56,11 +56,11 @@ def _check_data(data: DataConfig) -> None:
     for cpu in data.workers.cpus:
         if not 0 <= cpu < n_cpus:
             raise ConfigError(f"data.workers.cpus contains {cpu}; this machine has cores 0..{n_cpus - 1}")
-    if data.kind == "text_files" and not _complete_cache(data.cache.dir):  # a cache never reads the corpus
+    if data.kind == "text_files" and not complete_cache(data.cache.dir):  # a cache never reads the corpus
         _check_text_files(data.paths)
 
 
-def _complete_cache(cache_dir: str | None) -> bool:
+def complete_cache(cache_dir: str | None) -> bool:
     """Whether `cache_dir` holds a complete activation cache (its manifest is written last)."""
     return bool(cache_dir) and os.path.isfile(os.path.join(os.path.expanduser(cache_dir), CACHE_MANIFEST_FILE))
 

@@ -65,12 +65,20 @@ def device_memory(device: torch.device) -> tuple[int, str]:
 
 
 def check_state_fits(n_sources: int, d_model: int, dict_size: int, data_parallel: int, zero_stage: int,
-                     precision: str, device: torch.device) -> None:
+                     precision: str, device: torch.device, snapshot_models: tuple[int, str] | None = None) -> None:
     """Refuse at start-up, before anything is allocated, a dictionary whose weights, gradients and Adam state
-    alone (a lower bound: activations, buffers and the snapshot models come on top) exceed this rank's memory."""
+    (a lower bound: activations and buffers come on top), with the snapshot models the rank's activation workers
+    load on the same device (`snapshot_models`: bytes, and what they are), exceed this rank's memory."""
     params = crosscoder_params(n_sources, d_model, dict_size)
     held = sum(zero_bytes_per_rank(params, data_parallel, zero_stage, precision).values())
     available, what = device_memory(device)
+    models, models_what = snapshot_models or (0, "")
+    if held <= available < held + models:
+        raise ConfigError(
+            f"the crosscoder's state ({held / 2**30:.2f} GiB per rank) and {models_what} ({models / 2**30:.2f} GiB) "
+            f"do not fit: {what}; lower data.workers.num_workers, run the workers elsewhere (data.workers.device), "
+            "spread the snapshots over more ranks (parallel.snapshot_parallel) or read an activation cache "
+            "(data.cache.dir)")
     if held > available:
         raise ConfigError(
             f"crosscoder.dict_size={dict_size} over this rank's {n_sources} sources of width {d_model} is "

@@ -209,6 +209,18 @@ def load_model_config(spec: SnapshotSpec, trust_remote_code: bool = False):  # n
         raise ConfigError(f"cannot load snapshot {describe_snapshot(spec)}: {error}") from error
 
 
+def snapshot_model_bytes(spec: SnapshotSpec, dtype: str, trust_remote_code: bool = False) -> int:
+    """What one loaded copy of the snapshot's base model takes in `dtype` (parameters and buffers), counted on the
+    meta device from its config: no weight is read and nothing is allocated."""
+    from transformers import AutoModel
+
+    config = load_model_config(spec, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    elements = sum(tensor.numel() for tensor in (*model.parameters(), *model.buffers()))
+    return elements * torch.empty((), dtype=DTYPES.get(dtype, torch.float32)).element_size()
+
+
 NO_SUBLAYER_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
 """Model types whose blocks have no attention or MLP sublayer for hook_attn_out / hook_mlp_out to read."""
 

@@ -19,8 +19,10 @@ from omegaconf import OmegaConf
 
 from crosscoder.config import RunConfig
 from crosscoder.config.recipes import get_setting, set_setting
+from crosscoder.data.checks import complete_cache
 from crosscoder.data.kinds import describe_sources, source_kind
 from crosscoder.data.stream import ActivationStream, build_activation_stream
+from crosscoder.data.workers import resolve_worker_device
 from crosscoder.errors import ConfigError
 from crosscoder.parallel.engine import (
     full_parameters,
@@ -31,6 +33,7 @@ from crosscoder.parallel.engine import (
 from crosscoder.parallel.layout import build_layout
 from crosscoder.parallel.memory import check_state_fits
 from crosscoder.sources.fingerprint import check_same_contents, check_same_snapshots
+from crosscoder.sources.models import snapshot_model_bytes
 from crosscoder.storage import writing
 from crosscoder.training.methods import (
     build_module,
@@ -133,7 +136,24 @@ class RunAssembly:
         self.total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
         check_state_fits(len(self.layout.share), self.sources.d_model, cfg.crosscoder.dict_size,
                          self.layout.data_parallel, self.accelerator.state.deepspeed_plugin.zero_stage,
-                         cfg.trainer.precision, self.accelerator.device)
+                         cfg.trainer.precision, self.accelerator.device, self._worker_models())
+
+    def _worker_models(self) -> tuple[int, str] | None:
+        """The snapshot models this rank's activation workers will hold on the rank's own device (each worker
+        loads every snapshot of the rank's share; none with an activation cache or without models), as bytes
+        and words, or None."""
+        cfg = self.cfg
+        if not cfg.sources.has_model() or complete_cache(cfg.data.cache.dir):
+            return None
+        if torch.device(resolve_worker_device(cfg.data.workers.device)) != self.accelerator.device:
+            return None
+        shared = [self.sources.specs[index] for index in self.layout.share]
+        snapshots = list({spec.snapshot_name: spec for spec in shared}.values())
+        per_copy = sum(snapshot_model_bytes(spec, cfg.sources.dtype, cfg.sources.trust_remote_code)
+                       for spec in snapshots)
+        workers = cfg.data.workers.num_workers  # 0: the snapshots run in the trainer process, once
+        where = f"each of {workers} activation worker(s)" if workers else "the trainer process (no workers)"
+        return max(1, workers) * per_copy, f"{len(snapshots)} snapshot model(s) ({cfg.sources.dtype}) in {where}"
 
     def _input_digests(self) -> dict[str, str] | None:
         """The input files' whole-content digests (an activation folder's, local snapshots' weights: the kind

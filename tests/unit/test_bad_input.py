@@ -3,6 +3,7 @@ exit 2, before anything heavy loads; nothing silently wrong is accepted."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -441,3 +442,28 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_any_snapshot_loads(
     monkeypatch.setattr(sys, "argv", [*arguments, "data.cache.tokens=256", "data.workers.num_workers=0"])
     cache.main()
     assert "activation cache" in capsys.readouterr().out and list(folder.glob("shard_*.safetensors"))
+
+
+def test_snapshot_models_the_workers_cannot_hold_beside_the_dictionary_are_refused_before_loading(
+        tiny_snapshots: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The memory check counts the snapshot models the rank's activation workers load on its device, from each
+    snapshot's config on the meta device (no weight read): two GPT-2 configs of width 8192 and 40 blocks (32 G
+    parameters each, 129 GB in fp32) are refused at start-up, where the dictionary alone (d=8192, 16 latents)
+    fits; the weight files on disk stay small because they are never loaded. The count is exact: for a real
+    snapshot it is the bytes of the model a worker loads."""
+    from crosscoder.sources.models import load_snapshot_model, snapshot_model_bytes
+    from crosscoder.sources.spec import SnapshotSpec
+
+    paths = _hf_snapshots(tmp_path / "gpt2", tiny_snapshots, _gpt2)
+    spec = SnapshotSpec(name="step0", path=str(paths[0]))
+    loaded = load_snapshot_model(spec, "bfloat16")
+    assert snapshot_model_bytes(spec, "bfloat16") == 2 * sum(
+        tensor.numel() for tensor in (*loaded.parameters(), *loaded.buffers()))
+    for path in paths:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "n_embd": 8192, "n_layer": 40}))
+    code, out, err = train_cli(_hf_run(paths, 16), tmp_path / "run", monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "and 2 snapshot model(s) (float32) in the trainer process (no workers) (2" in err
+    assert "do not fit: this machine has" in err and "lower data.workers.num_workers" in err
