@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import os
+from importlib.util import find_spec
 
 from crosscoder.config import DataConfig, RunConfig
 from crosscoder.constants import CACHE_MANIFEST_FILE
@@ -58,6 +59,9 @@ def _check_data(data: DataConfig) -> None:
             raise ConfigError(f"data.workers.cpus contains {cpu}; this machine has cores 0..{n_cpus - 1}")
     if data.kind == "text_files" and not complete_cache(data.cache.dir):  # a cache never reads the corpus
         _check_text_files(data.paths)
+    if data.kind == "hf_dataset" and not complete_cache(data.cache.dir) and find_spec("datasets") is None:
+        raise ConfigError(f"data.kind=hf_dataset (data.dataset={data.dataset!r}) needs the `datasets` package: "
+                          "pip install -e '.[hub]'")
 
 
 def complete_cache(cache_dir: str | None) -> bool:

@@ -3,6 +3,7 @@ exit 2, before anything heavy loads; nothing silently wrong is accepted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -467,3 +468,16 @@ def test_snapshot_models_the_workers_cannot_hold_beside_the_dictionary_are_refus
     assert code == 2 and err.count("\n") == 1, err
     assert "and 2 snapshot model(s) (float32) in the trainer process (no workers) (2" in err
     assert "do not fit: this machine has" in err and "lower data.workers.num_workers" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="`datasets` is installed here")
+def test_a_hub_dataset_without_the_datasets_package_is_refused_before_the_toy_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """data=pile needs the optional `datasets` package (the hub extra): refused at start-up naming the extra, not
+    in every activation worker once the snapshots have loaded (here: before the toy LM is even trained)."""
+    toy_cache = tmp_path / "toy"
+    code, _, err = train_cli([*tiny_overrides(toy_cache), "data=pile", "data.seq_len=16"], tmp_path / "run",
+                             monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "data.kind=hf_dataset (data.dataset='EleutherAI/the_pile_deduplicated') needs the `datasets`" in err
+    assert not toy_cache.exists()
