@@ -17,8 +17,9 @@ from typing import NoReturn
 
 from crosscoder.analysis.report.dictionary import check_dictionary_dir
 from crosscoder.cli.arguments import ArgumentParser, check_device
+from crosscoder.constants import CONFIG_FILE
 from crosscoder.data.workers import resolve_worker_device
-from crosscoder.dictionary.stack import is_stack, stack_members
+from crosscoder.dictionary.stack import STACK_MANIFEST_FILE, is_stack, stack_members
 from crosscoder.errors import ConfigError, DictionaryError, exit_bad_input
 from crosscoder.evaluation.spliced import METRIC_KEYS, SplicedEval, evaluate_dictionary, write_eval
 from crosscoder.storage import exit_if_storage_failed
@@ -59,6 +60,12 @@ def _dictionaries(path: str) -> list[Path]:
     """The folder itself, or each dictionary of a stack in snapshot order (its manifest checked first)."""
     if is_stack(path):
         return stack_members(path)
+    folder = Path(path)
+    inner = [] if (folder / CONFIG_FILE).is_file() else sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}"))
+    if inner:  # the folders of a stack whose export never finished
+        raise DictionaryError(f"{folder} holds dictionaries ({', '.join(p.name for p in inner)}) but no "
+                              f"{STACK_MANIFEST_FILE}, so it is not a complete stack; pass one of them, e.g. "
+                              f"{inner[0]}")
     return [check_dictionary_dir(path)]
 
 

@@ -411,3 +411,11 @@ def test_a_stacks_dictionaries_are_each_evaluated_by_training_and_by_crosscoder_
     for member, name in zip(members, ["step0", "step4", "step12"], strict=True):
         written = json.loads((member / EVAL_FILE).read_text())
         assert written["snapshots"] == [name] and 32 <= written["n_positions"] < 64
+
+    (stack / "stack.json").unlink()  # as an export that never finished leaves it
+    with pytest.raises(SystemExit) as exited:
+        eval_main([str(stack)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert f"{stack} holds dictionaries (000-step0, 001-step4, 002-step12) but no stack.json" in err
+    assert f"pass one of them, e.g. {members[0]}" in err
