@@ -44,6 +44,10 @@ class SourceSet(Protocol):
         """Tokens left for this rank from block `start` on; None for an endless set."""
         ...
 
+    def check_alive(self) -> None:
+        """Raise WorkerError if a process making the blocks died (cheap: the stream calls it every batch)."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -75,6 +79,9 @@ class PlantedSources:
 
     def tokens_from(self, start: int) -> int | None:
         return None
+
+    def check_alive(self) -> None:
+        pass  # made in this process
 
     def close(self) -> None:
         pass
@@ -127,6 +134,10 @@ class ModelSources:
     def tokens_from(self, start: int) -> int | None:
         return None
 
+    def check_alive(self) -> None:
+        if self.pool is not None:  # inline snapshots run in this process
+            self.pool.check_alive()
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
@@ -155,6 +166,9 @@ class ShardedSources:
 
     def tokens_from(self, start: int) -> int | None:
         return self.reader.tokens_from(start)
+
+    def check_alive(self) -> None:
+        pass  # read in this process
 
     def close(self) -> None:
         pass

@@ -47,7 +47,11 @@ class ActivationStream:
 
     def __init__(self, kind: str, blocks: Callable[[int], Iterator[ActivationBlock]], buffer: ShuffleBuffer,
                  rank: int, world_size: int, start: int = 0, close: Callable[[], None] | None = None,
-                 available_tokens: int | None = None, document_shards: int = 1) -> None:
+                 available_tokens: int | None = None, document_shards: int = 1,
+                 check_alive: Callable[[], None] | None = None) -> None:
+        """`check_alive` raises (WorkerError) when what makes the blocks has died; it is called before every batch,
+        so a dead worker stops the next batch rather than the first one its queued blocks and the shuffle buffer
+        no longer cover."""
         self.kind, self.rank, self.world_size, self.document_shards = kind, rank, world_size, document_shards
         self.available_tokens = available_tokens
         """Tokens left for this rank in a finite (cache) stream; None for an endless one."""
@@ -57,6 +61,7 @@ class ActivationStream:
         self._batches = buffer.batches(blocks(start))
         self._lookahead: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self._close = close
+        self._check_alive = check_alive
         self.wait_seconds = 0.0
         """Time spent inside `next()`: the trainer waiting for data."""
         self.last_token_ids: torch.Tensor | None = None
@@ -70,6 +75,8 @@ class ActivationStream:
     def __next__(self) -> torch.Tensor:
         started = time.perf_counter()
         try:
+            if self._check_alive is not None:  # before taking anything: a state saved after the error resumes here
+                self._check_alive()
             activations, self.last_token_ids = self._lookahead.popleft() if self._lookahead else next(self._batches)
         finally:
             self.wait_seconds += time.perf_counter() - started
@@ -171,7 +178,8 @@ def build_activation_stream(
     if state is not None:
         buffer.load_state_dict(state[0]["buffer"], state[1])
     stream = ActivationStream(kind, source_set.blocks, buffer, rank, world_size, start, source_set.close,
-                              available_tokens=source_set.tokens_from(start), document_shards=shards)
+                              available_tokens=source_set.tokens_from(start), document_shards=shards,
+                              check_alive=source_set.check_alive)
     stream.snapshots_loaded = source_set.snapshots_loaded
     if state is not None:
         stream._restore_lookahead(*state)

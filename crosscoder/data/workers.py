@@ -7,7 +7,8 @@ rank's stream; the trainer takes them round-robin, so the order is fixed by (N, 
 block index) says where every worker resumes. Each worker writes a block into one of its own shared-memory
 slots and waits for a free slot before the next: memory stays at W x slots blocks whatever the speeds
 (back-pressure). A worker that raises sends its traceback; one that dies without a word (killed, out of
-memory) is noticed by its exit code within `POLL_SECONDS`.
+memory) is noticed by its exit code at the trainer's next batch (`WorkerPool.check_alive`, which the stream calls
+before serving each one), or within `POLL_SECONDS` while the trainer waits for a block.
 """
 
 from __future__ import annotations
@@ -130,6 +131,14 @@ def _raise_worker_error(worker: int, message: tuple) -> None:
     raise WorkerError(f"activation worker {worker} failed:\n{message[2]}")
 
 
+def _died_without_a_word(worker: int, process: Any) -> str:  # noqa: ANN401 (a multiprocessing Process)
+    code = process.exitcode
+    how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
+        f"exited with code {code}"
+    return (f"activation worker {worker} (pid {process.pid}) {how} without a word "
+            "(out of memory? killed by hand or by the OOM killer?)")
+
+
 class WorkerPool:
     """W spawned workers making this rank's paired activation blocks; the trainer reads them in order."""
 
@@ -181,6 +190,7 @@ class WorkerPool:
             tasks.put(start)
         index = start
         while True:
+            self.check_alive()  # before taking a block a dead worker left queued
             block = self._receive(index, index % self.cfg.num_workers)
             if block is None:  # a finite corpus ran out in this worker's shard
                 return
@@ -216,6 +226,15 @@ class WorkerPool:
             self.free_slots[worker].put(slot)
             return block
 
+    def check_alive(self) -> None:
+        """WorkerError now if any worker died by a signal or a non-zero exit (one non-blocking waitpid each).
+        Called before every batch, so a death is noticed at once, not after the blocks the worker left in its
+        slots and the rows already in the shuffle buffer are used up. A worker only exits 0 after its last
+        message ("end" or its error), which `_receive` reads in stream order."""
+        for worker, process in enumerate(self.processes):
+            if process.exitcode:  # None while it runs
+                raise WorkerError(_died_without_a_word(worker, process))
+
     def _check_alive(self, worker: int) -> None:
         process = self.processes[worker]
         if not process.is_alive():
@@ -225,13 +244,7 @@ class WorkerPool:
                     _raise_worker_error(worker, message)
             except queue.Empty:
                 pass
-            code = process.exitcode
-            how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else \
-                f"exited with code {code}"
-            raise WorkerError(
-                f"activation worker {worker} (pid {process.pid}) {how} without a word "
-                "(out of memory? killed by hand or by the OOM killer?)"
-            )
+            raise WorkerError(_died_without_a_word(worker, process))
         waited = time.monotonic() - self.started
         if not self.ready[worker] and waited > self.cfg.start_timeout_s:
             raise WorkerError(

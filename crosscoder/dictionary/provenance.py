@@ -6,6 +6,7 @@ What the spliced-in evaluation and every replay of a dictionary's inputs start f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from omegaconf import OmegaConf
@@ -59,9 +60,11 @@ def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print,
     export recorded their fingerprints."""
     cfg = run_config_of(meta, need_text)
     info = describe_sources(cfg.sources, log=log)
-    names = [spec.name for spec in info.specs]
     # Generated snapshots are known by position, not by name: their count and width must fit.
     generated = all(spec.path == SYNTHETIC_PATH for spec in info.specs)
+    if not generated:
+        info = _own_snapshots(info, meta.source_names)
+    names = [spec.name for spec in info.specs]
     same_names = len(names) == len(meta.source_names) if generated else names == meta.source_names
     if not same_names or info.d_model != meta.d_model:
         raise ConfigError(f"the run configuration gives snapshots {names} (d={info.d_model}), but the dictionary "
@@ -69,3 +72,12 @@ def dictionary_sources(meta: DictionaryMeta, log: Callable[[str], None] = print,
     if all(source.get("fingerprint") for source in meta.sources):  # the same names may hold other weights now
         check_same_snapshots(meta.sources, info.specs, "the dictionary", folder=info.folder)
     return cfg, info
+
+
+def _own_snapshots(info: SourceInfo, trained_on: list[str]) -> SourceInfo:
+    """The snapshots of `info` the dictionary was trained on. A stack member (an independent dictionary, an
+    SAE-Track link) records its whole run's configuration but covers one of its snapshots: that one alone."""
+    names = [spec.name for spec in info.specs]
+    if len(trained_on) >= len(names) or not set(trained_on) <= set(names):
+        return info  # a whole run's dictionary, or other snapshots (refused by the caller)
+    return dataclasses.replace(info, specs=[spec for spec in info.specs if spec.name in trained_on])

@@ -86,15 +86,17 @@ def entry_folder(index: int, name: str) -> str:
 
 
 def export_stack(states: list[dict[str, torch.Tensor]], metas: list[DictionaryMeta], out_dir: str | Path,
-                 manifest: StackManifest, firing_frequencies: list[torch.Tensor | None] | None = None) -> Path:
+                 manifest: StackManifest, firing_frequencies: list[torch.Tensor | None] | None = None,
+                 extra_files: dict[str, str] | None = None) -> Path:
     """A complete stack folder at `out_dir` (replacing an older one, as export_dictionary does): each snapshot's
     full state exported under its entry's folder, then stack.json, all in a hidden sibling renamed into place.
+    `extra_files` (name -> text) go into every entry's folder (the stream positions its evaluation reads).
     A NaN anywhere raises DictionaryError before the old stack is touched."""
     out_dir = Path(out_dir)
     with building_dir(out_dir) as tmp:
         frequencies = firing_frequencies or [None] * len(states)
         for entry, state, meta, frequency in zip(manifest.entries, states, metas, frequencies, strict=True):
-            export_dictionary(state, meta, tmp / entry.dictionary, firing_frequency=frequency)
+            export_dictionary(state, meta, tmp / entry.dictionary, extra_files, firing_frequency=frequency)
         write_stack_manifest(tmp, manifest)
     return out_dir
 
@@ -113,6 +115,12 @@ def check_manifest(manifest: StackManifest) -> None:
 
 def is_stack(path: str | Path) -> bool:
     return (Path(path) / STACK_MANIFEST_FILE).is_file()
+
+
+def stack_members(stack_dir: str | Path) -> list[Path]:
+    """The stack's dictionary folders, in snapshot order (read_stack's checks first)."""
+    manifest, _ = read_stack(stack_dir)
+    return [Path(stack_dir) / entry.dictionary for entry in manifest.entries]
 
 
 def read_stack(stack_dir: str | Path) -> tuple[StackManifest, list[DictionaryMeta]]:

@@ -241,7 +241,7 @@ class TrainingRun(RunAssembly):
         state_dict = full_state_dict(self.accelerator, self.engine, self.layout)  # whole only on rank 0
         positions = gather_object([self.stream.state_dict()])  # collective too: where each rank's stream stands
         if self.is_main and self.per_dictionary:
-            self._export_stack(state_dict, step, out_dir, aliases)
+            self._export_stack(state_dict, step, out_dir, aliases, json.dumps(positions, indent=2))
         elif self.is_main:
             meta = _dictionary_meta(self.sources.specs, self.sources, self.cfg, self.aux_k, step, self.run_config)
             with writing("the dictionary", out_dir, self.last_state, _last_state_hint(self.last_state)):
@@ -257,16 +257,21 @@ class TrainingRun(RunAssembly):
         self.accelerator.wait_for_everyone()
         return out_dir
 
-    def _export_stack(self, state_dict: dict[str, torch.Tensor], step: int, out_dir: Path, aliases: list[str]) -> None:
-        """Main process: one dictionary per snapshot and the stack manifest (dictionary.stack), one W&B artifact.
-        Its latents are unaligned: the analysis waits for crosscoder-match, and the spliced-in evaluation reads
-        crosscoders only for now."""
+    def _export_stack(self, state_dict: dict[str, torch.Tensor], step: int, out_dir: Path, aliases: list[str],
+                      positions: str) -> None:
+        """Main process: one dictionary per snapshot and the stack manifest (dictionary.stack), one W&B artifact,
+        each dictionary evaluated spliced in on its own snapshot (eval.json in its folder). Its latents are
+        unaligned: the analysis waits for crosscoder-match."""
         specs = self.sources.specs
         metas = [_dictionary_meta([spec], self.sources, self.cfg, self.aux_k, step, self.run_config) for spec in specs]
         frequencies = list(self.firing.frequency()) if self.firing.tokens else None  # [F] per dictionary
         manifest = independent_manifest(self.sources, step)
         with writing("the stack", out_dir, self.last_state, _last_state_hint(self.last_state)):
-            export_stack(split_dictionary_states(state_dict, len(specs)), metas, out_dir, manifest, frequencies)
+            export_stack(split_dictionary_states(state_dict, len(specs)), metas, out_dir, manifest, frequencies,
+                         extra_files={STREAM_POSITION_FILE: positions})
+        self.eval_metrics = {}
+        for entry in manifest.entries:  # before the artifact, which then carries each eval.json
+            self.eval_metrics.update(self._evaluate(out_dir / entry.dictionary, step))
         self.tracker.log_dictionary(out_dir, step, {"train_step": step, "method": manifest.method,
                                                     "tokens_seen": step * self.cfg.trainer.batch_size}, aliases,
                                     kind="stack")

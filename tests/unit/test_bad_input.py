@@ -481,3 +481,46 @@ def test_a_hub_dataset_without_the_datasets_package_is_refused_before_the_toy_is
     assert code == 2 and err.count("\n") == 1, err
     assert "data.kind=hf_dataset (data.dataset='EleutherAI/the_pile_deduplicated') needs the `datasets`" in err
     assert not toy_cache.exists()
+
+
+@pytest.mark.parametrize("method", ["independent", "sae_track"])
+def test_a_stacks_dictionaries_are_each_evaluated_by_training_and_by_crosscoder_eval(
+        method: str, tiny_snapshots: list, toy_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 14: a stack's dictionaries got no eval.json although trainer.eval_tokens was set (independent: never
+    evaluated; SAE-Track: each link's evaluation skipped, its run configuration naming every snapshot), and
+    crosscoder-eval called the stack "not an exported dictionary". Now every dictionary is evaluated on its own
+    snapshot, in training and by crosscoder-eval given the stack."""
+    from crosscoder.cli.eval import main as eval_main
+    from crosscoder.constants import DICTIONARY_DIR, EVAL_FILE
+    from crosscoder.dictionary.stack import read_stack
+
+    overrides = [o for o in tiny_overrides(toy_cache) if not o.startswith(("tracking=", "trainer.eval_tokens=",
+                                                                           "data.workers.num_workers="))]
+    code, out, err = train_cli([*overrides, f"method={method}", "trainer.eval_tokens=64", "tracking=disabled",
+                                "data.workers.num_workers=0"], tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    assert "skipping the spliced-in evaluation" not in out
+    stack = tmp_path / "run" / DICTIONARY_DIR
+    manifest, _ = read_stack(stack)
+    members = [stack / entry.dictionary for entry in manifest.entries]
+    for member, name in zip(members, ["step0", "step4", "step12"], strict=True):
+        written = json.loads((member / EVAL_FILE).read_text())
+        assert written["snapshots"] == [name] and written["n_positions"] >= 64
+        (member / EVAL_FILE).unlink()
+
+    capsys.readouterr()
+    eval_main([str(stack), "--tokens", "32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert all(f"eval: {member / EVAL_FILE}" in out for member in members), out
+    for member, name in zip(members, ["step0", "step4", "step12"], strict=True):
+        written = json.loads((member / EVAL_FILE).read_text())
+        assert written["snapshots"] == [name] and 32 <= written["n_positions"] < 64
+
+    (stack / "stack.json").unlink()  # as an export that never finished leaves it
+    with pytest.raises(SystemExit) as exited:
+        eval_main([str(stack)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert f"{stack} holds dictionaries (000-step0, 001-step4, 002-step12) but no stack.json" in err
+    assert f"pass one of them, e.g. {members[0]}" in err

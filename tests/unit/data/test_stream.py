@@ -5,6 +5,10 @@ twice."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from crosscoder.data.kinds import describe_sources
 from crosscoder.data.shuffle import ShuffleBuffer
 from crosscoder.data.stream import ActivationStream, StreamPosition, build_activation_stream, online_block_source
 from crosscoder.data.tokens import iter_token_batches, special_token_ids
-from crosscoder.errors import ConfigError
+from crosscoder.errors import ConfigError, WorkerError
 from crosscoder.sources.spec import SourceInfo
 from tests.helpers import tiny_toy_config
 
@@ -165,3 +169,25 @@ def test_a_cache_of_another_hook_is_refused(toy_cache: Path, cache_dir: Path) ->
     other = describe_sources(cfg.sources, log=quiet)
     with pytest.raises(ConfigError, match=r"hook='blocks.1.hook_resid_pre'.*blocks.0.hook_resid_post"):
         build_activation_stream(cfg.sources, cfg.data, other, 0, 1, BATCH, log=quiet)
+
+
+def _worker_process(name: str) -> multiprocessing.process.BaseProcess:
+    return next(process for process in multiprocessing.active_children() if process.name == name)
+
+
+def test_a_killed_worker_stops_the_next_batch(info: SourceInfo, toy_cache: Path) -> None:
+    """Issue 23, case 15: SIGKILL to one of the workers while blocks it made still wait in its slots and rows in
+    the shuffle buffer: once it is dead, the very next batch raises WorkerError naming it and its signal (not
+    after the queued blocks and the buffer run dry), and the stream's position still resumes from there."""
+    cfg = stream_config(toy_cache, shuffle_tokens=1024)
+    cfg.data.workers.num_workers, cfg.data.workers.slots = 2, 4
+    with build_activation_stream(cfg.sources, cfg.data, info, 0, 1, BATCH, log=quiet) as stream:
+        rows(stream, 3)
+        time.sleep(2)  # the workers fill every slot meanwhile
+        victim = _worker_process("crosscoder-activation-worker-1")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        position = stream.state_dict()
+        with pytest.raises(WorkerError, match=r"^activation worker 1 \(pid \d+\) was killed by SIGKILL"):
+            next(stream)
+        assert stream.state_dict() == position  # nothing was consumed: a state saved now resumes exactly
