@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crosscoder.constants import (
     ENGINE_STATE_DIR,
@@ -43,7 +43,7 @@ from crosscoder.constants import (
     TRAINING_STATES_DIR,
 )
 from crosscoder.errors import CheckpointError, ConfigError
-from crosscoder.storage import temporary_sibling
+from crosscoder.storage import save_safetensors, temporary_sibling
 
 ENGINE_TAG = "state"
 STATE_FORMAT_VERSION = 2
@@ -135,8 +135,8 @@ def save_training_state(
     try:
         engine.save_checkpoint(str(tmp / ENGINE_STATE_DIR), tag=ENGINE_TAG, save_latest=False)
         name = RANK_STATE_PATTERN.format(rank=rank)
-        save_file({key: value.detach().cpu().contiguous() for key, value in rank_tensors.items()},
-                  str(tmp / f"{name}.safetensors"))
+        save_safetensors({key: value.detach().cpu().contiguous() for key, value in rank_tensors.items()},
+                         tmp / f"{name}.safetensors")
         (tmp / f"{name}.json").write_text(json.dumps(rank_scalars, indent=2))
         if accelerator.is_main_process:
             state = {**trainer_state, "step": step, "world_size": world, "format_version": STATE_FORMAT_VERSION}
