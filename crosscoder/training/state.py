@@ -22,6 +22,7 @@ filesystem all ranks share (as for the exported dictionaries).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -129,6 +130,7 @@ def save_training_state(
     chosen = [str(temporary_sibling(final, "tmp"))]
     broadcast_object_list(chosen, from_process=0)  # one temporary folder for all ranks
     tmp = Path(chosen[0])
+    made_root = accelerator.is_main_process and not root.exists()  # a failed first save leaves no empty folder
     if accelerator.is_main_process:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -155,6 +157,9 @@ def save_training_state(
             _prune(root, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):  # rmdir: only while empty
+                root.rmdir()
         raise
     accelerator.wait_for_everyone()
     return final

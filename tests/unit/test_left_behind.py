@@ -4,6 +4,7 @@ folder), and every safetensors file a tool writes has the mode the umask gives a
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -46,6 +47,70 @@ def _files_run(tmp_path: Path) -> list[str]:
                                                                for layer in range(3)])
     return ["sources=files", f"sources.files.dir={folder}", "crosscoder.dict_size=16", "trainer.batch_size=64",
             "trainer.total_tokens=640", "trainer.state_every=4", "tracking=disabled", "deepspeed=zero0"]
+
+
+def test_a_refused_or_crashed_cache_build_leaves_no_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 16 (a): Hydra's outputs/<date>/<time>/ (its .hydra/ and log) goes with a refusal (exit 2, one line)
+    and with a traceback; a folder hydra.run.dir named that existed keeps what it held, and only that."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cache_cli([*_planted_cache(tmp_path / "cache"), "trainer.batch_size=-3"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "trainer.batch_size=-3" in err, err
+    assert sorted(os.listdir(tmp_path)) == []
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("an unexpected failure")
+
+    monkeypatch.setattr("crosscoder.cli.cache.build_cache", crash)
+    code, _, err = _cache_cli(_planted_cache(tmp_path / "cache"), monkeypatch, capsys)
+    assert code == 1 and "an unexpected failure" in err
+    assert sorted(os.listdir(tmp_path)) == []
+
+    empty, results = tmp_path / "empty", tmp_path / "results"
+    empty.mkdir()
+    results.mkdir()
+    (results / "notes.txt").write_text("the user's")
+    for folder in (empty, results):
+        code, _, err = _cache_cli([*_planted_cache(tmp_path / "cache"), f"hydra.run.dir={folder}"], monkeypatch,
+                                  capsys)
+        assert code == 1, err
+    assert os.listdir(empty) == [] and os.listdir(results) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["empty", "results"]
+
+
+def test_a_resume_leaves_no_new_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 16 (b): `trainer.resume=<run dir>` continues in that run dir; the one Hydra made is removed."""
+    run = _files_run(tmp_path)
+    code, _, err = train_cli(run, tmp_path / "run", monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = train_cli([*run, f"trainer.resume={tmp_path / 'run'}"], tmp_path / "new" / "day" / "time",
+                               monkeypatch, capsys)
+    assert code == 0 and f"continuing the run in {tmp_path / 'run'}" in out, err
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "run" / DICTIONARY_DIR).is_dir() and (tmp_path / "run" / ".hydra").is_dir()
+
+
+def test_a_failed_first_state_save_leaves_no_states_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Case 16 (c): a full disk at the first training-state save is one line and exit 2, and leaves no empty
+    training_state/ (nor, in a fresh run dir that holds nothing else, the run dir)."""
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("crosscoder.training.state.save_safetensors", disk_full)
+    run = _files_run(tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "notes.txt").write_text("the user's")
+    code, _, err = train_cli(run, results, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot write the training state" in err, err
+    assert "no space left on the device" in err
+    assert not (results / TRAINING_STATES_DIR).exists() and (results / "notes.txt").is_file()
+
+    code, _, err = train_cli(run, tmp_path / "fresh", monkeypatch, capsys)
+    assert code == 2, err
+    assert not (tmp_path / "fresh").exists()
 
 
 # ---- case 17: file modes --------------------------------------------------------------------------------------------
