@@ -4,7 +4,7 @@ another folder (a resume), leaves no folder of its own behind (issue 23).
 Hydra makes `hydra.run.dir` (with `.hydra/` and the job log) before any of our code runs. `RunDirWatch`, a Hydra
 callback named in conf/config.yaml, notes what existed just before, so that only what this process made is ever
 removed, and only while the run dir holds nothing but Hydra's own files: a folder that held results is left
-alone, and in a folder the user pointed hydra.run.dir at only the Hydra files this run added are taken back.
+alone, and an empty folder the user pointed hydra.run.dir at is left empty.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def note_before(config: DictConfig, key: str) -> None:
 
 def discard_unused_run_dir() -> None:
     """Undo what Hydra made for this run when the run wrote nothing there: the run dir and the empty parents this
-    process made for it, or, in a folder that existed before, only the Hydra files this run added to it."""
+    process made for it, or, in an empty folder that existed before, the Hydra files this run put there."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -69,9 +69,9 @@ def discard_unused_run_dir() -> None:
     watched, before = found
     hydra_own = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
     present = {path.name for path in run_dir.iterdir()}
-    if run_dir == before.existing:  # the user's folder: take back only what this run added, if nothing else
-        if run_dir == watched and present <= before.names | hydra_own:
-            for name in (present & hydra_own) - before.names:
+    if run_dir == before.existing:  # a folder the user made: emptied again if it was empty and got only these
+        if run_dir == watched and not before.names and present <= hydra_own:
+            for name in present:
                 _remove(run_dir / name)
         return
     top = before.existing / run_dir.relative_to(before.existing).parts[0]

@@ -52,7 +52,7 @@ def _files_run(tmp_path: Path) -> list[str]:
 def test_a_refused_or_crashed_cache_build_leaves_no_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Case 16 (a): Hydra's outputs/<date>/<time>/ (its .hydra/ and log) goes with a refusal (exit 2, one line)
-    and with a traceback; a folder hydra.run.dir named that existed keeps what it held, and only that."""
+    and with a traceback; an empty folder hydra.run.dir named is left empty, one holding files is left alone."""
     monkeypatch.chdir(tmp_path)
     code, _, err = _cache_cli([*_planted_cache(tmp_path / "cache"), "trainer.batch_size=-3"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "trainer.batch_size=-3" in err, err
@@ -74,7 +74,7 @@ def test_a_refused_or_crashed_cache_build_leaves_no_run_dir(tmp_path: Path, monk
         code, _, err = _cache_cli([*_planted_cache(tmp_path / "cache"), f"hydra.run.dir={folder}"], monkeypatch,
                                   capsys)
         assert code == 1, err
-    assert os.listdir(empty) == [] and os.listdir(results) == ["notes.txt"]
+    assert os.listdir(empty) == [] and (results / "notes.txt").read_text() == "the user's"
     assert sorted(os.listdir(tmp_path)) == ["empty", "results"]
 
 
