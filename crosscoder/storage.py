@@ -1,5 +1,6 @@
-"""Writing safely: atomic files, folders built under a hidden name then renamed, and storage failures (a full
-disk, a quota, a read-only or unwritable folder) turned into one line naming the file.
+"""Writing safely: atomic files, folders built under a hidden name then renamed, safetensors files with the
+umask's mode, and storage failures (a full disk, a quota, a read-only or unwritable folder) turned into one line
+naming the file.
 
 A leaf: every floor may import it.
 """
@@ -11,8 +12,9 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from crosscoder.errors import StorageError, exit_bad_input
 
@@ -27,6 +29,44 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = temporary_sibling(path, "tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets under this process's umask (0o644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The umask, read without changing it where Linux shows it (os.umask can only be read by setting it, and
+    another thread creating a file in between would get the temporary value)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o077)  # the strictest value in the moment between the two calls
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file under a temporary sibling name, then renamed: never half a file under `path`, and
+    the mode of any other new file (save_file makes 0600, so a group sharing a cache could not read it)."""
+    from safetensors.torch import save_file  # here: loads torch, and a leaf stays cheap to import
+
+    tmp = temporary_sibling(path, "tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def give_new_file_mode(paths: Iterable[Path]) -> None:
+    """Files another library wrote with a narrower mode than the umask gives (HF save_pretrained's
+    safetensors): given the mode of any other new file."""
+    mode = new_file_mode()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -43,7 +42,19 @@ def quiet_non_main_ranks() -> None:
 def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
     """Run a Hydra command on the typed config. Whatever stops it is one line on stderr with an exit status
     that says what kind of stop it was (docs/resume-and-faults.md): 2 bad input, 1 a fault during the run,
-    128 + the signal for a stop asked by a signal; a stop that left a training state says how to resume."""
+    128 + the signal for a stop asked by a signal; a stop that left a training state says how to resume. A stop
+    (a refusal, a fault, a traceback) before anything was written to the Hydra run dir leaves no run dir."""
+    from crosscoder.cli.run_dir import discard_unused_run_dir
+
+    try:
+        return _run_reporting(command, cfg, action)
+    except BaseException:
+        discard_unused_run_dir()
+        raise
+
+
+def _run_reporting(command: str, cfg: DictConfig, action: Callable[[RunConfig], T]) -> T:
+    """The action, each kind of stop turned into its one line and exit status."""
     # Cheap imports only (no trainer, no DeepSpeed): every rank of a launch pays for them.
     from crosscoder.errors import (
         EXIT_BAD_INPUT,
@@ -68,7 +79,6 @@ def run_command(command: str, cfg: DictConfig, action: Callable[[RunConfig], T])
             check_known_keys(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
         return action(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     except ConfigError as error:
-        _discard_unstarted_run_dir()
         if error.on_every_rank and int(os.environ.get("RANK", "0")) > 0:
             sys.exit(EXIT_BAD_INPUT)  # rank 0 says it: one line per launch, not one per rank
         stop(f"configuration error: {error}", EXIT_BAD_INPUT)
@@ -101,20 +111,6 @@ def resume_command(state_dir: Path) -> str:
     launcher = ("crosscoder-launch <your launch options> -m crosscoder.train"
                 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "crosscoder-train")
     return " ".join([launcher, *(shlex.quote(argument) for argument in arguments)])
-
-
-def _discard_unstarted_run_dir() -> None:
-    """A run refused at start-up leaves no run directory behind (Hydra made it, with `.hydra/` and an empty log,
-    before the config was checked); a folder holding anything else is left alone."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if not run_dir.is_dir():
-        return
-    log_file = run_dir / f"{hydra_cfg.job.name}.log"
-    if {path.name for path in run_dir.iterdir()} <= {".hydra", log_file.name}:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def check_run_dir_writable(argv: list[str]) -> None:
@@ -178,10 +174,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from crosscoder.cli.run_dir import discard_unused_run_dir
+
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN and cfg.tracking.group is None:
         cfg.tracking.group = sweep_group(hydra_cfg.sweep.dir)  # the sweep's runs side by side in W&B
     result = run_command("crosscoder", cfg, train_method)
+    discard_unused_run_dir()  # a resumed run continued in its own run dir: the one Hydra made is unused
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.final_metrics.get("explained_variance/mean", float("nan"))
         print(f"crosscoder: {result.timing()}, {result.tokens_seen} tokens; "

@@ -15,7 +15,6 @@ cache was built from are compared by fingerprint (crosscoder.sources.fingerprint
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -24,7 +23,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from crosscoder.config import CacheConfig, DataConfig
 from crosscoder.constants import CACHE_FORMAT_VERSION, CACHE_HEADER_FILE, CACHE_MANIFEST_FILE, CACHE_SHARD_PATTERN
@@ -33,7 +31,7 @@ from crosscoder.data.cache_reader import activation_checksums, nonfinite_columns
 from crosscoder.errors import ConfigError
 from crosscoder.sources.models import DTYPES
 from crosscoder.sources.spec import SourceInfo
-from crosscoder.storage import free_space, temporary_sibling, write_text_atomic, writing
+from crosscoder.storage import free_space, save_safetensors, write_text_atomic, writing
 
 STREAM_KEYS = ("kind", "paths", "dataset", "dataset_config", "split", "text_field", "seq_len", "model_batch_size",
                "toy_documents", "seed")
@@ -96,16 +94,11 @@ def _write_shard(path: Path, index: int, shard_batches: int, blocks: list[Activa
     token_ids = torch.cat([b.token_ids for b in blocks]).to(torch.int64).contiguous()
     entry = {"file": path.name, "first_block": index * shard_batches, "n_blocks": len(blocks),
              "n_tokens": int(token_ids.shape[0]), "token_hash": token_hash(token_ids)}
-    tmp = temporary_sibling(path, "tmp")
     hint = "; the complete shards stay: free space and rerun the same command to continue the build"
-    try:
-        with writing("the activation cache shard", path, hint=hint):
-            save_file({"activations": activations, "token_ids": token_ids,
-                       "row_checksums": activation_checksums(activations)}, str(tmp),
-                      metadata={key: str(value) for key, value in entry.items() if key != "file"})
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing("the activation cache shard", path, hint=hint):
+        save_safetensors({"activations": activations, "token_ids": token_ids,
+                          "row_checksums": activation_checksums(activations)}, path,
+                         metadata={key: str(value) for key, value in entry.items() if key != "file"})
     return entry
 
 

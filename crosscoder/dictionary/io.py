@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from crosscoder.dictionary.crosscoder import Crosscoder
 from crosscoder.errors import DictionaryError
-from crosscoder.storage import building_dir
+from crosscoder.storage import building_dir, save_safetensors
 
 
 @dataclass
@@ -92,12 +92,11 @@ def export_dictionary(
 
     out_dir = Path(out_dir)
     with building_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_safetensors(tensors, tmp / WEIGHTS_FILE)
         statistics = {"decoder_norms": decoder_norms}
         if firing_frequency is not None:
             statistics["firing_frequency"] = firing_frequency.detach().float().cpu().contiguous()
-        save_file(statistics, str(tmp / DECODER_NORMS_FILE),
-                  metadata={"sources": json.dumps(meta.source_names)})
+        save_safetensors(statistics, tmp / DECODER_NORMS_FILE, metadata={"sources": json.dumps(meta.source_names)})
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(meta), indent=2))  # inside tmp: already atomic
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

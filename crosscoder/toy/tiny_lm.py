@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from crosscoder.storage import give_new_file_mode
 from crosscoder.toy.corpus import generate_corpus
 
 EOS_TOKEN = "<|endoftext|>"  # also bos and unk, as in Pythia (id 0)
@@ -215,6 +216,7 @@ def _build(out: Path, config: ToyLMConfig, log: Callable[[str], None]) -> None:
         eval_loss, dirname = _eval_loss(model, eval_batch), f"step{step}"
         model.save_pretrained(out / dirname)  # transformers v5 always writes model.safetensors
         tokenizer.save_pretrained(out / dirname)
+        give_new_file_mode((out / dirname).glob("*.safetensors"))  # save_pretrained's safetensors are 0600
         snapshots.append({"step": step, "dirname": dirname, "eval_loss": eval_loss})
         log(f"  saved {dirname} (eval loss {eval_loss:.3f})")
 

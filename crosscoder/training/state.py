@@ -22,6 +22,7 @@ filesystem all ranks share (as for the exported dictionaries).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from crosscoder.constants import (
     ENGINE_STATE_DIR,
@@ -43,7 +44,7 @@ from crosscoder.constants import (
     TRAINING_STATES_DIR,
 )
 from crosscoder.errors import CheckpointError, ConfigError
-from crosscoder.storage import temporary_sibling
+from crosscoder.storage import save_safetensors, temporary_sibling
 
 ENGINE_TAG = "state"
 STATE_FORMAT_VERSION = 2
@@ -129,14 +130,15 @@ def save_training_state(
     chosen = [str(temporary_sibling(final, "tmp"))]
     broadcast_object_list(chosen, from_process=0)  # one temporary folder for all ranks
     tmp = Path(chosen[0])
+    made_root = accelerator.is_main_process and not root.exists()  # a failed first save leaves no empty folder
     if accelerator.is_main_process:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
         engine.save_checkpoint(str(tmp / ENGINE_STATE_DIR), tag=ENGINE_TAG, save_latest=False)
         name = RANK_STATE_PATTERN.format(rank=rank)
-        save_file({key: value.detach().cpu().contiguous() for key, value in rank_tensors.items()},
-                  str(tmp / f"{name}.safetensors"))
+        save_safetensors({key: value.detach().cpu().contiguous() for key, value in rank_tensors.items()},
+                         tmp / f"{name}.safetensors")
         (tmp / f"{name}.json").write_text(json.dumps(rank_scalars, indent=2))
         if accelerator.is_main_process:
             state = {**trainer_state, "step": step, "world_size": world, "format_version": STATE_FORMAT_VERSION}
@@ -155,6 +157,9 @@ def save_training_state(
             _prune(root, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):  # rmdir: only while empty
+                root.rmdir()
         raise
     accelerator.wait_for_everyone()
     return final

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import crosscoder.dictionary.io as checkpoint
 from crosscoder.constants import CONFIG_FILE, DECODER_NORMS_FILE, WEIGHTS_FILE
@@ -119,25 +120,25 @@ def test_reexport_replaces_and_leaves_no_siblings(tmp_path: Path) -> None:
 
 def test_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure midway leaves neither the final folder nor a temporary one; an older export survives."""
-    real_save = checkpoint.save_file
-    calls: list[str] = []
+    real_save = checkpoint.save_safetensors
+    calls: list[Path] = []
 
-    def failing_save(tensors: dict[str, torch.Tensor], filename: str, **kwargs: Any) -> None:  # noqa: ANN401
-        calls.append(filename)
+    def failing_save(tensors: dict[str, torch.Tensor], path: Path, **kwargs: Any) -> None:  # noqa: ANN401
+        calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_save(tensors, filename, **kwargs)
+        real_save(tensors, path, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint, "save_safetensors", failing_save)
     with pytest.raises(OSError, match="disk full"):
         export_dictionary(_model("relu").state_dict(), _meta("relu"), tmp_path / "dictionary")
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
 
-    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    monkeypatch.setattr(checkpoint, "save_safetensors", real_save)
     export_dictionary(_model("relu").state_dict(), _meta("relu", tokens_seen=7), tmp_path / "dictionary")
     calls.clear()
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint, "save_safetensors", failing_save)
     with pytest.raises(OSError, match="disk full"):
         export_dictionary(_model("topk").state_dict(), _meta("topk", tokens_seen=8), tmp_path / "dictionary")
     assert [p.name for p in tmp_path.iterdir()] == ["dictionary"]
@@ -249,7 +250,7 @@ def test_weights_that_do_not_fit_the_metadata_are_named(tmp_path: Path) -> None:
 
 def test_decoder_norms_without_their_tensor_are_named(tmp_path: Path) -> None:
     out = _exported(tmp_path)
-    checkpoint.save_file({"something_else": torch.zeros(2)}, str(out / DECODER_NORMS_FILE))
+    save_file({"something_else": torch.zeros(2)}, str(out / DECODER_NORMS_FILE))
     with pytest.raises(DictionaryError, match=rf"{re.escape(str(out / DECODER_NORMS_FILE))} has no tensor "
                                               "decoder_norms"):
         load_decoder_norms(out)

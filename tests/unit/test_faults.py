@@ -39,7 +39,7 @@ def test_a_full_disk_at_the_final_export_keeps_a_state_that_finishes_it(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(crosscoder.dictionary.io, "save_file", full_disk)
+        patch.setattr(crosscoder.dictionary.io, "save_safetensors", full_disk)
         with pytest.raises(StorageError, match=r"cannot write the dictionary .*/dictionary: no space left on the "
                                                r"device .*the last complete training state is .*step_0000006"):
             train(cfg)
