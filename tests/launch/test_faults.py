@@ -235,15 +235,29 @@ def test_a_snapshot_with_nan_weights_is_one_line_naming_it(tiny_snapshots: list,
 
 def test_a_cache_build_on_a_full_disk_names_it_and_keeps_its_complete_shards(
         tiny_snapshots: list, toy_cache: Path, tmp_path: Path, tmpfs: callable) -> None:
-    """`crosscoder-cache` into a folder too small for it: one line naming the shard and the full disk (exit 2);
-    the shards already complete stay, under their final names only."""
-    cache_dir = tmpfs("400k") / "acts"
-    result = run([sys.executable, "-m", "crosscoder.cli.cache", *tiny_overrides(toy_cache),
-                  f"data.cache.dir={cache_dir}", "data.cache.tokens=3072", "data.cache.shard_batches=1",
-                  f"hydra.run.dir={tmp_path / 'log'}"], tmp_path, returncode=2)
-    line = next(line for line in result.stderr.splitlines() if line.startswith("crosscoder-cache:"))
+    """`crosscoder-cache` into a folder that fills up while it builds (the start-up check found room: another
+    writer takes it): one line naming the shard and the full disk (exit 2); the shards already complete stay,
+    under their final names only. (Too small from the start: refused before any snapshot loads, a unit test.)"""
+    cache_dir = tmpfs("16m") / "acts"
+    log = tmp_path / "cache.log"
+    env = {**{k: v for k, v in os.environ.items() if k not in PROCESS_ENV}, "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        command = [sys.executable, "-m", "crosscoder.cli.cache", *tiny_overrides(toy_cache),
+                   f"data.cache.dir={cache_dir}", "data.cache.tokens=20000", "data.cache.shard_batches=1",
+                   f"hydra.run.dir={tmp_path / 'log'}"]
+        build = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_until(lambda: any(cache_dir.glob("shard_*.safetensors")), build, log)
+    with (cache_dir.parent / "other-writer").open("wb") as filler, pytest.raises(OSError) as full:
+        while True:  # another writer takes every free byte
+            filler.write(b"\0" * 2**16)
+            filler.flush()
+    assert full.value.errno == errno.ENOSPC
+    assert build.wait(timeout=300) == 2, log.read_text()[-4000:]
+    output = log.read_text()
+    line = next(line for line in output.splitlines() if line.startswith("crosscoder-cache:"))
     assert "cannot write the activation cache shard" in line and "no space left on the device" in line
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in output
     assert list(cache_dir.glob("shard_*.safetensors")) and not list(cache_dir.glob(".shard_*"))
 
 
