@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 from crosscoder.analysis.features.planted import planted_config
@@ -271,6 +272,8 @@ def _payloads(path: Path) -> Iterator[bytes]:
             offset += left_in_block
             continue
         _, length, kind = struct.unpack("<IHB", data[offset : offset + RECORD_HEADER])
+        if offset + RECORD_HEADER + length > len(data):
+            return  # the writer is still writing this record: read up to it
         chunk = data[offset + RECORD_HEADER : offset + RECORD_HEADER + length]
         offset += RECORD_HEADER + length
         if kind == FULL:
@@ -290,10 +293,17 @@ def _payloads(path: Path) -> Iterator[bytes]:
 def read_records(path: Path, wait_s: float = 20.0) -> Iterator[wandb_internal_pb2.Record]:
     """The run file's records. `run.finish()` can return before wandb-core has written the last of them (seen
     under two pytest-xdist workers: a history record missing, then present), so wait up to `wait_s` for the
-    run's closing `exit` record; a run that never closed (killed) is read as it is after that."""
+    run's closing `exit` record; a run that never closed (killed) is read as it is after that. A record caught
+    half-written (seen once in CI: "Wire format was corrupt") is read again."""
     deadline = time.monotonic() + wait_s
     while True:
-        records = [_record(payload) for payload in _payloads(path)]
+        try:
+            records = [_record(payload) for payload in _payloads(path)]
+        except DecodeError:  # read while wandb-core was writing a record: read again
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
         if any(record.WhichOneof("record_type") == "exit" for record in records) or time.monotonic() > deadline:
             return iter(records)
         time.sleep(0.2)
