@@ -15,6 +15,8 @@ from crosscoder.analysis.features.evolution import Evolution
 from crosscoder.analysis.features.planted import planted_recovery
 from crosscoder.analysis.inputs.contexts import CONTEXTS_TITLE, contexts_section, top_contexts
 from crosscoder.analysis.inputs.replay import has_activations
+from crosscoder.analysis.interpretation.exemplar_files import EXEMPLARS_DIR, write_exemplars
+from crosscoder.analysis.interpretation.exemplars import ExemplarSettings, exemplar_pass
 from crosscoder.analysis.report.adjacent import DEFAULT_ADJACENT_TOKENS, adjacent_or_none
 from crosscoder.analysis.report.by_hook import hook_views
 from crosscoder.analysis.report.dictionary import analyze_dictionary, check_dictionary_dir, load_evolution
@@ -68,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
                              "next source for each latent: features passing through, appearing, disappearing), from "
                              f"planted draws or the snapshots re-run (default {DEFAULT_ADJACENT_TOKENS}; 0 disables; "
                              "skipped when activations cannot be re-created)")
+    parser.add_argument("--exemplars", type=int, default=0, metavar="N",
+                        help="exemplar files: the top N activating tokens of every latent at every channel (a "
+                             "crosscoder's shared code and each source's own code; each dictionary of a stack), "
+                             "with a uniform sample of its firings, into <out>/exemplars/ as Parquet (0 disables; "
+                             "skipped for sources without text)")
+    parser.add_argument("--exemplar-tokens", type=int, default=ExemplarSettings.n_tokens, metavar="T",
+                        help=f"tokens replayed for the exemplars (default {ExemplarSettings.n_tokens})")
+    parser.add_argument("--exemplar-samples", type=int, default=ExemplarSettings.samples, metavar="K",
+                        help="firings sampled uniformly per latent and channel: the quantile exemplars (default "
+                             f"{ExemplarSettings.samples})")
     parser.add_argument("--device", default="cpu",
                         help="where the snapshots and the crosscoder run for contexts, latent scaling, the "
                              "progress measure and the adjacent statistics")
@@ -108,6 +120,21 @@ def scaling_or_none(dictionary: Path, evo: Evolution, meta: DictionaryMeta, n_to
         return None
 
 
+def exemplars_or_none(dictionary: Path, meta: DictionaryMeta, settings: ExemplarSettings, out_dir: Path,
+                      device: str, log: Callable[[str], None]) -> Path | None:
+    """The exemplar folder written under `out_dir`, or None (with a note) when the sources give no text."""
+    reason = unsupported_reason(meta)
+    if reason is not None:
+        log(f"skipping exemplars: {reason}")
+        return None
+    try:
+        found = exemplar_pass(dictionary, settings, device, log)
+    except ConfigError as error:  # e.g. snapshots no longer where the run found them
+        log(f"skipping exemplars: {error}")
+        return None
+    return write_exemplars(found, out_dir / EXEMPLARS_DIR, dictionary)
+
+
 def _fail(message: str) -> NoReturn:
     exit_bad_input(PROG, message)
 
@@ -121,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0, "
                      f"--scaling-tokens={args.scaling_tokens}, --progress-tokens={args.progress_tokens} and "
                      f"--adjacent-tokens={args.adjacent_tokens} >= 0")
+    if args.exemplars < 0 or args.exemplar_tokens <= 0 or args.exemplar_samples < 0:
+        parser.error(f"--exemplars={args.exemplars} and --exemplar-samples={args.exemplar_samples} must be >= 0, "
+                     f"--exemplar-tokens={args.exemplar_tokens} > 0")
     check_device(parser, args.device)
     stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
@@ -159,6 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
                                     recovery=planted, evolution=evolution, log=log, scaling=scaling,
                                     progress=progress, adjacent=adjacent)
+        if args.exemplars:
+            settings = ExemplarSettings(top_n=args.exemplars, samples=args.exemplar_samples,
+                                        n_tokens=args.exemplar_tokens)
+            written = exemplars_or_none(dictionary, evolution[1], settings, Path(result.report).parent, args.device,
+                                        log)
+            if written is not None:
+                log(f"exemplars: {written}")
     except (DictionaryError, FileNotFoundError) as error:  # a file missing, truncated or corrupt: it is named
         _fail(str(error))
     except ValueError as error:  # e.g. weights and decoder norms of different shapes

@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from crosscoder.analysis.features.evolution import CLASSES, DEAD, Evolution
-from crosscoder.data.activations import paired_activations, valid_token_mask
-from crosscoder.data.tokens import iter_token_batches, special_token_ids
+from crosscoder.analysis.inputs.token_stream import replayed_batches
 from crosscoder.dictionary.crosscoder import Crosscoder
 from crosscoder.dictionary.io import load_dictionary
 from crosscoder.dictionary.provenance import dictionary_sources
-from crosscoder.errors import ConfigError
 from crosscoder.sources.models import load_runners
 
 CONTEXTS_TITLE = "Top-activating contexts"
@@ -127,30 +125,19 @@ def top_contexts(
                          f"and window={window} must be non-empty, positive and >= 0")
     cfg, info = dictionary_sources(meta, log)
     runners = load_runners(cfg.sources, info.specs, device)
-    bos, pad = special_token_ids(info.tokenizer)
     n_snap, index = len(info.specs), torch.tensor(features, device=device)
     tracker = _RunningTopK((1 + n_snap) * len(features), top_k, device)
     sequences: dict[int, torch.Tensor] = {}
     seen, seq_len = 0, cfg.data.seq_len
     log(f"contexts: {len(features)} latents, {n_snap} snapshots, {n_tokens:,} tokens on {device}")
-    for batch_index, batch in enumerate(iter_token_batches(cfg.data, info.tokenizer, shard=0, n_shards=1)):
-        where = valid_token_mask(batch, bos, pad).nonzero()  # row-major: the order of paired_activations' rows
-        keep = min(len(where), n_tokens - seen)
-        if keep == 0:
-            continue
-        x = paired_activations(batch, runners, bos, pad, device)[:keep]
-        first = batch_index * batch.input_ids.shape[0]  # sequence index of this batch's row 0
-        keys = ((first + where[:keep, 0]) * seq_len + where[:keep, 1]).to(device)
-        values = feature_activations(model, x, index)  # [n, 1 + S, m]
-        tracker.update(values.permute(2, 1, 0).reshape(-1, keep), keys)  # channel = feature * (1 + S) + c
+    for batch in replayed_batches(cfg, info.tokenizer, runners, n_tokens, device):
+        values = feature_activations(model, batch.x, index)  # [n, 1 + S, m]
+        tracker.update(values.permute(2, 1, 0).reshape(-1, len(batch.keys)), batch.keys)  # channel = f * (1 + S) + c
         # A sequence not yet kept that the top-k points at is in this batch.
+        first = batch.first_sequence
         sequences = {seq: sequences[seq] if seq in sequences else batch.input_ids[seq - first].clone()
                      for seq in tracker.sequences(seq_len)}
-        seen += keep
-        if seen >= n_tokens:
-            break
-    if seen == 0:
-        raise ConfigError(f"the token stream (data.kind={cfg.data.kind!r}) gave no tokens")
+        seen += len(batch.keys)
 
     def context(value: float, key: int) -> Context:
         seq, pos = divmod(key, seq_len)
