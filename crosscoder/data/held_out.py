@@ -95,7 +95,7 @@ def _first_epoch_batches(data: DataConfig, tokenizer: Any, shard: int, n_shards:
     """Whole batches in the first epoch of one shard of a local corpus (later ones repeat its documents)."""
     documents = local_corpus(data, n_shards)
     order = list(range(len(documents)))
-    random.Random(data.seed).shuffle(order)  # epoch 0's order, as crosscoder.data.tokens._iter_local draws it
+    random.Random(data.seed).shuffle(order)  # epoch 0's order, as crosscoder.data.tokens.iter_local draws it
     tokens = sum(len(ids) + 1 for ids in tokenized(iter(documents[i] for i in order[shard::n_shards]), tokenizer))
     return tokens // (data.model_batch_size * (data.seq_len - 1))
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from crosscoder.config import DataConfig
 from crosscoder.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,7 +39,7 @@ def iter_documents(cfg: DataConfig, shard: int = 0, n_shards: int = 1) -> Iterat
         raise ValueError(f"shard {shard} is not in [0, {n_shards})")
     if cfg.kind == "hf_dataset":
         return _iter_hf_dataset(cfg, shard, n_shards)
-    return _iter_local(local_corpus(cfg, n_shards), cfg.seed, shard, n_shards)
+    return iter_local(local_corpus(cfg, n_shards), cfg.seed, shard, n_shards)
 
 
 def local_corpus(cfg: DataConfig, n_shards: int) -> list[str]:
@@ -50,7 +53,8 @@ def local_corpus(cfg: DataConfig, n_shards: int) -> list[str]:
     return documents
 
 
-def _iter_local(documents: list[str], seed: int, shard: int, n_shards: int) -> Iterator[str]:
+def iter_local(documents: Sequence[T], seed: int, shard: int, n_shards: int) -> Iterator[T]:
+    """This shard's documents of a local corpus, epoch after epoch, each epoch in a new seeded order."""
     epoch = 0
     while True:
         order = list(range(len(documents)))
@@ -133,7 +137,7 @@ def iter_token_batches(
         documents = _iter_hf_dataset(cfg, shard, n_shards)
     else:
         corpus = local_corpus(cfg, n_shards)
-        documents = _iter_local(corpus, cfg.seed, shard, n_shards)
+        documents = iter_local(corpus, cfg.seed, shard, n_shards)
         epoch_documents = len(range(shard, len(corpus), n_shards))
     pending: list[int] = []
     rows: list[list[int]] = []

@@ -27,8 +27,9 @@ from crosscoder.dictionary.stack import is_stack, read_stack, stack_members
 from crosscoder.errors import ConfigError
 from crosscoder.sources.models import load_runners
 
-CODE_CHUNK_ELEMENTS = 1 << 24
-"""Bound on rows x channels x F of the codes computed at once (64 MB of float32)."""
+CODE_CHUNK_ELEMENTS = 1 << 22
+"""Bound on rows x channels x F of the codes computed at once (16 MB of float32, and as much again for the
+sampling priorities): what the pass holds beyond its O(channels x F x N) store."""
 PROGRESS_EVERY_S = 5.0
 
 
@@ -138,7 +139,7 @@ def exemplar_pass(dictionary_dir: str | Path, settings: ExemplarSettings, device
     for batch in replayed_batches(cfg, info.tokenizer, runners, settings.n_tokens, device):
         for rows in range(0, len(batch.keys), max(1, CODE_CHUNK_ELEMENTS // width)):
             chunk = slice(rows, rows + max(1, CODE_CHUNK_ELEMENTS // width))
-            _offer(found, code_fn(batch.x[chunk]).reshape(-1, width), batch.keys[chunk], generator)
+            offer_codes(found, code_fn(batch.x[chunk]).reshape(-1, width), batch.keys[chunk], generator)
         for row, ids in enumerate(batch.input_ids.to(torch.int32)):
             token_ids[batch.first_sequence + row] = ids
         found.n_tokens += len(batch.keys)
@@ -152,16 +153,20 @@ def exemplar_pass(dictionary_dir: str | Path, settings: ExemplarSettings, device
     return found
 
 
-def _offer(found: Exemplars, codes: torch.Tensor, keys: torch.Tensor, generator: torch.Generator) -> None:
-    """codes [n, C*F] of the tokens `keys` [n]: only the firings (code > 0) are candidates."""
-    found.firing_counts += (codes > 0).sum(dim=0)
+def offer_codes(found: Exemplars, codes: torch.Tensor, keys: torch.Tensor, generator: torch.Generator) -> None:
+    """codes [n, C*F] of the tokens `keys` [n]. Only firings (code > 0) that beat their channel's current
+    threshold become candidates, so after the first tokens an update touches few entries; every firing draws its
+    sampling priority, whether or not it is kept (the sample stays uniform)."""
+    fired = codes > 0
+    found.firing_counts += fired.sum(dim=0)
     found.activation_sums += codes.sum(dim=0, dtype=torch.float64)
-    rows, channels = (codes > 0).nonzero(as_tuple=True)
-    values, token_keys = codes[rows, channels], keys[rows]
-    found.top.offer(channels, values, values, token_keys)
+    rows, channels = (codes > found.top.threshold().clamp(min=0)).nonzero(as_tuple=True)
+    values = codes[rows, channels]
+    found.top.offer(channels, values, values, keys[rows])
     if found.settings.samples:
-        priorities = torch.rand(len(values), generator=generator, device=values.device)
-        found.sample.offer(channels, priorities, values, token_keys)
+        priorities = torch.rand(codes.shape, generator=generator, device=codes.device)
+        rows, channels = (fired & (priorities > found.sample.threshold())).nonzero(as_tuple=True)
+        found.sample.offer(channels, priorities[rows, channels], codes[rows, channels], keys[rows])
 
 
 def _keep_referenced(found: Exemplars, token_ids: dict[int, torch.Tensor], tokenizer: object) -> None:
