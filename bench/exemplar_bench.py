@@ -37,13 +37,13 @@ def one(dict_size: int, top_n: int, samples: int, tokens: int, workdir: Path) ->
     from omegaconf import OmegaConf
 
     from crosscoder.analysis.interpretation.exemplars import ExemplarSettings, exemplar_pass
-    from crosscoder.config import RunConfig
+    from crosscoder.cli.compose import compose_run_config
     from crosscoder.data.kinds import describe_sources
     from crosscoder.dictionary.crosscoder import Crosscoder
     from crosscoder.dictionary.io import DictionaryMeta, export_dictionary
 
     torch.set_num_threads(1)
-    cfg = RunConfig(output_dir=str(workdir)).validate()
+    cfg = compose_run_config([f"hydra.run.dir={workdir}"]).validate()  # the embedded default run
     info = describe_sources(cfg.sources, log=lambda _: None)
     torch.manual_seed(0)
     model = Crosscoder(len(info.specs), info.d_model, dict_size, "topk", k=64)

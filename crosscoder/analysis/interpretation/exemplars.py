@@ -148,6 +148,8 @@ def exemplar_pass(dictionary_dir: str | Path, settings: ExemplarSettings, device
             log(f"exemplars: {found.n_tokens:,}/{settings.n_tokens:,} tokens, {rate:,.0f} tokens/s, "
                 f"ETA {(settings.n_tokens - found.n_tokens) / max(rate, 1e-9):.0f}s")
             last_log = now
+    found.top.flush()
+    found.sample.flush()
     _keep_referenced(found, token_ids, info.tokenizer)
     log(f"exemplars: done over {found.n_tokens:,} tokens in {time.perf_counter() - started:.1f}s")
     return found

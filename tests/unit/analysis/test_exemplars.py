@@ -143,11 +143,12 @@ def test_the_sample_is_uniform_over_the_firings() -> None:
     inclusion, biased = torch.zeros(n), torch.zeros(n)
     for _ in range(trials):
         for counts, bias in ((inclusion, False), (biased, True)):
-            kept = StreamingTopK(1, k, torch.device("cpu"))
+            kept = StreamingTopK(1, k, torch.device("cpu"), flush_at=50)  # merges between offers too
             order = torch.randperm(n, generator=generator)
             for chunk in order.split(37):
                 priority = torch.rand(len(chunk), generator=generator) * (1 + (chunk >= n // 2) if bias else 1)
                 kept.offer(torch.zeros(len(chunk), dtype=torch.long), priority, chunk.float(), chunk)
+            kept.flush()
             counts[kept.keys[0]] += 1
     rate = inclusion / trials  # binomial(300, 0.1): sd 0.017 per firing
     assert (rate - k / n).abs().max() < 0.08 and abs(rate.mean() - k / n) < 1e-6
