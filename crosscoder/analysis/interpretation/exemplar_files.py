@@ -10,7 +10,8 @@ implementation. The folder (docs/analysis.md, "Exemplar files"):
 - `exemplars.parquet`: one row per exemplar: latent, channel, kind (`top` / `sample`), rank (0 = the strongest
   for `top`, the weakest for `sample`), activation, quantile (a sampled firing's place among the latent's
   firings in that channel, estimated from the uniform sample; null for `top`), sequence, position, token_id;
-- `latents.parquet`: one row per (latent, channel): firing count, density, mean activation when firing, max;
+- `latents.parquet`: one row per (latent, channel): firing count, density, mean activation when firing, max,
+  top-token entropy (crosscoder.analysis.interpretation.scores);
 - `sequences.parquet`: the token ids of every sequence an exemplar points into;
 - `vocabulary.parquet`: the text of every token id those sequences hold.
 """
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from crosscoder.analysis.interpretation.exemplars import Exemplars
+from crosscoder.analysis.interpretation.scores import top_token_entropy
 from crosscoder.errors import DictionaryError
 from crosscoder.storage import building_dir
 
@@ -110,6 +112,7 @@ def _latent_table(found: Exemplars) -> pa.Table:
         "density": pa.array((counts.double() / max(found.n_tokens, 1)).numpy()),
         "mean_activation": pa.array((found.activation_sums.cpu() / counts.clamp(min=1)).numpy()),
         "max_activation": pa.array(top.numpy().astype("float32")),
+        "top_token_entropy": pa.array(top_token_entropy(found).numpy()),
     })
 
 

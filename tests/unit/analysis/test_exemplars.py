@@ -153,3 +153,33 @@ def test_the_sample_is_uniform_over_the_firings() -> None:
     rate = inclusion / trials  # binomial(300, 0.1): sd 0.017 per firing
     assert (rate - k / n).abs().max() < 0.08 and abs(rate.mean() - k / n) < 1e-6
     assert (biased / trials - k / n).abs().max() > 0.08
+
+
+def test_top_token_entropy_is_zero_for_one_token_and_log_n_for_n_tokens() -> None:
+    """H over the top exemplars' tokens, activation-weighted: one token 0, N equal-mass tokens log N, two tokens
+    with masses 3:1 the binary entropy; an empty channel NaN."""
+    import math
+
+    from crosscoder.analysis.interpretation.exemplars import Exemplars
+    from crosscoder.analysis.interpretation.scores import top_token_entropy
+    from crosscoder.analysis.interpretation.streaming_top import StreamingTopK
+
+    seq_len, device = 8, torch.device("cpu")
+    top = StreamingTopK(4, 4, device)
+    # sequence 0 holds tokens 10..17, sequence 1 holds 20..27; key = sequence * seq_len + position
+    offers = [(0, [1.0, 1.0, 1.0, 1.0], [0, 8, 1, 9]),       # tokens 10, 20, 11, 21 (displaced below)
+              (1, [2.0, 2.0, 2.0, 2.0], [0, 1, 2, 3]),       # four tokens, equal mass: log 4
+              (2, [3.0, 1.0], [5, 13])]                      # tokens 15 and 25, masses 3:1
+    sequences = {0: list(range(10, 18)), 1: list(range(20, 28))}
+    for channel, values, keys in offers:
+        top.offer(torch.full((len(values),), channel), torch.tensor(values), torch.tensor(values), torch.tensor(keys))
+    top.offer(torch.tensor([0, 0, 0, 0]), torch.tensor([5.0, 5.0, 5.0, 5.0]), torch.tensor([5.0, 5.0, 5.0, 5.0]),
+              torch.tensor([4, 4, 4, 4]))  # channel 0: four exemplars of one token (14) displace the others
+    top.flush()
+    found = Exemplars("crosscoder", ["shared"], 4, top, StreamingTopK(4, 1, device), torch.zeros(4, dtype=torch.long),
+                      torch.zeros(4, dtype=torch.float64), 100, seq_len, sequences=sequences)
+    entropy = top_token_entropy(found)
+    assert entropy[0] == pytest.approx(0.0, abs=1e-12)
+    assert entropy[1] == pytest.approx(math.log(4))
+    assert entropy[2] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert math.isnan(entropy[3])
