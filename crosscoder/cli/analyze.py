@@ -4,6 +4,7 @@ an aligned stack of single-snapshot dictionaries (crosscoder.analysis.report.sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from crosscoder.analysis.inputs.contexts import CONTEXTS_TITLE, contexts_section
 from crosscoder.analysis.inputs.replay import has_activations
 from crosscoder.analysis.interpretation.exemplar_files import EXEMPLARS_DIR, write_exemplars
 from crosscoder.analysis.interpretation.exemplars import ExemplarSettings, exemplar_pass
+from crosscoder.analysis.interpretation.label_scores import LABELS_FILE, label_scores
 from crosscoder.analysis.report.adjacent import DEFAULT_ADJACENT_TOKENS, adjacent_or_none
 from crosscoder.analysis.report.by_hook import hook_views
 from crosscoder.analysis.report.dictionary import analyze_dictionary, check_dictionary_dir, load_evolution
@@ -31,7 +33,7 @@ from crosscoder.dictionary.io import DictionaryMeta, read_meta
 from crosscoder.dictionary.provenance import unsupported_reason
 from crosscoder.dictionary.stack import is_stack
 from crosscoder.errors import ConfigError, DictionaryError, exit_bad_input
-from crosscoder.storage import exit_if_storage_failed
+from crosscoder.storage import exit_if_storage_failed, write_text_atomic
 
 PROG = "crosscoder-analyze"
 CONTEXTS_PER_CELL = 3
@@ -80,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--exemplar-samples", type=int, default=ExemplarSettings.samples, metavar="K",
                         help="firings sampled uniformly per latent and channel: the quantile exemplars (default "
                              f"{ExemplarSettings.samples})")
+    parser.add_argument("--label-tokens", type=int, default=0, metavar="T",
+                        help="the embedded toy corpus only: score every latent's AUROC for every oracle label (topic, "
+                             "role, number, quotes, brackets, counting, arithmetic, repeated names) over T replayed "
+                             "tokens, into <out>/labels.json (0 disables)")
     parser.add_argument("--device", default="cpu",
                         help="where the snapshots and the crosscoder run for contexts, latent scaling, the "
                              "progress measure and the adjacent statistics")
@@ -135,6 +141,28 @@ def exemplars_or_none(dictionary: Path, meta: DictionaryMeta, settings: Exemplar
     return write_exemplars(found, out_dir / EXEMPLARS_DIR, dictionary)
 
 
+def labels_or_none(dictionary: Path, n_tokens: int, out_dir: Path, device: str,
+                   log: Callable[[str], None]) -> Path | None:
+    """labels.json (each oracle label's best latents by AUROC) under `out_dir`, or None (with a note) for a
+    dictionary not trained on the toy corpus."""
+    try:
+        scores = label_scores(dictionary, n_tokens, device, log)
+    except ConfigError as error:
+        log(f"skipping oracle labels: {error}")
+        return None
+    best = scores.best()
+    by_kind: dict[str, dict] = {}
+    for item in best:
+        if item["auroc"] and item["auroc"][0] > by_kind.get(item["kind"], {"auroc": [-1.0]})["auroc"][0]:
+            by_kind[item["kind"]] = item
+    log("oracle labels, the best latent per kind: " + ", ".join(
+        f"{kind}={item['value']}: latent {item['latents'][0]} AUROC {item['auroc'][0]:.3f}"
+        for kind, item in by_kind.items()))
+    path = out_dir / LABELS_FILE
+    write_text_atomic(path, json.dumps({"n_tokens": scores.n_tokens, "labels": best}, indent=2))
+    return path
+
+
 def _fail(message: str) -> NoReturn:
     exit_bad_input(PROG, message)
 
@@ -148,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--contexts={args.contexts} must be >= 0, --context-tokens={args.context_tokens} > 0, "
                      f"--scaling-tokens={args.scaling_tokens}, --progress-tokens={args.progress_tokens} and "
                      f"--adjacent-tokens={args.adjacent_tokens} >= 0")
-    if args.exemplars < 0 or args.exemplar_tokens <= 0 or args.exemplar_samples < 0:
-        parser.error(f"--exemplars={args.exemplars} and --exemplar-samples={args.exemplar_samples} must be >= 0, "
-                     f"--exemplar-tokens={args.exemplar_tokens} > 0")
+    if args.exemplars < 0 or args.exemplar_tokens <= 0 or args.exemplar_samples < 0 or args.label_tokens < 0:
+        parser.error(f"--exemplars={args.exemplars}, --exemplar-samples={args.exemplar_samples} and "
+                     f"--label-tokens={args.label_tokens} must be >= 0, --exemplar-tokens={args.exemplar_tokens} > 0")
     check_device(parser, args.device)
     stack = is_stack(args.dictionary)  # latent i is one feature across its dictionaries only once aligned
     try:
@@ -189,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         result = analyze_dictionary(args.dictionary, args.out, max_heatmap_rows=args.max_rows, extra_sections=extra,
                                     recovery=planted, evolution=evolution, log=log, scaling=scaling,
                                     progress=progress, adjacent=adjacent)
+        if args.label_tokens and not stack:
+            labels_or_none(dictionary, args.label_tokens, Path(result.report).parent, args.device, log)
         if args.exemplars:
             settings = ExemplarSettings(top_n=args.exemplars, samples=args.exemplar_samples,
                                         n_tokens=args.exemplar_tokens)
