@@ -506,8 +506,15 @@ def train_cli(arguments: list[str], run_dir: Path, monkeypatch: pytest.MonkeyPat
     function: (exit status, stdout, stderr)."""
     from crosscoder.cli.train import main
 
-    monkeypatch.setattr(sys, "argv", ["crosscoder-train", *arguments, f"hydra.run.dir={run_dir}"])
-    capsys.readouterr()  # only what the command prints
+    return console_cli(main, ["crosscoder-train", *arguments, f"hydra.run.dir={run_dir}"], monkeypatch, capsys)
+
+
+def console_cli(main: Callable[[], object], argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """A console script's function run in this process with `argv` (sys.argv, the program name first):
+    (exit status, stdout, stderr), only what the command printed."""
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
     code = 0
     try:
         main()
@@ -515,3 +522,16 @@ def train_cli(arguments: list[str], run_dir: Path, monkeypatch: pytest.MonkeyPat
         code = stopped.code if isinstance(stopped.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def outside_any_launch() -> Iterator[None]:
+    """The environment without what a launcher or a run puts there (PROCESS_ENV), restored afterwards: for a
+    module-scoped fixture that trains in this process (clean_process_env is per test)."""
+    saved = {key: os.environ.pop(key) for key in PROCESS_ENV if key in os.environ}
+    try:
+        yield
+    finally:
+        for key in PROCESS_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(saved)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,26 +14,17 @@ import pytest
 import torch
 
 from crosscoder.constants import DICTIONARY_DIR, TRAINING_STATES_DIR
-from tests.helpers import train_cli, write_activation_folder
+from tests.helpers import console_cli, train_cli, write_activation_folder
 
 pytestmark = pytest.mark.usefixtures("clean_process_env")
 
 
 def _cache_cli(arguments: list[str], monkeypatch: pytest.MonkeyPatch,
                capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`crosscoder-cache <arguments>` in this process, through its console-script function (Hydra's own run dir
-    unless the arguments set one): (exit status, stdout, stderr)."""
+    """`crosscoder-cache <arguments>` in this process (Hydra's own run dir unless the arguments set one)."""
     from crosscoder.cli.cache import main
 
-    monkeypatch.setattr(sys, "argv", ["crosscoder-cache", *arguments])
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as stopped:
-        code = stopped.code if isinstance(stopped.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return console_cli(main, ["crosscoder-cache", *arguments], monkeypatch, capsys)
 
 
 def _planted_cache(cache_dir: Path) -> list[str]:

@@ -4,7 +4,6 @@ of the uninterrupted run; corrupt or partial states are refused, and `auto` fall
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from crosscoder.constants import DICTIONARY_DIR, TRAINER_STATE_FILE, TRAINING_ST
 from crosscoder.dictionary.io import load_dictionary
 from crosscoder.errors import CheckpointError, ConfigError
 from crosscoder.training.state import list_training_states
-from tests.helpers import PROCESS_ENV, tiny_run_config
+from tests.helpers import outside_any_launch, tiny_run_config
 
 STEPS = 9
 
@@ -32,13 +31,8 @@ def finished_run(tiny_snapshots: list, toy_cache: Path, tmp_path_factory: pytest
     cfg.data.cache.dir, cfg.data.workers.num_workers = str(workdir / "acts"), 1
     build_cache(cfg, log=lambda _: None)
     cfg.data.workers.num_workers = 0
-    saved = {key: os.environ.pop(key) for key in PROCESS_ENV if key in os.environ}  # as clean_process_env does
-    try:
+    with outside_any_launch():  # as clean_process_env does, for a module-scoped fixture
         result = train(cfg)
-    finally:
-        for key in PROCESS_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
     model, _ = load_dictionary(result.dictionary_dir)
     return cfg, result.output_dir, {name: t.clone() for name, t in model.state_dict().items()}
 

@@ -5,7 +5,6 @@ read back without the trainer."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +25,7 @@ from crosscoder.data.kinds import describe_sources
 from crosscoder.dictionary.io import load_dictionary
 from crosscoder.dictionary.stack import stack_members
 from crosscoder.sources.models import load_runners
-from tests.helpers import PROCESS_ENV, tiny_run_config
+from tests.helpers import outside_any_launch, tiny_run_config
 
 N_TOKENS, TOP_N, SAMPLES, F = 700, 5, 4, 32
 
@@ -34,13 +33,8 @@ N_TOKENS, TOP_N, SAMPLES, F = 700, 5, 4, 32
 def _train(toy_cache: Path, out: Path, method: str) -> Path:
     cfg = tiny_run_config(toy_cache, out)
     cfg.crosscoder.dict_size, cfg.trainer.total_tokens, cfg.method.name = F, 128 * 12, method
-    saved = {key: os.environ.pop(key) for key in PROCESS_ENV if key in os.environ}
-    try:
+    with outside_any_launch():
         return train(cfg).dictionary_dir
-    finally:
-        for key in PROCESS_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module", params=["crosscoder", "independent"])

@@ -43,17 +43,10 @@ def planted_run_config(output_dir: Path, family: str = "relu") -> RunConfig:
 
 
 def _train_clean(cfg: RunConfig) -> Path:
-    import os
+    from tests.helpers import outside_any_launch
 
-    from tests.helpers import PROCESS_ENV
-
-    saved = {key: os.environ.pop(key) for key in PROCESS_ENV if key in os.environ}
-    try:
+    with outside_any_launch():
         return train(cfg).dictionary_dir
-    finally:
-        for key in PROCESS_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
