@@ -248,10 +248,9 @@ def test_a_cache_build_on_a_full_disk_names_it_and_keeps_its_complete_shards(
                    f"hydra.run.dir={tmp_path / 'log'}"]
         build = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     wait_until(lambda: any(cache_dir.glob("shard_*.safetensors")), build, log)
-    with (cache_dir.parent / "other-writer").open("wb") as filler, pytest.raises(OSError) as full:
-        while True:  # another writer takes every free byte
+    with pytest.raises(OSError) as full, (cache_dir.parent / "other-writer").open("wb", buffering=0) as filler:
+        while True:  # another writer takes every free byte (unbuffered: closing has nothing left to write)
             filler.write(b"\0" * 2**16)
-            filler.flush()
     assert full.value.errno == errno.ENOSPC
     assert build.wait(timeout=300) == 2, log.read_text()[-4000:]
     output = log.read_text()
