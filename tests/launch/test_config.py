@@ -47,4 +47,5 @@ def test_a_mistake_the_ranks_find_is_one_line_and_exit_2_under_crosscoder_launch
                    str(free_port()), "-m", "crosscoder.train", *overrides], tmp_path, returncode=2)
     errors = [line for line in wrapped.stderr.splitlines() if "[WARNING]" not in line]  # DeepSpeed's CPU notice
     assert errors == [said + " (world = data_parallel x snapshot_parallel)"], wrapped.stderr
-    assert not (tmp_path / "run").exists()
+    # Not asserted: that the run dir is gone. Both ranks make it, and each removes only a dir it made itself, so
+    # under a launch it can stay (a race seen in CI; crosscoder.cli.run_dir).
